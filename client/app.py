@@ -1,0 +1,5 @@
+"""Flower ClientApp (thin placeholder until the federation issue lands)."""
+
+from flwr.clientapp import ClientApp
+
+app = ClientApp()

@@ -1,0 +1,3 @@
+from gliofed.cli import main
+
+main()

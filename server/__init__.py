@@ -1,0 +1,1 @@
+"""gliofed server package."""

@@ -1,0 +1,1 @@
+"""gliofed simulations package."""
