@@ -21,8 +21,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# exit code 5 = no tests collected, which is fine for an optional marker set
 test-integration: $(STAMP)
-	$(BIN)/python -m pytest -q -m "integration and not gpu"
+	$(BIN)/python -m pytest -q -m "integration and not gpu" || test $$? -eq 5
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu"
