@@ -43,14 +43,71 @@ def _is_uniform(ta: torch.Tensor) -> bool:
     return bool((dt.max() - dt.min()).abs() <= 1e-9 * dt.abs().max().clamp_min(1e-30))
 
 
+def _toeplitz(values: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    """M [rows, length] with M[i, j] = values[i-1-j] (0 where i-1-j < 0)."""
+    i = torch.arange(rows, device=values.device).unsqueeze(1)
+    j = torch.arange(length, device=values.device).unsqueeze(0)
+    src = i - 1 - j
+    return torch.where(src >= 0, values[src.clamp_min(0)], torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def exp_convolution_uniform(
+    step_min: float,
+    ca: torch.Tensor,
+    k: torch.Tensor,
+    delay_min: torch.Tensor,
+    cache: dict[int, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast exact path: tissue and AIF share one uniform grid t_i = t_0 + i*step (minutes).
+
+    ca [T] (shared AIF); k [N] 1/min; delay_min [N]. Returns (convolution [N, T], ca(t-d) [N, T]).
+    Grid values are one GEMM: F_i = sum_j a^j g_{i-1-j}, a = exp(-k step), with the interval
+    contributions g split into AIF values and slopes (shared Toeplitz matrices). The delay
+    t - d = t_{i-n} + h (0 <= h < step, n per voxel) is a per-voxel shift plus one partial interval.
+    """
+    n_vox = k.shape[0]
+    n_shift = torch.ceil(delay_min / step_min - 1e-9)
+    h = (n_shift * step_min - delay_min).clamp_min(0.0)  # [N], in [0, step)
+    pad = int(max(0.0, -float(n_shift.detach().min()))) if n_vox else 0
+    if pad:
+        ca = torch.cat([ca, ca[-1:].expand(pad)])
+    size = ca.shape[0]
+    slope = torch.diff(ca) / step_min
+    slope_ext = torch.cat([slope, torch.zeros_like(slope[:1])])
+    length = size - 1
+    kk = k.unsqueeze(-1)
+    powers = torch.exp(-kk * step_min * torch.arange(length, device=k.device, dtype=k.dtype))
+    basis = None if cache is None else cache.get(pad)
+    if basis is None:  # [L, 2*size]: AIF values and slopes as Toeplitz blocks
+        basis = torch.cat([_toeplitz(ca[:-1], size, length), _toeplitz(slope, size, length)]).T
+        basis = basis.contiguous()
+        if cache is not None:
+            cache[pad] = basis
+    both = powers @ basis  # [N, 2*size]
+    a_step, b_step = _interval_weights(kk, torch.full_like(kk, step_min))
+    grid = a_step * both[:, :size] + b_step * both[:, size:]
+    hh = h.unsqueeze(-1)
+    a_h, b_h = _interval_weights(kk, hh)
+    partial = torch.exp(-kk * hh) * grid + a_h * ca + b_h * slope_ext  # value at t_j + h
+    ca_partial = ca + hh * slope_ext
+    n_out = size - pad
+    idx = torch.arange(n_out, device=k.device).unsqueeze(0) - n_shift.to(torch.long).unsqueeze(-1)
+    valid = idx >= 0
+    idx = idx.clamp(0, size - 1)
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    conv = torch.where(valid, torch.gather(partial, 1, idx), zero)
+    ca_q = torch.where(valid, torch.gather(ca_partial.expand(n_vox, -1), 1, idx), zero)
+    return conv, ca_q
+
+
 def exp_convolution(
     ta_min: torch.Tensor, ca: torch.Tensor, k: torch.Tensor, q_min: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ∫_0^q ca(τ) exp(-k (q-τ)) dτ for piecewise-linear ``ca`` sampled at ``ta_min``.
 
-    ta_min [Ta] increasing (minutes); ca [Ta] or [N, Ta]; k [N] (1/min, >= 0); q_min [N, T].
-    Returns (convolution [N, T] in mM*min, ca interpolated at q [N, T]). Past the last AIF sample
-    ca is held constant; before the first sample it is 0.
+    General path (any increasing AIF grid, any query times). ta_min [Ta] (minutes); ca [Ta] or
+    [N, Ta]; k [N] (1/min, >= 0); q_min [N, T]. Returns (convolution [N, T] in mM*min, ca
+    interpolated at q [N, T]). Past the last AIF sample ca is held constant; before the first it is 0.
     """
     n = k.shape[0]
     dt = torch.diff(ta_min)  # [Ta-1]
@@ -89,6 +146,29 @@ def exp_convolution(
     return torch.where(before, zero, conv_q), torch.where(before, zero, ca_q)
 
 
+class Grid:
+    """Tissue and AIF sampling, with the fast path chosen once (shared uniform grid, shared AIF)."""
+
+    def __init__(self, t_min: torch.Tensor, ca: torch.Tensor, ta_min: torch.Tensor) -> None:
+        self.t_min, self.ca, self.ta_min = t_min, ca, ta_min
+        self._basis_cache: dict[int, torch.Tensor] = {}
+        same = t_min.shape == ta_min.shape and bool(torch.allclose(t_min, ta_min, atol=1e-9))
+        self.uniform_step = (
+            float(ta_min[1] - ta_min[0])
+            if same and ca.ndim == 1 and ta_min.shape[0] > 1 and _is_uniform(ta_min)
+            else None
+        )
+
+    def convolve(self, k: torch.Tensor, delay_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(∫ ca(τ - d) e^{-k(t-τ)} dτ, ca(t - d)) at the tissue times, each [N, T]."""
+        if self.uniform_step is not None:
+            return exp_convolution_uniform(
+                self.uniform_step, self.ca, k, delay_s / 60.0, self._basis_cache
+            )
+        q = (self.t_min.unsqueeze(0) - (delay_s / 60.0).unsqueeze(-1)).expand(k.shape[0], -1)
+        return exp_convolution(self.ta_min, self.ca, k, q)
+
+
 def _prepare(t: Any, ca: Any, ta: Any, params: list[Any]):
     """Common tensors: times in minutes, AIF, params flattened to [N] and the scalar flag."""
     like = any_tensor(t, ca, ta, *params)
@@ -118,8 +198,7 @@ def extended_tofts(
     """C(t) = vp ca(t-d) + Ktrans ∫ ca(τ-d) exp(-Ktrans/ve (t-τ)) dτ (extended Tofts)."""
     t_min, ca_t, ta_min, (kt, v_e, v_p, d), scalar = _prepare(t, ca, ta, [ktrans, ve, vp, delay])
     kep = kt / v_e.clamp_min(1e-12)
-    q = t_min.unsqueeze(0) - (d / 60.0).unsqueeze(-1)
-    conv, ca_q = exp_convolution(ta_min, ca_t, kep, q.expand(kep.shape[0], -1))
+    conv, ca_q = Grid(t_min, ca_t, ta_min).convolve(kep, d)
     curve = v_p.unsqueeze(-1) * ca_q + kt.unsqueeze(-1) * conv
     return _finish(curve, scalar, (t, ca, ta, ktrans, ve, vp, delay))
 
@@ -159,9 +238,9 @@ def twocxm(
         t, ca, ta, [fp, ps, ve, vp, delay]
     )
     sig_m, sig_p, amp_m, amp_p = twocxm_rates(f_p, p_s, v_e, v_p)
-    q = (t_min.unsqueeze(0) - (d / 60.0).unsqueeze(-1)).expand(f_p.shape[0], -1)
-    conv_m, _ = exp_convolution(ta_min, ca_t, sig_m, q)
-    conv_p, _ = exp_convolution(ta_min, ca_t, sig_p, q)
+    grid = Grid(t_min, ca_t, ta_min)
+    conv_m, _ = grid.convolve(sig_m, d)
+    conv_p, _ = grid.convolve(sig_p, d)
     curve = amp_m.unsqueeze(-1) * conv_m + amp_p.unsqueeze(-1) * conv_p
     return _finish(curve, scalar, (t, ca, ta, fp, ps, ve, vp, delay))
 
