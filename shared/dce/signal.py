@@ -64,15 +64,20 @@ def signal_to_conc(
     flip_deg: float,
     n_baseline: int = 1,
     baseline: Any = None,
+    baseline_start: int = 0,
 ) -> Any:
     """Concentration (mM) from SPGR signal [..., T].
 
-    The baseline signal is the mean of the first ``n_baseline`` frames unless ``baseline`` ([...])
-    is given. Frames whose signal exceeds the M0 sin(a) ceiling give NaN (no physical R1).
+    The baseline signal is the mean of frames ``baseline_start .. n_baseline-1`` unless
+    ``baseline`` ([...]) is given. The OSIPI reference (LEK, Edinburgh) skips the first frame, which
+    is not yet at steady state: ``baseline_start=1``. Frames whose signal exceeds the M0 sin(a)
+    ceiling give NaN (no physical R1).
     """
     _check_sequence(t10_s, r1, tr_s, flip_deg)
-    if n_baseline < 1:
-        raise ValueError(f"signal_to_conc: n_baseline must be >= 1, got {n_baseline}")
+    if not 0 <= baseline_start < n_baseline:
+        raise ValueError(
+            f"signal_to_conc: need 0 <= baseline_start < n_baseline, got {baseline_start}, {n_baseline}"
+        )
     like = any_tensor(signal, t10_s, baseline)
     s = as_tensor(signal, like)
     if s.shape[-1] < n_baseline:
@@ -83,7 +88,7 @@ def signal_to_conc(
     if t10.ndim:
         t10 = t10.unsqueeze(-1)
     base = (
-        s[..., :n_baseline].mean(dim=-1, keepdim=True)
+        s[..., baseline_start:n_baseline].mean(dim=-1, keepdim=True)
         if baseline is None
         else as_tensor(baseline, s).unsqueeze(-1)
     )
