@@ -45,6 +45,20 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _fd_jacobian(
+    model: ModelFn, p: torch.Tensor, f: torch.Tensor, upper: torch.Tensor, fd_step: torch.Tensor
+) -> torch.Tensor:
+    """Forward-difference Jacobian [M, T, P]; steps go inwards at the upper bound."""
+    n_par = p.shape[1]
+    jac = torch.empty(*f.shape, n_par, dtype=p.dtype, device=p.device)
+    for j in range(n_par):
+        step = torch.where(p[:, j] + fd_step[j] > upper[j], -fd_step[j], fd_step[j])
+        shifted = p.clone()
+        shifted[:, j] += step
+        jac[..., j] = (model(shifted) - f) / step.unsqueeze(-1)
+    return jac
+
+
 def levenberg_marquardt(
     model: ModelFn,
     y: torch.Tensor,
@@ -53,49 +67,63 @@ def levenberg_marquardt(
     upper: torch.Tensor,
     max_iter: int = 100,
     rtol: float = 1e-8,
+    xtol: float = 1e-6,
+    jacobian: ModelFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit ``model(p [M, P]) -> [M, T]`` to ``y [M, T]`` inside the box [lower, upper].
 
+    Marquardt damping (lambda * diag(J^T J)), projected steps, Jacobian recomputed only where a
+    step was accepted. A voxel converges when an accepted step reduces the RSS by less than
+    ``rtol`` (relative) or moves every parameter by less than ``xtol`` of its scale.
+    ``jacobian(p) -> [M, T, P]`` replaces the forward-difference Jacobian when given.
     Returns (parameters [M, P], residual sum of squares [M], converged [M] bool).
     """
     p = torch.minimum(torch.maximum(p0.clone(), lower), upper)
     fitted = model(p)
     rss = ((fitted - y) ** 2).sum(-1)
-    n_par = p.shape[1]
+    n_vox, n_par = p.shape
     lam = torch.full_like(rss, 1e-2)
     converged = torch.zeros_like(rss, dtype=torch.bool)
-    active = torch.arange(p.shape[0], device=p.device)
-    fd_step = 1e-7 * (upper - lower).clamp_min(1e-3)
+    active = torch.arange(n_vox, device=p.device)
+    scale = 1e-3 * (upper - lower).clamp_min(1e-3)
+    fd_step = 1e-4 * scale
+    jtj = torch.zeros(n_vox, n_par, n_par, dtype=p.dtype, device=p.device)
+    grad = torch.zeros(n_vox, n_par, dtype=p.dtype, device=p.device)
+    need_jac = torch.ones(n_vox, dtype=torch.bool, device=p.device)
     eye = torch.eye(n_par, dtype=p.dtype, device=p.device)
     for _ in range(max_iter):
         if active.numel() == 0:
             break
-        pa, fa, ya, la = p[active], fitted[active], y[active], lam[active]
-        jac = torch.empty(*fa.shape, n_par, dtype=p.dtype, device=p.device)
-        for j in range(n_par):
-            step = torch.where(pa[:, j] + fd_step[j] > upper[j], -fd_step[j], fd_step[j])
-            shifted = pa.clone()
-            shifted[:, j] += step
-            jac[..., j] = (model(shifted) - fa) / step.unsqueeze(-1)
-        resid = fa - ya
-        jtj = jac.transpose(1, 2) @ jac
-        grad = (jac.transpose(1, 2) @ resid.unsqueeze(-1)).squeeze(-1)
-        diag = torch.diagonal(jtj, dim1=1, dim2=2).clamp_min(1e-12)
-        system = jtj + la[:, None, None] * torch.diag_embed(diag) + 1e-12 * eye
-        delta, _ = torch.linalg.solve_ex(system, -grad)
+        refresh = active[need_jac[active]]
+        if refresh.numel():
+            jac = (
+                jacobian(p[refresh])
+                if jacobian is not None
+                else _fd_jacobian(model, p[refresh], fitted[refresh], upper, fd_step)
+            )
+            jt = jac.transpose(1, 2)
+            jtj[refresh] = jt @ jac
+            grad[refresh] = (jt @ (fitted[refresh] - y[refresh]).unsqueeze(-1)).squeeze(-1)
+            need_jac[refresh] = False
+        pa, ya, la, a_jtj = p[active], y[active], lam[active], jtj[active]
+        diag = torch.diagonal(a_jtj, dim1=1, dim2=2).clamp_min(1e-12)
+        system = a_jtj + la[:, None, None] * torch.diag_embed(diag) + 1e-12 * eye
+        delta, _ = torch.linalg.solve_ex(system, -grad[active])
         trial = torch.minimum(torch.maximum(pa + delta, lower), upper)
         f_trial = model(trial)
         rss_trial = ((f_trial - ya) ** 2).sum(-1)
         rss_old = rss[active]
         better = torch.isfinite(rss_trial) & (rss_trial < rss_old)
+        moved = ((trial - pa).abs() / scale).amax(-1)
         p[active] = torch.where(better.unsqueeze(-1), trial, pa)
-        fitted[active] = torch.where(better.unsqueeze(-1), f_trial, fa)
+        fitted[active] = torch.where(better.unsqueeze(-1), f_trial, fitted[active])
         rss[active] = torch.where(better, rss_trial, rss_old)
         lam[active] = torch.where(better, la * 0.3, la * 10.0).clamp(1e-9, 1e12)
-        small_gain = better & ((rss_old - rss_trial) <= rtol * rss_old + 1e-30)
-        stuck = (~better) & (lam[active] >= 1e12)
-        done = small_gain | stuck | (rss[active] <= 1e-30)
-        converged[active] = converged[active] | small_gain | (rss[active] <= 1e-30)
+        need_jac[active] = better
+        small = better & (((rss_old - rss_trial) <= rtol * rss_old + 1e-30) | (moved < xtol * 1e3))
+        stuck = (~better) & ((lam[active] >= 1e12) | (moved < xtol))
+        done = small | stuck | (rss[active] <= 1e-30)
+        converged[active] = converged[active] | small | stuck | (rss[active] <= 1e-30)
         active = active[~done]
     return p, rss, converged
 
@@ -166,20 +194,62 @@ def lls_etofts(ct: torch.Tensor, t_min: torch.Tensor, ca_t: torch.Tensor) -> tor
 
 def _fit_chunk(
     model: ModelFn,
+    jacobian: ModelFn | None,
     ct: torch.Tensor,
-    starts: list[torch.Tensor],
+    first: torch.Tensor,
+    fallback: torch.Tensor,
+    retry_always: torch.Tensor,
     lower: torch.Tensor,
     upper: torch.Tensor,
     max_iter: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run LM from every start (stacked into one batch); keep the lowest-RSS fit per voxel."""
-    n = ct.shape[0]
-    p0 = torch.cat(starts, dim=0)
-    p, rss, ok = levenberg_marquardt(model, ct.repeat(len(starts), 1), p0, lower, upper, max_iter)
-    rss_s = torch.where(torch.isfinite(rss), rss, torch.full_like(rss, float("inf")))
-    best = rss_s.view(len(starts), n).argmin(0)
-    pick = best * n + torch.arange(n, device=ct.device)
-    return p[pick], rss[pick], ok[pick]
+    """LM from ``first``; voxels that did not converge, had no valid LLS start
+    (``retry_always``) or ended with an RSS above 3x the chunk median are refitted from
+    ``fallback``, keeping the lower-RSS result."""
+    p, rss, ok = levenberg_marquardt(model, ct, first, lower, upper, max_iter, jacobian=jacobian)
+    finite = torch.isfinite(rss)
+    median = rss[finite].median() if bool(finite.any()) else torch.zeros((), dtype=rss.dtype)
+    retry = retry_always | ~ok | ~finite | (rss > 3 * median)
+    idx = torch.nonzero(retry).squeeze(-1)
+    if idx.numel():
+        p2, rss2, ok2 = levenberg_marquardt(
+            model, ct[idx], fallback[idx], lower, upper, max_iter, jacobian=jacobian
+        )
+        better = torch.isfinite(rss2) & (~torch.isfinite(rss[idx]) | (rss2 < rss[idx]))
+        keep = idx[better]
+        p[keep], rss[keep], ok[keep] = p2[better], rss2[better], ok2[better]
+    return p, rss, ok
+
+
+def jacobian_2cxm(grid: Grid, p: torch.Tensor, fit_delay: bool) -> torch.Tensor:
+    """Semi-analytic 2CXM Jacobian [N, T, P] for p = (fp, ps, ve, vp[, delay]).
+
+    C = sum_r A_r E_r with E_r = ca(.-d) ⊛ exp(-k_r t). dC/dA_r = E_r; dE/dk by a difference of
+    the convolution alone; dE/dd = -(ca(t-d) - k E)/60 exactly (E' = ca - kE); the map
+    (fp, ps, ve, vp) -> (k_-, k_+, A_-, A_+) is differentiated by forward differences on [N].
+    """
+    theta = p[:, :4]
+    delay = p[:, 4] if fit_delay else torch.zeros_like(p[:, 0])
+    rates = torch.stack(twocxm_rates(*theta.unbind(-1)), dim=-1)  # [N, 4]: k-, k+, A-, A+
+    steps = 1e-7 * theta.abs().clamp_min(1e-4)
+    d_rates = torch.empty(theta.shape[0], 4, 4, dtype=p.dtype, device=p.device)  # [N, rate, theta]
+    for j in range(4):
+        moved = theta.clone()
+        moved[:, j] += steps[:, j]
+        d_rates[:, :, j] = (torch.stack(twocxm_rates(*moved.unbind(-1)), -1) - rates) / steps[:, j : j + 1]
+    n_par = 5 if fit_delay else 4
+    jac = torch.zeros(theta.shape[0], grid.t_min.shape[0], n_par, dtype=p.dtype, device=p.device)
+    for r in range(2):
+        k, amp = rates[:, r], rates[:, r + 2]
+        dk = 1e-6 * k.abs().clamp_min(1e-3)
+        conv, ca_q = grid.convolve(k, delay)
+        conv_dk, _ = grid.convolve(k + dk, delay)
+        de_dk = (conv_dk - conv) / dk.unsqueeze(-1)
+        jac[..., :4] += conv.unsqueeze(-1) * d_rates[:, r + 2, :].unsqueeze(1)
+        jac[..., :4] += (amp.unsqueeze(-1) * de_dk).unsqueeze(-1) * d_rates[:, r, :].unsqueeze(1)
+        if fit_delay:
+            jac[..., 4] -= amp.unsqueeze(-1) * (ca_q - k.unsqueeze(-1) * conv) / 60.0
+    return jac
 
 
 def _fit_volume(
@@ -229,6 +299,10 @@ def _fit_volume(
         conv, ca_q = grid.convolve(ktrans / ve.clamp_min(1e-12), delay)
         return vp.unsqueeze(-1) * ca_q + ktrans.unsqueeze(-1) * conv
 
+    def jacobian_fn(p: torch.Tensor) -> torch.Tensor:
+        return jacobian_2cxm(grid, p, fit_delay)
+
+    jacobian = jacobian_fn if kind == "2cxm" else None
     lls = lls_2cxm if kind == "2cxm" else lls_etofts
     n_lls = {"2cxm": 4, "etofts": 3, "tofts": 2}[kind]
     delays = list(delay_grid) if fit_delay else [0.0]
@@ -238,6 +312,7 @@ def _fit_volume(
         n = y.shape[0]
         best_start = default.expand(n, -1).clone()
         best_rss = torch.full((n,), float("inf"), dtype=dtype, device=dev)
+        lls_valid = torch.zeros(n, dtype=torch.bool, device=dev)
         for delay in delays:
             est = lls(y, t_min, _shift_aif(ca_t, ta_min, t_min, delay))[:, :n_lls]
             cand = default.expand(n, -1).clone()
@@ -248,10 +323,13 @@ def _fit_volume(
             rss = ((model(cand) - y) ** 2).sum(-1)
             take = rss < best_rss
             best_start[take], best_rss[take] = cand[take], rss[take]
+            lls_valid[take] = ~torch.isnan(est[take]).any(-1)
         other = default.expand(n, -1).clone()
         if fit_delay:
             other[:, -1] = best_start[:, -1]
-        results.append(_fit_chunk(model, y, [best_start, other], lower, upper, max_iter))
+        results.append(
+            _fit_chunk(model, jacobian, y, best_start, other, ~lls_valid, lower, upper, max_iter)
+        )
         if progress is not None:
             progress(n)
     p = torch.cat([r[0] for r in results]).cpu()
