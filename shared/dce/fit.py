@@ -156,16 +156,24 @@ def _lls_solve(design: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return sol
 
 
-def lls_2cxm(ct: torch.Tensor, t_min: torch.Tensor, ca_t: torch.Tensor) -> torch.Tensor:
+def lls_2cxm(
+    ct: torch.Tensor,
+    t_min: torch.Tensor,
+    ca_t: torch.Tensor,
+    ct_integrals: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """LLS 2CXM estimate [N, 4] = (fp, ps, ve, vp); NaN where the solution is not physical.
 
     C = -a1 ∫C - a0 ∫∫C + b1 ∫ca + b0 ∫∫ca, with b1 = F, a0 = σ+σ-, a1 = σ+ + σ-,
     b0/a0 = vp + ve (Flouri et al., MRM 2016).
     """
-    i1 = _cumtrapz(ct, t_min)
-    i2 = _cumtrapz(i1, t_min)
-    j1 = _cumtrapz(ca_t, t_min).expand_as(ct)
+    if ct_integrals is None:
+        i1 = _cumtrapz(ct, t_min)
+        ct_integrals = (i1, _cumtrapz(i1, t_min))
+    i1, i2 = ct_integrals
+    j1 = _cumtrapz(ca_t, t_min)
     j2 = _cumtrapz(j1, t_min)
+    j1, j2 = j1.expand_as(ct), j2.expand_as(ct)
     a1n, a0n, b1, b0 = _lls_solve(torch.stack([-i1, -i2, j1, j2], dim=-1), ct).unbind(-1)
     f = b1
     volume = b0 / a0n
@@ -180,9 +188,14 @@ def lls_2cxm(ct: torch.Tensor, t_min: torch.Tensor, ca_t: torch.Tensor) -> torch
     return torch.where(ok.unsqueeze(-1), out, torch.full_like(out, float("nan")))
 
 
-def lls_etofts(ct: torch.Tensor, t_min: torch.Tensor, ca_t: torch.Tensor) -> torch.Tensor:
+def lls_etofts(
+    ct: torch.Tensor,
+    t_min: torch.Tensor,
+    ca_t: torch.Tensor,
+    ct_integrals: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """LLS extended Tofts estimate [N, 3] = (ktrans, ve, vp) (Murase 2004); NaN if not physical."""
-    i1 = _cumtrapz(ct, t_min)
+    i1 = _cumtrapz(ct, t_min) if ct_integrals is None else ct_integrals[0]
     j1 = _cumtrapz(ca_t, t_min).expand_as(ct)
     vp, b, kep = _lls_solve(torch.stack([ca_t.expand_as(ct), j1, -i1], dim=-1), ct).unbind(-1)
     ktrans = b - kep * vp
@@ -237,18 +250,20 @@ def jacobian_2cxm(grid: Grid, p: torch.Tensor, fit_delay: bool) -> torch.Tensor:
         moved = theta.clone()
         moved[:, j] += steps[:, j]
         d_rates[:, :, j] = (torch.stack(twocxm_rates(*moved.unbind(-1)), -1) - rates) / steps[:, j : j + 1]
-    n_par = 5 if fit_delay else 4
-    jac = torch.zeros(theta.shape[0], grid.t_min.shape[0], n_par, dtype=p.dtype, device=p.device)
+    convs, weighted_dk, dd = [], [], []
     for r in range(2):
         k, amp = rates[:, r], rates[:, r + 2]
         dk = 1e-6 * k.abs().clamp_min(1e-3)
-        conv, ca_q = grid.convolve(k, delay)
-        conv_dk, _ = grid.convolve(k + dk, delay)
-        de_dk = (conv_dk - conv) / dk.unsqueeze(-1)
-        jac[..., :4] += conv.unsqueeze(-1) * d_rates[:, r + 2, :].unsqueeze(1)
-        jac[..., :4] += (amp.unsqueeze(-1) * de_dk).unsqueeze(-1) * d_rates[:, r, :].unsqueeze(1)
+        conv, ca_q = grid.convolve(k, delay, with_ca=fit_delay)
+        conv_dk, _ = grid.convolve(k + dk, delay, with_ca=False)
+        convs.append(conv)
+        weighted_dk.append(amp.unsqueeze(-1) * (conv_dk - conv) / dk.unsqueeze(-1))
         if fit_delay:
-            jac[..., 4] -= amp.unsqueeze(-1) * (ca_q - k.unsqueeze(-1) * conv) / 60.0
+            dd.append(-amp.unsqueeze(-1) * (ca_q - k.unsqueeze(-1) * conv) / 60.0)
+    jac = torch.bmm(torch.stack(convs, -1), d_rates[:, 2:4, :])  # through the amplitudes
+    jac = jac + torch.bmm(torch.stack(weighted_dk, -1), d_rates[:, 0:2, :])  # through the rates
+    if fit_delay:
+        jac = torch.cat([jac, (dd[0] + dd[1]).unsqueeze(-1)], dim=-1)
     return jac
 
 
@@ -291,8 +306,8 @@ def _fit_volume(
         delay = p[:, -1] if fit_delay else torch.zeros_like(p[:, 0])
         if kind == "2cxm":
             sig_m, sig_p, amp_m, amp_p = twocxm_rates(p[:, 0], p[:, 1], p[:, 2], p[:, 3])
-            conv_m, _ = grid.convolve(sig_m, delay)
-            conv_p, _ = grid.convolve(sig_p, delay)
+            conv_m, _ = grid.convolve(sig_m, delay, with_ca=False)
+            conv_p, _ = grid.convolve(sig_p, delay, with_ca=False)
             return amp_m.unsqueeze(-1) * conv_m + amp_p.unsqueeze(-1) * conv_p
         ktrans, ve = p[:, 0], p[:, 1]
         vp = p[:, 2] if "vp" in names else torch.zeros_like(ktrans)
@@ -313,8 +328,10 @@ def _fit_volume(
         best_start = default.expand(n, -1).clone()
         best_rss = torch.full((n,), float("inf"), dtype=dtype, device=dev)
         lls_valid = torch.zeros(n, dtype=torch.bool, device=dev)
+        i1 = _cumtrapz(y, t_min)
+        integrals = (i1, _cumtrapz(i1, t_min))
         for delay in delays:
-            est = lls(y, t_min, _shift_aif(ca_t, ta_min, t_min, delay))[:, :n_lls]
+            est = lls(y, t_min, _shift_aif(ca_t, ta_min, t_min, delay), integrals)[:, :n_lls]
             cand = default.expand(n, -1).clone()
             cand[:, : est.shape[1]] = torch.where(torch.isnan(est), cand[:, : est.shape[1]], est)
             if fit_delay:

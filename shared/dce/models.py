@@ -57,12 +57,14 @@ def exp_convolution_uniform(
     k: torch.Tensor,
     delay_min: torch.Tensor,
     cache: dict[int, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_ca: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fast exact path: tissue and AIF share one uniform grid t_i = t_0 + i*step (minutes).
 
-    ca [T] (shared AIF); k [N] 1/min; delay_min [N]. Returns (convolution [N, T], ca(t-d) [N, T]).
-    Grid values are one GEMM: F_i = sum_j a^j g_{i-1-j}, a = exp(-k step), with the interval
-    contributions g split into AIF values and slopes (shared Toeplitz matrices). The delay
+    ca [T] (shared AIF); k [N] 1/min; delay_min [N]. Returns (convolution [N, T], ca(t-d) [N, T]
+    or None when ``with_ca`` is False).
+    Grid values F_i = sum_j a^j g_{i-1-j} (a = exp(-k step), g the exact interval contributions)
+    come from one GEMM of the powers of a with a shared Toeplitz matrix of AIF values. The delay
     t - d = t_{i-n} + h (0 <= h < step, n per voxel) is a per-voxel shift plus one partial interval.
     """
     n_vox = k.shape[0]
@@ -76,26 +78,35 @@ def exp_convolution_uniform(
     slope_ext = torch.cat([slope, torch.zeros_like(slope[:1])])
     length = size - 1
     kk = k.unsqueeze(-1)
-    powers = torch.exp(-kk * step_min * torch.arange(length, device=k.device, dtype=k.dtype))
+    powers = torch.exp(-kk * step_min * torch.arange(size, device=k.device, dtype=k.dtype))
     basis = None if cache is None else cache.get(pad)
-    if basis is None:  # [L, 2*size]: AIF values and slopes as Toeplitz blocks
-        basis = torch.cat([_toeplitz(ca[:-1], size, length), _toeplitz(slope, size, length)]).T
-        basis = basis.contiguous()
+    if basis is None:  # [L, size]: basis[j, i] = ca[i-1-j]
+        basis = _toeplitz(ca[:-1], size, length).T.contiguous()
         if cache is not None:
             cache[pad] = basis
-    both = powers @ basis  # [N, 2*size]
+    # S_i = sum_j a^j ca_{i-1-j} (one GEMM). With g_m = ca_m (A - B/step) + ca_{m+1} B/step,
+    # F_i = (A - B/step + a B/step) S_i + (B/step) (ca_i - a^i ca_0); the value a partial
+    # interval h later is exp(-k h) F_j + A(h) ca_j + B(h) slope_j. Per-voxel scalars fold in.
+    sums = powers[:, :length] @ basis  # [N, size]
     a_step, b_step = _interval_weights(kk, torch.full_like(kk, step_min))
-    grid = a_step * both[:, :size] + b_step * both[:, size:]
+    beta = b_step / step_min
     hh = h.unsqueeze(-1)
     a_h, b_h = _interval_weights(kk, hh)
-    partial = torch.exp(-kk * hh) * grid + a_h * ca + b_h * slope_ext  # value at t_j + h
-    ca_partial = ca + hh * slope_ext
+    decay_h = torch.exp(-kk * hh)
+    coef_sums = decay_h * (a_step - beta + beta * powers[:, 1:2])
+    coef_ca = torch.cat([decay_h * beta + a_h, b_h], dim=1)  # [N, 2] against (ca, slope)
+    partial = torch.addmm(coef_sums * sums, coef_ca, torch.stack([ca, slope_ext]))
+    if bool(ca[0] != 0):
+        partial = partial - (decay_h * beta * ca[0]) * powers
     n_out = size - pad
     idx = torch.arange(n_out, device=k.device).unsqueeze(0) - n_shift.to(torch.long).unsqueeze(-1)
     valid = idx >= 0
     idx = idx.clamp(0, size - 1)
     zero = torch.zeros((), dtype=k.dtype, device=k.device)
     conv = torch.where(valid, torch.gather(partial, 1, idx), zero)
+    if not with_ca:
+        return conv, None
+    ca_partial = ca + hh * slope_ext
     ca_q = torch.where(valid, torch.gather(ca_partial.expand(n_vox, -1), 1, idx), zero)
     return conv, ca_q
 
@@ -159,11 +170,13 @@ class Grid:
             else None
         )
 
-    def convolve(self, k: torch.Tensor, delay_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def convolve(
+        self, k: torch.Tensor, delay_s: torch.Tensor, with_ca: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(∫ ca(τ - d) e^{-k(t-τ)} dτ, ca(t - d)) at the tissue times, each [N, T]."""
         if self.uniform_step is not None:
             return exp_convolution_uniform(
-                self.uniform_step, self.ca, k, delay_s / 60.0, self._basis_cache
+                self.uniform_step, self.ca, k, delay_s / 60.0, self._basis_cache, with_ca
             )
         q = (self.t_min.unsqueeze(0) - (delay_s / 60.0).unsqueeze(-1)).expand(k.shape[0], -1)
         return exp_convolution(self.ta_min, self.ca, k, q)
@@ -239,8 +252,8 @@ def twocxm(
     )
     sig_m, sig_p, amp_m, amp_p = twocxm_rates(f_p, p_s, v_e, v_p)
     grid = Grid(t_min, ca_t, ta_min)
-    conv_m, _ = grid.convolve(sig_m, d)
-    conv_p, _ = grid.convolve(sig_p, d)
+    conv_m, _ = grid.convolve(sig_m, d, with_ca=False)
+    conv_p, _ = grid.convolve(sig_p, d, with_ca=False)
     curve = amp_m.unsqueeze(-1) * conv_m + amp_p.unsqueeze(-1) * conv_p
     return _finish(curve, scalar, (t, ca, ta, fp, ps, ve, vp, delay))
 
