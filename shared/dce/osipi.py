@@ -155,7 +155,7 @@ def check_parker(folder: Path, with_delay: bool) -> FileReport:
         cb = parker_blood(t_s, delay)
         err = float(np.max(np.abs(cb - ref)))
         cases.append(CaseResult(label, within_tolerance(cb, ref, key), {"max_abs_err": (err, 0.0)}))
-    return FileReport(name, "Cb(t - delay)", cases)
+    return FileReport(name, "Cb(t - delay)" if with_delay else "Cb(t)", cases)
 
 
 def check_signal_to_conc(folder: Path) -> FileReport:
