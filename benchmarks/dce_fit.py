@@ -36,6 +36,14 @@ def sample_truth(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
+def _weights(k: float, x: float) -> tuple[float, float]:
+    """∫_0^x e^{-k(x-u)} du and ∫_0^x u e^{-k(x-u)} du (series for small k x)."""
+    if k * x < 1e-4:
+        return x * (1 - k * x / 2), x * x * (0.5 - k * x / 6)
+    a = -np.expm1(-k * x) / k
+    return a, (x - a) / k
+
+
 def numpy_2cxm(t_s: np.ndarray, ca: np.ndarray, fp, ps, ve, vp, delay) -> np.ndarray:
     """Exact 2CXM for one voxel in plain numpy (scipy's model): same maths as shared.dce.models."""
     t = t_s / 60.0
@@ -53,15 +61,12 @@ def numpy_2cxm(t_s: np.ndarray, ca: np.ndarray, fp, ps, ve, vp, delay) -> np.nda
     h = max(n_shift * step - delay / 60.0, 0.0)
     out = np.zeros_like(t)
     for amp, k in zip(amps, (sig_m, sig_p)):
-        def weights(x: float) -> tuple[float, float]:
-            if k * x < 1e-4:
-                return x * (1 - k * x / 2), x * x * (0.5 - k * x / 6)
-            a = -np.expm1(-k * x) / k
-            return a, (x - a) / k
-        a_s, b_s = weights(step)
+        a_s, b_s = _weights(k, step)
         g = ca[:-1] * a_s + slope[:-1] * b_s
-        grid = np.concatenate([[0.0], np.convolve(g, np.exp(-k * step * np.arange(len(g))))[: len(g)]])
-        a_h, b_h = weights(h)
+        grid = np.concatenate(
+            [[0.0], np.convolve(g, np.exp(-k * step * np.arange(len(g))))[: len(g)]]
+        )
+        a_h, b_h = _weights(k, h)
         partial = np.exp(-k * h) * grid + a_h * ca + b_h * slope
         idx = np.arange(len(t)) - n_shift
         valid = (idx >= 0) & (idx < len(t))
@@ -87,7 +92,9 @@ def accuracy(fitted: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dic
     return out
 
 
-def run_scipy(curves: np.ndarray, t: np.ndarray, ca: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+def run_scipy(
+    curves: np.ndarray, t: np.ndarray, ca: np.ndarray
+) -> tuple[dict[str, np.ndarray], float]:
     """Per-voxel bounded curve_fit from the OSIPI start; returns (params, seconds)."""
     from scipy.optimize import curve_fit
 
@@ -101,8 +108,14 @@ def run_scipy(curves: np.ndarray, t: np.ndarray, ca: np.ndarray) -> tuple[dict[s
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                out[i], _ = curve_fit(lambda tt, *p: numpy_2cxm(tt, ca, *p), t, curve, p0=p0,
-                                      bounds=(lower, upper), maxfev=2000)
+                out[i], _ = curve_fit(
+                    lambda tt, *p: numpy_2cxm(tt, ca, *p),
+                    t,
+                    curve,
+                    p0=p0,
+                    bounds=(lower, upper),
+                    maxfev=2000,
+                )
         except RuntimeError:
             out[i] = np.nan
     seconds = time.perf_counter() - start
@@ -130,10 +143,12 @@ def main() -> None:
     t = np.arange(args.frames) * args.dt
     ca = parker_aif(t, 10.0)
     truth = sample_truth(args.voxels, rng)
-    curves = np.concatenate([
-        twocxm(t, ca, *(truth[k][s : s + 50000] for k in ("fp", "ps", "ve", "vp", "delay")))
-        for s in range(0, args.voxels, 50000)
-    ])
+    curves = np.concatenate(
+        [
+            twocxm(t, ca, *(truth[k][s : s + 50000] for k in ("fp", "ps", "ve", "vp", "delay")))
+            for s in range(0, args.voxels, 50000)
+        ]
+    )
     curves += rng.normal(0.0, args.noise, curves.shape)
     device = pick_device(args.device)
     if device.type == "cuda":  # warm-up (CUDA context, kernels) outside the timing
@@ -151,11 +166,20 @@ def main() -> None:
     scipy_params, scipy_s = run_scipy(curves[:n_s], t, ca)
     torch_vps, scipy_vps = args.voxels / torch_s, n_s / scipy_s
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({args.threads} threads)",
-        "dtype": args.dtype, "voxels": args.voxels, "frames": args.frames, "dt_s": args.dt, "noise_mM": args.noise,
-        "torch_seconds": round(torch_s, 2), "torch_voxels_per_s": round(torch_vps, 1),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({args.threads} threads)",
+        "dtype": args.dtype,
+        "voxels": args.voxels,
+        "frames": args.frames,
+        "dt_s": args.dt,
+        "noise_mM": args.noise,
+        "torch_seconds": round(torch_s, 2),
+        "torch_voxels_per_s": round(torch_vps, 1),
         "torch_converged_fraction": float(res["success"].float().mean()),
-        "scipy_voxels": n_s, "scipy_seconds": round(scipy_s, 2), "scipy_voxels_per_s": round(scipy_vps, 2),
+        "scipy_voxels": n_s,
+        "scipy_seconds": round(scipy_s, 2),
+        "scipy_voxels_per_s": round(scipy_vps, 2),
         "speedup": round(torch_vps / scipy_vps, 1),
         "torch_accuracy_all": accuracy(fitted, truth),
         "torch_accuracy_sample": accuracy({k: v[:n_s] for k, v in fitted.items()}, sample_truth_),

@@ -19,7 +19,11 @@ from shared.dce.osipi import TOLERANCES, check_all
 
 def default_dir() -> Path:
     env = os.environ.get("GLIOFED_OSIPI_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "reference" / "osipi-dce"
+    return (
+        Path(env)
+        if env
+        else Path(__file__).resolve().parents[2] / "shared" / "reference" / "osipi-dce"
+    )
 
 
 def main() -> int:
@@ -46,7 +50,8 @@ def main() -> int:
         for case in r.failures:
             detail = ", ".join(
                 f"{k} {fit:.4g} vs {ref:.4g} (tol {TOLERANCES[k][0]}+{TOLERANCES[k][1]}*ref)"
-                if k in TOLERANCES else f"{k} {fit:.3g}"
+                if k in TOLERANCES
+                else f"{k} {fit:.3g}"
                 for k, (fit, ref) in case.values.items()
             )
             print(f"FAIL {r.file} [{r.setting}] {case.label}: {detail}")

@@ -22,21 +22,40 @@ def _phantom(tmp_path: Path, quantity: str = "concentration") -> tuple[Path, dic
     t = np.arange(60) * 5.0
     ca = parker_aif(t, ARRIVAL_S)
     truth = {k: np.zeros((16, 16, 2)) for k in ("fp", "ps", "ve", "vp")}
-    blocks = [((slice(2, 8), slice(2, 14)), (20.0, 0.02, 0.15, 0.03)),  # LGG-like
-              ((slice(9, 15), slice(2, 14)), (80.0, 0.2, 0.35, 0.08))]  # HGG-like
+    blocks = [
+        ((slice(2, 8), slice(2, 14)), (20.0, 0.02, 0.15, 0.03)),  # LGG-like
+        ((slice(9, 15), slice(2, 14)), (80.0, 0.2, 0.35, 0.08)),
+    ]  # HGG-like
     for (sx, sy), (fp, ps, ve, vp) in blocks:
         for name, value in zip(("fp", "ps", "ve", "vp"), (fp, ps, ve, vp)):
             truth[name][sx, sy, :] = value
     tissue = truth["fp"] > 0
     conc = np.zeros((16, 16, 2, 60))
-    conc[tissue] = twocxm(t, ca, truth["fp"][tissue], truth["ps"][tissue], truth["ve"][tissue],
-                          truth["vp"][tissue], 0.0)
+    conc[tissue] = twocxm(
+        t,
+        ca,
+        truth["fp"][tissue],
+        truth["ps"][tissue],
+        truth["ve"][tissue],
+        truth["vp"][tissue],
+        0.0,
+    )
     conc += np.random.default_rng(0).normal(0, 0.001, conc.shape) * tissue[..., None]
     path = tmp_path / "case_dce.nii.gz"
     if quantity == "signal":
         data = conc_to_signal(conc, 1000.0, 1.2, 4.5, 0.005, 15.0)
-        write_dce(path, data, t, Quantity="signal", RepetitionTime=0.005, FlipAngle=15.0, T10=1.2,
-                  Relaxivity=4.5, NumBaselineFrames=2, BolusArrivalTime=ARRIVAL_S)
+        write_dce(
+            path,
+            data,
+            t,
+            Quantity="signal",
+            RepetitionTime=0.005,
+            FlipAngle=15.0,
+            T10=1.2,
+            Relaxivity=4.5,
+            NumBaselineFrames=2,
+            BolusArrivalTime=ARRIVAL_S,
+        )
     else:
         write_dce(path, conc, t, BolusArrivalTime=ARRIVAL_S)
     return path, truth
@@ -46,7 +65,9 @@ def _phantom(tmp_path: Path, quantity: str = "concentration") -> tuple[Path, dic
 def test_qtm_fit_writes_maps_close_to_truth(tmp_path, quantity):
     path, truth = _phantom(tmp_path, quantity)
     out = tmp_path / "maps"
-    result = CliRunner().invoke(app, ["qtm", "fit", str(path), "--out", str(out), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app, ["qtm", "fit", str(path), "--out", str(out), "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert "voxels converged" in result.output
     summary = json.loads((out / "case_dce_2cxm_fit.json").read_text())
@@ -66,13 +87,28 @@ def test_qtm_fit_writes_maps_close_to_truth(tmp_path, quantity):
 
 
 def test_qtm_fit_extended_tofts_with_mask(tmp_path):
-    path, truth = _phantom(tmp_path)
+    path, _ = _phantom(tmp_path)
     mask = np.zeros((16, 16, 2), dtype=np.uint8)
     mask[10:12, 4:6, 0] = 1
     nib.save(nib.Nifti1Image(mask, np.eye(4)), str(tmp_path / "mask.nii.gz"))
     out = tmp_path / "et"
-    result = CliRunner().invoke(app, ["qtm", "fit", str(path), "-o", str(out), "--model", "etofts",
-                                      "--mask", str(tmp_path / "mask.nii.gz"), "--no-plot", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "qtm",
+            "fit",
+            str(path),
+            "-o",
+            str(out),
+            "--model",
+            "etofts",
+            "--mask",
+            str(tmp_path / "mask.nii.gz"),
+            "--no-plot",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((out / "case_dce_etofts_fit.json").read_text())["voxels_fitted"] == 4
     assert not (out / "case_dce_fp.nii.gz").exists()
@@ -85,7 +121,9 @@ def test_qtm_fit_errors_name_the_file(tmp_path):
     sidecar.unlink()
     result = CliRunner().invoke(app, ["qtm", "fit", str(path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "case_dce.json: JSON sidecar for case_dce.nii.gz not found" in " ".join(result.output.split())
+    assert "case_dce.json: JSON sidecar for case_dce.nii.gz not found" in " ".join(
+        result.output.split()
+    )
     sidecar.write_text(json.dumps({"TemporalResolution": 5.0, "Quantity": "signal"}))
     with pytest.raises(ValueError, match="signal data need RepetitionTime"):
         read_dce(path)

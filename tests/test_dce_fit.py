@@ -47,7 +47,11 @@ def test_fit_extended_tofts_recovers_parameters_without_noise():
     t = np.arange(0.0, 300.0, 4.0)
     ca = parker_aif(t, 12.0)
     rng = np.random.default_rng(3)
-    ktrans, ve, vp = rng.uniform(0.01, 0.3, 25), rng.uniform(0.1, 0.5, 25), rng.uniform(0.01, 0.1, 25)
+    ktrans, ve, vp = (
+        rng.uniform(0.01, 0.3, 25),
+        rng.uniform(0.1, 0.5, 25),
+        rng.uniform(0.01, 0.1, 25),
+    )
     curves = extended_tofts(t, ca, ktrans, ve, vp)
     res = fit_extended_tofts(curves, t, ca, device="cpu", chunk_size=10)  # 3 chunks
     np.testing.assert_allclose(res["ktrans"].numpy(), ktrans, rtol=1e-3)
@@ -63,8 +67,13 @@ def test_levenberg_marquardt_respects_bounds():
     def line(p: torch.Tensor) -> torch.Tensor:
         return p[:, :1] * x
 
-    lower, upper = torch.tensor([0.0], dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64)
-    p, rss, _ = levenberg_marquardt(line, y, torch.full((4, 1), 0.5, dtype=torch.float64), lower, upper)
+    lower, upper = (
+        torch.tensor([0.0], dtype=torch.float64),
+        torch.tensor([2.0], dtype=torch.float64),
+    )
+    p, rss, _ = levenberg_marquardt(
+        line, y, torch.full((4, 1), 0.5, dtype=torch.float64), lower, upper
+    )
     assert torch.allclose(p, torch.full_like(p, 2.0))
     assert torch.all(rss > 0)
 
@@ -75,3 +84,25 @@ def test_fit_rejects_mismatched_shapes():
         fit_2cxm(np.zeros((3, 10)), t, parker_aif(t), device="cpu")
     with pytest.raises(ValueError, match=r"concentration must be \[N, T\]"):
         fit_2cxm(np.zeros(20), t, parker_aif(t), device="cpu")
+
+
+def test_fit_on_non_uniform_frames_uses_the_exact_general_path():
+    """Tissue frames that are not the AIF grid (variable frame rate) still fit exactly."""
+    t = np.concatenate([np.arange(0.0, 60.0, 2.0), np.arange(60.0, 300.0, 10.0)])
+    ta = np.arange(0.0, 300.0, 1.0)
+    ca = parker_aif(ta, 10.0)
+    ktrans, ve, vp = np.array([0.05, 0.2]), np.array([0.2, 0.4]), np.array([0.02, 0.06])
+    curves = extended_tofts(t, ca, ktrans, ve, vp, ta=ta)
+    res = fit_extended_tofts(curves, t, ca, ta=ta, device="cpu")
+    np.testing.assert_allclose(res["ktrans"].numpy(), ktrans, rtol=1e-3)
+    np.testing.assert_allclose(res["vp"].numpy(), vp, rtol=1e-3)
+
+
+def test_temporal_resolution_sidecar_gives_uniform_frame_times(tmp_path):
+    from shared.dce.io import read_dce, write_dce
+
+    path = write_dce(tmp_path / "x_dce.nii.gz", np.zeros((2, 2, 1, 4)), np.arange(4.0))
+    (tmp_path / "x_dce.json").write_text('{"TemporalResolution": 2.5, "StartTime": 1.0}')
+    series = read_dce(path)
+    np.testing.assert_allclose(series.times_s, [1.0, 3.5, 6.0, 8.5])
+    assert series.quantity == "concentration" and series.hct == 0.42

@@ -16,7 +16,11 @@ from shared.dce import osipi
 
 def _osipi_dir() -> Path:
     env = os.environ.get("GLIOFED_OSIPI_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "reference" / "osipi-dce"
+    return (
+        Path(env)
+        if env
+        else Path(__file__).resolve().parents[2] / "shared" / "reference" / "osipi-dce"
+    )
 
 
 OSIPI_DIR = _osipi_dir()
@@ -55,7 +59,10 @@ def test_2cxm_delay_0_with_free_delay_is_noise_limited():
         r = rows[case.label]
         fit = {k: v[0] for k, v in case.values.items()}
         args = (r["t"], r["cp_aif"])
-        rss_fit = np.sum((twocxm(*args, fit["fp"], fit["ps"], fit["ve"], fit["vp"], fit["delay"]) - r["C_t"]) ** 2)
+        rss_fit = np.sum(
+            (twocxm(*args, fit["fp"], fit["ps"], fit["ve"], fit["vp"], fit["delay"]) - r["C_t"])
+            ** 2
+        )
         rss_true = np.sum((twocxm(*args, r["fp"], r["ps"], r["ve"], r["vp"]) - r["C_t"]) ** 2)
         assert rss_fit < rss_true, case.label
 

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from shared.dce import conc_to_signal, extended_tofts, parker_aif, parker_blood, signal_to_conc
-from shared.dce import tofts, twocxm
+from shared.dce import (
+    conc_to_signal,
+    extended_tofts,
+    parker_aif,
+    parker_blood,
+    signal_to_conc,
+    tofts,
+    twocxm,
+)
 from shared.dce.models import exp_convolution
 
 
@@ -60,7 +67,9 @@ def test_exp_convolution_is_exact_for_piecewise_linear_aif(k):
     # a non-uniform grid takes the recursive path and must agree too
     tn = np.sort(np.concatenate([t, [1.0, 50.5, 101.1]]))
     can = np.interp(tn, t, ca)
-    got_n, _ = exp_convolution(torch.tensor(tn / 60), torch.tensor(can), kt, torch.tensor(queries / 60))
+    got_n, _ = exp_convolution(
+        torch.tensor(tn / 60), torch.tensor(can), kt, torch.tensor(queries / 60)
+    )
     np.testing.assert_allclose(got_n[0].numpy(), expected, rtol=1e-6, atol=1e-9)
 
 

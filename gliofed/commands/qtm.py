@@ -8,6 +8,7 @@ commands are added to the same group by the QTM work.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -19,18 +20,31 @@ qtm_app = typer.Typer(
 
 @qtm_app.command("fit")
 def fit_command(
-    dce: Path = typer.Argument(..., help="4D DCE NIfTI; its JSON sidecar (same stem) gives frame times."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the parameter-map NIfTIs."),
-    model: str = typer.Option("2cxm", help="2cxm (Fp, PS, ve, vp) or etofts (Ktrans, ve, vp)."),
-    mask: Path | None = typer.Option(None, help="Mask NIfTI of voxels to fit (default: enhancing voxels)."),
-    bolus_arrival: float | None = typer.Option(
-        None, help="AIF start in s (default: sidecar BolusArrivalTime, else estimated from the data)."
-    ),
-    fit_delay: bool = typer.Option(True, help="Fit a per-voxel arterial delay in [-10, 10] s."),
-    min_peak: float = typer.Option(0.02, help="Without a mask: fit voxels whose peak reaches this (mM)."),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
-    chunk_size: int = typer.Option(20000, help="Voxels fitted together (memory vs speed)."),
-    plot: bool = typer.Option(True, help="Write a quick-look PNG of the maps."),
+    dce: Annotated[
+        Path, typer.Argument(help="4D DCE NIfTI; its JSON sidecar (same stem) gives frame times.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the parameter-map NIfTIs.")],
+    model: Annotated[
+        str, typer.Option(help="2cxm (Fp, PS, ve, vp) or etofts (Ktrans, ve, vp).")
+    ] = "2cxm",
+    mask: Annotated[
+        Path | None, typer.Option(help="Mask NIfTI of voxels to fit (default: enhancing voxels).")
+    ] = None,
+    bolus_arrival: Annotated[
+        float | None,
+        typer.Option(help="AIF start in s (default: sidecar BolusArrivalTime, else estimated)."),
+    ] = None,
+    fit_delay: Annotated[
+        bool, typer.Option(help="Fit a per-voxel arterial delay in [-10, 10] s.")
+    ] = True,
+    min_peak: Annotated[
+        float, typer.Option(help="Without a mask: fit voxels whose peak reaches this (mM).")
+    ] = 0.02,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    chunk_size: Annotated[
+        int, typer.Option(help="Voxels fitted together (memory vs speed).")
+    ] = 20000,
+    plot: Annotated[bool, typer.Option(help="Write a quick-look PNG of the maps.")] = True,
 ) -> None:
     """Fit 2CXM or extended Tofts to every voxel with the Parker population AIF; write maps."""
     import json
@@ -53,17 +67,30 @@ def fit_command(
                 raise FileNotFoundError(f"{mask}: mask not found")
             mask_arr = np.asarray(nib.load(str(mask)).dataobj) > 0
             if mask_arr.shape != series.data.shape[:3]:
-                raise ValueError(f"{mask}: mask shape {mask_arr.shape} != DCE volume {series.data.shape[:3]}")
+                raise ValueError(
+                    f"{mask}: mask shape {mask_arr.shape} != DCE volume {series.data.shape[:3]}"
+                )
         conc = series.concentration()
         selected = mask_arr if mask_arr is not None else enhancing_mask(conc, min_peak)
         n_vox = int(selected.sum())
         start = time.perf_counter()
-        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console) as bar:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
             task = bar.add_task(f"fitting {model}", total=max(n_vox, 1))
             maps, summary = fit_series(
-                series, model=model, mask=selected, bolus_arrival_s=bolus_arrival,
-                fit_delay=fit_delay, min_peak_mM=min_peak, device=device, chunk_size=chunk_size,
+                series,
+                model=model,
+                mask=selected,
+                bolus_arrival_s=bolus_arrival,
+                fit_delay=fit_delay,
+                min_peak_mM=min_peak,
+                device=device,
+                chunk_size=chunk_size,
                 progress=lambda n: bar.advance(task, n),
             )
     except (FileNotFoundError, ValueError) as err:
@@ -76,7 +103,9 @@ def fit_command(
     summary["voxels_per_second"] = round(summary["voxels_fitted"] / max(elapsed, 1e-9), 1)
     (out / f"{prefix}_{model}_fit.json").write_text(json.dumps(summary, indent=2))
     if plot:
-        written.append(plot_maps(maps, selected, out / f"{prefix}_{model}_maps.png", f"{prefix}: {model}"))
+        written.append(
+            plot_maps(maps, selected, out / f"{prefix}_{model}_maps.png", f"{prefix}: {model}")
+        )
     console.print(
         f"{model}: {summary['voxels_converged']}/{summary['voxels_fitted']} voxels converged in "
         f"{elapsed:.1f} s (AIF start {summary['bolus_arrival_s']:.1f} s); {len(written)} files in {out}"

@@ -7,15 +7,19 @@ Units used throughout (see science.md section 3):
 """
 
 from shared.dce.aif import parker_aif, parker_blood
+from shared.dce.fit import fit_2cxm, fit_extended_tofts, fit_tofts
 from shared.dce.models import extended_tofts, tofts, twocxm
 from shared.dce.signal import conc_to_signal, signal_to_conc
 
 __all__ = [
+    "conc_to_signal",
+    "extended_tofts",
+    "fit_2cxm",
+    "fit_extended_tofts",
+    "fit_tofts",
     "parker_aif",
     "parker_blood",
-    "tofts",
-    "extended_tofts",
-    "twocxm",
     "signal_to_conc",
-    "conc_to_signal",
+    "tofts",
+    "twocxm",
 ]

@@ -44,7 +44,9 @@ def parker_blood(t_s: Any, delay_s: Any = 0.0) -> Any:
     if d.ndim > 0:
         d = d.reshape(*d.shape, *([1] * t.ndim))
     shifted = (t - d) / 60.0
-    cb = torch.where(shifted >= 0, _parker_blood_minutes(shifted.clamp_min(0)), torch.zeros_like(shifted))
+    cb = torch.where(
+        shifted >= 0, _parker_blood_minutes(shifted.clamp_min(0)), torch.zeros_like(shifted)
+    )
     return back_to_input_kind(cb, t_s, delay_s)
 
 

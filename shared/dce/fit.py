@@ -249,7 +249,9 @@ def jacobian_2cxm(grid: Grid, p: torch.Tensor, fit_delay: bool) -> torch.Tensor:
     for j in range(4):
         moved = theta.clone()
         moved[:, j] += steps[:, j]
-        d_rates[:, :, j] = (torch.stack(twocxm_rates(*moved.unbind(-1)), -1) - rates) / steps[:, j : j + 1]
+        d_rates[:, :, j] = (torch.stack(twocxm_rates(*moved.unbind(-1)), -1) - rates) / steps[
+            :, j : j + 1
+        ]
     convs, weighted_dk, dd = [], [], []
     for r in range(2):
         k, amp = rates[:, r], rates[:, r + 2]
@@ -381,8 +383,21 @@ def fit_2cxm(
     Returns CPU tensors [N]: fp, ps, ve, vp, delay (s; 0 when not fitted), ktrans (derived,
     1/min), rss, success. ``progress`` is called with the number of voxels finished per chunk.
     """
-    return _fit_volume("2cxm", ct, t, ca, ta, fit_delay, bounds or BOUNDS_2CXM, delay_grid,
-                       max_iter, chunk_size, device, dtype, progress)
+    return _fit_volume(
+        "2cxm",
+        ct,
+        t,
+        ca,
+        ta,
+        fit_delay,
+        bounds or BOUNDS_2CXM,
+        delay_grid,
+        max_iter,
+        chunk_size,
+        device,
+        dtype,
+        progress,
+    )
 
 
 def fit_extended_tofts(
@@ -400,8 +415,21 @@ def fit_extended_tofts(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fit the extended Tofts model; returns CPU tensors [N]: ktrans, ve, vp, delay, rss, success."""
-    return _fit_volume("etofts", ct, t, ca, ta, fit_delay, bounds or BOUNDS_ETOFTS, delay_grid,
-                       max_iter, chunk_size, device, dtype, progress)
+    return _fit_volume(
+        "etofts",
+        ct,
+        t,
+        ca,
+        ta,
+        fit_delay,
+        bounds or BOUNDS_ETOFTS,
+        delay_grid,
+        max_iter,
+        chunk_size,
+        device,
+        dtype,
+        progress,
+    )
 
 
 def fit_tofts(
@@ -417,5 +445,18 @@ def fit_tofts(
 ) -> dict[str, torch.Tensor]:
     """Fit the standard Tofts model (vp = 0); returns ktrans, ve, vp (=0), delay, rss, success."""
     bounds = {k: v for k, v in BOUNDS_ETOFTS.items() if k != "vp"}
-    return _fit_volume("tofts", ct, t, ca, ta, fit_delay, bounds, (-4.0, 0.0, 2.5, 5.0, 7.5),
-                       max_iter, chunk_size, device, dtype, None)
+    return _fit_volume(
+        "tofts",
+        ct,
+        t,
+        ca,
+        ta,
+        fit_delay,
+        bounds,
+        (-4.0, 0.0, 2.5, 5.0, 7.5),
+        max_iter,
+        chunk_size,
+        device,
+        dtype,
+        None,
+    )

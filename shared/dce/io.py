@@ -46,8 +46,12 @@ class DceSeries:
         from shared.dce.signal import signal_to_conc
 
         conc = signal_to_conc(
-            self.data.astype(np.float64), self.t10_s, self.r1, float(self.tr_s),
-            float(self.flip_deg), n_baseline=self.n_baseline,
+            self.data.astype(np.float64),
+            self.t10_s,
+            self.r1,
+            float(self.tr_s),
+            float(self.flip_deg),
+            n_baseline=self.n_baseline,
         )
         return np.nan_to_num(conc, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -66,7 +70,9 @@ def _frame_times(meta: dict[str, Any], n_frames: int, where: Path) -> np.ndarray
     if "FrameTimes" in meta:
         times = np.asarray(meta["FrameTimes"], dtype=float)
         if times.shape != (n_frames,):
-            raise ValueError(f"{where}: FrameTimes has {times.size} entries but the image has {n_frames} frames")
+            raise ValueError(
+                f"{where}: FrameTimes has {times.size} entries but the image has {n_frames} frames"
+            )
     elif "TemporalResolution" in meta:
         step = float(meta["TemporalResolution"])
         if step <= 0:
@@ -88,7 +94,9 @@ def read_dce(image_path: str | Path) -> DceSeries:
         raise FileNotFoundError(f"{path}: DCE image not found")
     side = sidecar_path(path)
     if not side.is_file():
-        raise FileNotFoundError(f"{side}: JSON sidecar for {path.name} not found (frame timing is required)")
+        raise FileNotFoundError(
+            f"{side}: JSON sidecar for {path.name} not found (frame timing is required)"
+        )
     try:
         meta = json.loads(side.read_text())
     except json.JSONDecodeError as err:
@@ -102,8 +110,19 @@ def read_dce(image_path: str | Path) -> DceSeries:
         raise ValueError(f"{side}: Quantity must be 'concentration' or 'signal', got {quantity!r}")
     if quantity == "signal" and ("RepetitionTime" not in meta or "FlipAngle" not in meta):
         raise ValueError(f"{side}: signal data need RepetitionTime (s) and FlipAngle (deg)")
-    known = {"FrameTimes", "TemporalResolution", "StartTime", "Quantity", "RepetitionTime", "FlipAngle",
-             "T10", "Relaxivity", "NumBaselineFrames", "Hematocrit", "BolusArrivalTime"}
+    known = {
+        "FrameTimes",
+        "TemporalResolution",
+        "StartTime",
+        "Quantity",
+        "RepetitionTime",
+        "FlipAngle",
+        "T10",
+        "Relaxivity",
+        "NumBaselineFrames",
+        "Hematocrit",
+        "BolusArrivalTime",
+    }
     return DceSeries(
         data=data,
         affine=image.affine,
@@ -134,7 +153,9 @@ def write_dce(
     path.parent.mkdir(parents=True, exist_ok=True)
     if data.ndim != 4 or data.shape[3] != len(times_s):
         raise ValueError(f"{path}: data {data.shape} do not match {len(times_s)} frame times")
-    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4) if affine is None else affine), str(path))
+    nib.save(
+        nib.Nifti1Image(data.astype(np.float32), np.eye(4) if affine is None else affine), str(path)
+    )
     meta = {"FrameTimes": [float(x) for x in times_s], **sidecar}
     sidecar_path(path).write_text(json.dumps(meta, indent=2))
     return path

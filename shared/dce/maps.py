@@ -70,7 +70,9 @@ def fit_series(
         raise ValueError(f"mask shape {mask.shape} does not match the DCE volume {spatial}")
     mask = mask.astype(bool) & np.isfinite(conc).all(axis=-1)
     if not mask.any():
-        raise ValueError(f"no voxels to fit: none in the mask enhance to a finite curve (min peak {min_peak_mM} mM)")
+        raise ValueError(
+            f"no voxels to fit: none in the mask enhance to a finite curve (min peak {min_peak_mM} mM)"
+        )
     arrival = bolus_arrival_s
     if arrival is None:
         arrival = series.bolus_arrival_s
@@ -79,8 +81,15 @@ def fit_series(
     ca = parker_aif(series.times_s, arrival, hct=series.hct)
     curves = conc[mask]
     fit = fit_2cxm if model == "2cxm" else fit_extended_tofts
-    result = fit(curves, series.times_s, ca, fit_delay=fit_delay, device=device,
-                 chunk_size=chunk_size, progress=progress)
+    result = fit(
+        curves,
+        series.times_s,
+        ca,
+        fit_delay=fit_delay,
+        device=device,
+        chunk_size=chunk_size,
+        progress=progress,
+    )
     maps: dict[str, np.ndarray] = {}
     for name, values in result.items():
         volume = np.zeros(spatial, dtype=np.float32)
@@ -92,12 +101,14 @@ def fit_series(
         "voxels_converged": int(result["success"].sum()) if mask.any() else 0,
         "bolus_arrival_s": float(arrival),
         "hematocrit": series.hct,
-        "frames": int(len(series.times_s)),
+        "frames": len(series.times_s),
     }
     return maps, summary
 
 
-def write_maps(maps: dict[str, np.ndarray], affine: np.ndarray, out_dir: Path, prefix: str) -> list[Path]:
+def write_maps(
+    maps: dict[str, np.ndarray], affine: np.ndarray, out_dir: Path, prefix: str
+) -> list[Path]:
     """One NIfTI per map: ``<prefix>_<name>.nii.gz``."""
     import nibabel as nib
 

@@ -48,7 +48,11 @@ def _toeplitz(values: torch.Tensor, rows: int, length: int) -> torch.Tensor:
     i = torch.arange(rows, device=values.device).unsqueeze(1)
     j = torch.arange(length, device=values.device).unsqueeze(0)
     src = i - 1 - j
-    return torch.where(src >= 0, values[src.clamp_min(0)], torch.zeros((), dtype=values.dtype, device=values.device))
+    return torch.where(
+        src >= 0,
+        values[src.clamp_min(0)],
+        torch.zeros((), dtype=values.dtype, device=values.device),
+    )
 
 
 def exp_convolution_uniform(

@@ -58,7 +58,7 @@ def read_osipi_csv(path: str | Path) -> list[dict[str, float | np.ndarray | str]
 # Running the OSIPI cases through shared.dce
 # ---------------------------------------------------------------------------------------------
 
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -166,12 +166,21 @@ def check_signal_to_conc(folder: Path) -> FileReport:
     cases = []
     for r in read_osipi_csv(folder / name):
         conc = signal_to_conc(
-            r["s"], float(r["T1base"]), float(r["r1"]), float(r["TR"]), float(r["FA"]),
-            n_baseline=int(r["numbaselinepts"]), baseline_start=1,
+            r["s"],
+            float(r["T1base"]),
+            float(r["r1"]),
+            float(r["TR"]),
+            float(r["FA"]),
+            n_baseline=int(r["numbaselinepts"]),
+            baseline_start=1,
         )
         err = float(np.max(np.abs(conc - r["conc"])))
         cases.append(
-            CaseResult(str(r["label"]), within_tolerance(conc, r["conc"], "conc"), {"max_abs_err": (err, 0.0)})
+            CaseResult(
+                str(r["label"]),
+                within_tolerance(conc, r["conc"], "conc"),
+                {"max_abs_err": (err, 0.0)},
+            )
         )
     return FileReport(name, "baseline frames 1..n-1", cases)
 

@@ -30,9 +30,7 @@ def spgr_signal(m0: Any, r1_total: torch.Tensor, tr_s: float, flip_deg: float) -
     return m0 * math.sin(a) * (1 - e1) / (1 - math.cos(a) * e1)
 
 
-def conc_to_signal(
-    conc: Any, m0: Any, t10_s: Any, r1: float, tr_s: float, flip_deg: float
-) -> Any:
+def conc_to_signal(conc: Any, m0: Any, t10_s: Any, r1: float, tr_s: float, flip_deg: float) -> Any:
     """SPGR signal for concentration ``conc`` [..., T]; ``m0`` and ``t10_s`` broadcast as [..., 1]."""
     _check_sequence(t10_s, r1, tr_s, flip_deg)
     like = any_tensor(conc, m0, t10_s)
@@ -81,9 +79,7 @@ def signal_to_conc(
     like = any_tensor(signal, t10_s, baseline)
     s = as_tensor(signal, like)
     if s.shape[-1] < n_baseline:
-        raise ValueError(
-            f"signal_to_conc: {s.shape[-1]} frames but n_baseline={n_baseline}"
-        )
+        raise ValueError(f"signal_to_conc: {s.shape[-1]} frames but n_baseline={n_baseline}")
     t10 = as_tensor(t10_s, s)
     if t10.ndim:
         t10 = t10.unsqueeze(-1)
