@@ -92,6 +92,46 @@ def accuracy(fitted: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dic
     return out
 
 
+def plot_fits(
+    fitted: dict[str, np.ndarray],
+    truth: dict[str, np.ndarray],
+    scipy_params: dict[str, np.ndarray],
+    path: Path,
+) -> None:
+    """Fitted vs true per parameter: torch on (up to 5000 of) all voxels, scipy on its sample."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ktrans = truth["ps"] * truth["fp"] / 100 / (truth["ps"] + truth["fp"] / 100)
+    ref = {**truth, "ktrans": ktrans}
+    names = ["fp", "ps", "ve", "vp", "ktrans", "delay"]
+    units = ["ml/100ml/min", "1/min", "", "", "1/min", "s"]
+    n_t = min(5000, len(ref["fp"]))
+    n_s = len(scipy_params["fp"])
+    fig, axes = plt.subplots(2, 3, figsize=(10.5, 6.8))
+    axes = axes.ravel()
+    for ax, name, unit in zip(axes, names, units):
+        ax.scatter(
+            ref[name][:n_t], fitted[name][:n_t], s=2, alpha=0.3, label="torch LM", color="C0"
+        )
+        ax.scatter(ref[name][:n_s], scipy_params[name], s=8, marker="x", label="scipy", color="C3")
+        lo, hi = float(np.min(ref[name])), float(np.max(ref[name]))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_title(f"{name} ({unit})" if unit else name, fontsize=9)
+        ax.set_xlabel("true", fontsize=8)
+        ax.set_ylabel("fitted", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7, markerscale=3)
+    fig.suptitle(
+        f"2CXM fits vs ground truth ({len(ref['fp'])} voxels torch, {n_s} scipy)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_scipy(
     curves: np.ndarray, t: np.ndarray, ca: np.ndarray
 ) -> tuple[dict[str, np.ndarray], float]:
@@ -137,6 +177,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--plot", type=Path, default=None, help="fitted-vs-true scatter PNG")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
@@ -188,6 +229,8 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot_fits(fitted, truth, scipy_params, args.plot)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,9 @@ def test_fit_rejects_mismatched_shapes():
         fit_2cxm(np.zeros((3, 10)), t, parker_aif(t), device="cpu")
     with pytest.raises(ValueError, match=r"concentration must be \[N, T\]"):
         fit_2cxm(np.zeros(20), t, parker_aif(t), device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            fit_2cxm(np.zeros((3, 20)), t, parker_aif(t), device="cuda")
 
 
 def test_fit_on_non_uniform_frames_uses_the_exact_general_path():

@@ -42,6 +42,8 @@ def pick_device(device: str = "auto") -> torch.device:
     """'auto' -> CUDA when present, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here (use auto or cpu)")
     return torch.device(device)
 
 
