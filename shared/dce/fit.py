@@ -1,11 +1,14 @@
 """Batched, bounded Levenberg-Marquardt fitting of 2CXM, extended Tofts and Tofts for whole volumes.
 
-All voxels of a chunk are fitted at once in torch (CPU or GPU): the Jacobian is a forward finite
-difference of the exact forward models (``shared.dce.models``), the damped normal equations are
-solved as a batch of PxP systems, steps are projected onto the parameter box, and voxels drop out
-of the active set as they converge. Multi-start: every voxel starts from (1) the best of a
-linear-least-squares (LLS) initialisation over a grid of candidate delays (Murase 2004 for Tofts,
-Flouri et al. 2016 for 2CXM) and (2) the OSIPI default start, and keeps the fit with lower RSS.
+All voxels of a chunk are fitted at once in torch (CPU or GPU). The 2CXM Jacobian is semi-analytic
+(exact delay derivative, convolution differences for the rates, chain rule to Fp/PS/ve/vp); the
+Tofts models use forward differences of the exact forward models (``shared.dce.models``). The damped
+normal equations are solved as a batch of PxP systems, steps are projected onto the parameter box,
+the Jacobian is reused after rejected steps, and voxels leave the active set as they converge.
+Multi-start: every voxel starts from the best linear-least-squares (LLS, ``shared.dce.lls``) estimate
+over a grid of candidate delays; voxels whose LLS estimate was unphysical, that did not converge, or
+whose RSS is above 3x the chunk median are refitted from the OSIPI default start, keeping the
+lower-RSS fit.
 
 Units as in ``shared.dce.models``: t and delay in seconds, Fp ml/100ml/min, PS and Ktrans 1/min.
 """
