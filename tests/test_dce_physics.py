@@ -79,8 +79,15 @@ def test_fast_uniform_path_matches_general_path_with_delays():
     delays = np.array([-7.3, -2.5, 0.0, 1.0, 3.7, 9.9])
     fp, ps, ve, vp = 45.0, 0.12, 0.25, 0.06
     fast = twocxm(t, ca, np.full(6, fp), ps, ve, vp, delays)  # tissue grid == AIF grid: fast path
-    general = twocxm(t, ca, np.full(6, fp), ps, ve, vp, delays, ta=t + 1e-12 * np.arange(60))
+    # an AIF grid one (held) sample longer than the tissue grid forces the general path
+    ta = np.append(t, t[-1] + 5.0)
+    general = twocxm(t, np.append(ca, ca[-1]), np.full(6, fp), ps, ve, vp, delays, ta=ta)
     np.testing.assert_allclose(fast, general, rtol=1e-6, atol=1e-9)
+    # an AIF that is non-zero at the first frame takes the extra ca_0 term of the fast path
+    ca0 = parker_aif(t, 0.0) + 0.5
+    fast0 = twocxm(t, ca0, np.full(6, fp), ps, ve, vp, delays)
+    general0 = twocxm(t, np.append(ca0, ca0[-1]), np.full(6, fp), ps, ve, vp, delays, ta=ta)
+    np.testing.assert_allclose(fast0, general0, rtol=1e-6, atol=1e-9)
     # delay of exactly one frame is a one-frame shift of the curve
     base = twocxm(t, ca, fp, ps, ve, vp)
     one = twocxm(t, ca, fp, ps, ve, vp, 5.0)
