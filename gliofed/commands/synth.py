@@ -1,9 +1,76 @@
-"""`gliofed` sub-commands: synth (owner fills in; heavy imports stay inside the functions)."""
+"""`gliofed synth`: write a synthetic multi-site brain-tumour cohort (heavy imports stay inside)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
+def synth(
+    out: Path = typer.Option(..., "--out", help="Folder to write (cohort.csv + images/)."),
+    cases: int = typer.Option(200, "--cases", help="Imaging sessions (a RANO pair counts two)."),
+    sites: int = typer.Option(4, "--sites", help="Number of sites (site-1 .. site-K)."),
+    shape: int | None = typer.Option(None, "--shape", help="N^3 grid over the brain (default 64)."),
+    spacing: float | None = typer.Option(
+        None, "--spacing", help="Voxel size in mm on the MNI field of view (2.0 -> 99x117x95)."
+    ),
+    tasks: str = typer.Option(
+        "grading,typing,rano,recurrence", "--tasks", help="Comma-separated tasks to serve."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
+    workers: int | None = typer.Option(None, "--workers", help="Processes (default: all cores)."),
+    near_threshold: float = typer.Option(
+        0.0, "--near-threshold", help="0: RANO SPD ratios >= 10 points from cut-offs; 1: anywhere."
+    ),
+    recurrence_ratio: float = typer.Option(
+        0.82, "--recurrence-ratio", help="Fraction of recurrence (vs radiation necrosis) cases."
+    ),
+    gallery: Path | None = typer.Option(None, "--gallery", help="Also write a class gallery PNG."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Write a synthetic cohort on MNI152 anatomy whose labels follow from the image content."""
+    import time
+
+    from rich.console import Console
+
+    from simulations.synth import generate_cohort
+
+    console = Console(stderr=True)
+    if shape is not None and spacing is not None:
+        raise typer.BadParameter("give --shape or --spacing, not both")
+    if not 0.0 <= near_threshold <= 1.0:
+        raise typer.BadParameter(f"--near-threshold {near_threshold} is outside 0-1")
+    if not 0.0 <= recurrence_ratio <= 1.0:
+        raise typer.BadParameter(f"--recurrence-ratio {recurrence_ratio} is outside 0-1")
+    task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    t0 = time.perf_counter()
+    try:
+        generate_cohort(
+            out, cases=cases, sites=sites, shape=shape, spacing=spacing, tasks=task_list, seed=seed,
+            workers=workers, progress=not quiet, near_threshold=near_threshold,
+            recurrence_ratio=recurrence_ratio,
+        )
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    elapsed = time.perf_counter() - t0
+    from shared.cohort import read_cohort
+    from shared.tasks import class_counts, get_task, select_samples
+
+    cohort = read_cohort(out, seed=seed)
+    console.print(f"wrote {len(cohort.cases)} sessions to {out} in {elapsed:.1f} s")
+    for t in task_list:
+        spec = get_task(t)
+        samples, _ = select_samples(spec, cohort)
+        counts = ", ".join(f"{k} {v}" for k, v in class_counts(spec, samples).items())
+        console.print(f"  {t}: {len(samples)} eligible ({counts})")
+    if gallery is not None:
+        from simulations.synth.gallery import write_gallery
+
+        console.print(f"gallery: {write_gallery(out, gallery)}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the top-level app."""
+    """Add ``gliofed synth`` to the top-level app."""
+    app.command("synth")(synth)

@@ -20,8 +20,8 @@ CHANNELS: tuple[str, ...] = (
 
 # Landmarks in MNI millimetres, checked by eye on the 2 mm template (see gallery.py).
 SELLA_MM = np.array([0.0, -2.0, -31.0])  # pituitary gland centre
-CPA_MM = np.array([21.0, -31.0, -35.0])  # right cerebellopontine angle (mirror x for the left)
-IAC_FUNDUS_MM = np.array([38.0, -25.0, -38.0])  # right internal auditory canal, lateral end
+CPA_MM = np.array([26.0, -30.0, -35.0])  # right cerebellopontine angle (mirror x for the left)
+IAC_FUNDUS_MM = np.array([40.0, -22.0, -38.0])  # right internal auditory canal, lateral end
 BRAIN_CENTRE_MM = np.array([0.0, -17.0, 5.0])
 
 
@@ -98,7 +98,7 @@ def load_template() -> TemplateAnatomy:
     pts = np.argwhere(brain)
     lo = pts.min(0) * 2.0 + affine[:3, 3]
     hi = pts.max(0) * 2.0 + affine[:3, 3]
-    vox = lambda m: (affine[:3, :3] @ np.argwhere(m).T + affine[:3, 3:4]).T.astype(np.float32)  # noqa: E731
+    vox = lambda m: (affine[:3, :3] @ np.argwhere(m).T + affine[:3, 3:4]).T.astype(np.float32)
     wm_deep = vox((wm > 0.85) & (depth > 22) & (mm[2] > -15) & (np.abs(mm[0]) > 12))
     gwj = vox((np.abs(gm - wm) < 0.25) & (gm + wm > 0.9) & (depth > 8))
     smooth = ndi.gaussian_filter(brain.astype(np.float32), 2.0)

@@ -16,14 +16,19 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from simulations.synth.lesions import CLASSES, build_class
 from simulations.synth.rano import RANO_MIX, call_rano, target_ratio
-from simulations.synth.recurrence import build_postop_gbm, build_radiation_necrosis, build_recurrence
+from simulations.synth.recurrence import (
+    build_postop_gbm,
+    build_radiation_necrosis,
+    build_recurrence,
+)
+from simulations.synth.shapes import make_blob
 
 TASK_NAMES: tuple[str, ...] = ("grading", "typing", "rano", "recurrence")
 SEQ_FILES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
@@ -86,8 +91,8 @@ def plan_cohort(cases: int, sites: int, tasks: Sequence[str], seed: int,
             pools[single].append(pools[single][0] if pools[single] else "postop")
     # non-IID sites: every (pool, class) has its own site preference
     plans: list[PatientPlan] = []
-    for pool in pools:
-        kinds = list(pools[pool])
+    for pool, pool_kinds in pools.items():
+        kinds = list(pool_kinds)
         order = rng.permutation(len(kinds))
         prefs = {k: rng.gamma(1.0, 1.0, sites) + 0.05 for k in sorted(set(kinds))}
         for i in order:
@@ -180,28 +185,28 @@ def render_patient(plan: PatientPlan, out: Path, seed: int, grid_spec: GridSpec,
         ratio = target_ratio(prng, target, margin) if target != "CR" else 0.0
         scale = math.sqrt(ratio) if not new_lesion else float(prng.uniform(0.75, 1.1))
         extra_les = []
-        if new_lesion:
+        if new_lesion:  # a new enhancing metastasis-like nodule away from the treated region
             far = [c for c in anat.gw_junction[prng.permutation(len(anat.gw_junction))[:400]]
-                   if all(np.linalg.norm(c - l.blob.centre) > l.reach_mm + 15 for l in les0)]
+                   if all(np.linalg.norm(c - le.blob.centre) > le.reach_mm + 15 for le in les0)]
             c = far[0] if far else anat.wm_deep[0]
-            new = build_class("metastasis", prng, anat)[0]
-            from dataclasses import replace
-
-            from simulations.synth.shapes import make_blob
-            extra_les = [replace(new, pattern="solid", blob=make_blob(prng, c, prng.uniform(7, 11), amp=0.05))]
+            met = build_class("metastasis", prng, anat)[0]
+            blob = make_blob(prng, c, max(prng.uniform(7.0, 11.0), 1.2 * grid.spacing), amp=0.05)
+            extra_les = [replace(met, pattern="solid", blob=blob)]
         for _attempt in range(8):
             les1 = [cavity] if target == "CR" else [cavity, *(l.scaled(scale) for l in residual), *extra_les]
             s1 = render_session(anat, grid, deform, les1, looks)
             call = call_rano(s0.seg, s1.seg, spacing)
-            if call.label == target and call.margin >= margin:
+            residual_left = target != "PR" or call.spd1 > 0  # a PR keeps a measurable residue
+            if target == "CR" or (call.label == target and call.margin >= margin and residual_left):
                 break
-            if new_lesion:
+            if new_lesion:  # the new lesion must be measurable (>= 10 mm both ways)
                 extra_les = [l.scaled(1.25) for l in extra_les]
-            elif call.ratio > 0 and ratio > 0 and np.isfinite(call.ratio):
-                scale *= math.sqrt(ratio / call.ratio) if call.label != target else 1.0
-                if call.label == target:  # right class, too close to a cut-off: re-aim at the band centre
-                    ratio = target_ratio(prng, target, margin)
-                    scale = math.sqrt(ratio)
+            elif not residual_left:
+                scale *= 1.3
+            elif 0 < call.ratio < float("inf"):  # aim the measured ratio at the sampled one
+                scale *= math.sqrt(ratio / call.ratio)
+            else:
+                scale *= 1.2
         b_id, f_id = f"{plan.patient_id}_0", f"{plan.patient_id}_1"
         emit(b_id, s0, 0, {"timepoint": "baseline", "spd_mm2": round(call.spd0, 1)})
         emit(f_id, s1, 1, {"timepoint": "followup", "rano": call.label, "baseline_case_id": b_id,
@@ -214,7 +219,7 @@ def render_patient(plan: PatientPlan, out: Path, seed: int, grid_spec: GridSpec,
         sess = render_session(anat, grid, deform, builder(prng, anat), looks)
         emit(plan.patient_id, sess, 0, {"timepoint": "post-treatment", "recurrence": plan.kind})
         return rows
-    lesions = build_class(plan.kind, prng, anat)
+    lesions = build_class(plan.kind, prng, anat, min_radius=0.7 * grid.spacing)
     sess = render_session(anat, grid, deform, lesions, looks)
     row: dict[str, object] = {"timepoint": "baseline"}
     if plan.pool == "typing":

@@ -261,7 +261,7 @@ def build_schwannoma(rng: np.random.Generator, anat: TemplateAnatomy) -> list[Le
     flip = np.array([side, 1.0, 1.0])
     radius = rng.uniform(3.0, 17.0)
     # the CPA ball grows medially/posteriorly from the porus; the stalk fills the canal
-    ball = CPA_MM * flip + np.array([-0.45 * side * radius, -0.25 * radius, 0.0])
+    ball = CPA_MM * flip + np.array([-0.25 * side * radius, -0.2 * radius, 0.0])
     looks = {"enh": _look(rng, "schw_enh", rng.uniform(0.85, 1.15)), "cyst": _look(rng, "schw_cyst")}
     cyst = float(rng.uniform(0.15, 0.4)) if radius > 11 and rng.random() < 0.6 else 0.0
     out = [Lesion(make_blob(rng, ball, radius, elong=0.15, amp=0.05), "cystic", looks,
@@ -297,9 +297,14 @@ BUILDERS = {
 }
 
 
-def build_class(kind: str, rng: np.random.Generator, anat: TemplateAnatomy) -> list[Lesion]:
-    """Lesion plan of one of :data:`CLASSES`."""
-    try:
-        return BUILDERS[kind](rng, anat)
-    except KeyError:
-        raise ValueError(f"unknown tumour class {kind!r}; choose one of {', '.join(CLASSES)}") from None
+def build_class(kind: str, rng: np.random.Generator, anat: TemplateAnatomy,
+                min_radius: float = 0.0) -> list[Lesion]:
+    """Lesion plan of one of :data:`CLASSES`; metastases smaller than ``min_radius`` mm (about a
+    voxel) are enlarged to it so every drawn lesion shows up in the mask on coarse grids."""
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown tumour class {kind!r}; choose one of {', '.join(CLASSES)}")
+    out = BUILDERS[kind](rng, anat)
+    if kind == "metastasis" and min_radius > 0:
+        out = [l.scaled(min_radius / l.blob.mean_radius) if l.blob.mean_radius < min_radius else l
+               for l in out]
+    return out
