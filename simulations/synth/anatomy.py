@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # Channel order of :attr:`TemplateAnatomy.channels` (sampled per case with one trilinear pass).
-CHANNELS: tuple[str, ...] = (
-    "csf", "gm", "wm", "dura", "sinus", "choroid", "gland", "head", "wm_smooth",
-)
+CHANNELS: tuple[str, ...] = ("csf", "gm", "wm", "dura", "sinus", "choroid", "gland", "head")
 
 # Landmarks in MNI millimetres, checked by eye on the 2 mm template (see gallery.py).
 SELLA_MM = np.array([0.0, -2.0, -31.0])  # pituitary gland centre
@@ -30,6 +28,7 @@ class TemplateAnatomy:
     """Tissue channels on the 2 mm MNI grid plus candidate tumour locations (all in mm)."""
 
     channels: np.ndarray  # (C, X, Y, Z) float32 in [0, 1], order CHANNELS
+    edema_bed: np.ndarray  # (1, X, Y, Z) smoothed white matter: where vasogenic edema spreads
     affine: np.ndarray  # template voxel -> MNI mm
     brain_lo: np.ndarray  # brain-mask bounding box, mm
     brain_hi: np.ndarray
@@ -91,9 +90,8 @@ def load_template() -> TemplateAnatomy:
     csf = np.where(cistern, 1.0, csf)
     head = (brain | shell | sellar).astype(np.float32)
     channels = np.stack([csf, gm, wm, dura, sinus, choroid, gland, head]).astype(np.float32)
-    channels = [ndi.gaussian_filter(c, 0.5) for c in channels]
-    channels.append(ndi.gaussian_filter(wm.astype(np.float32), 2.0))  # where edema spreads
-    channels = np.stack(channels).astype(np.float32)
+    channels = np.stack([ndi.gaussian_filter(c, 0.5) for c in channels]).astype(np.float32)
+    edema_bed = ndi.gaussian_filter(wm.astype(np.float32), 2.0)[None]  # vasogenic edema follows WM
 
     pts = np.argwhere(brain)
     lo = pts.min(0) * 2.0 + affine[:3, 3]
@@ -108,6 +106,7 @@ def load_template() -> TemplateAnatomy:
     normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-6
     return TemplateAnatomy(
         channels=channels,
+        edema_bed=edema_bed.astype(np.float32),
         affine=affine,
         brain_lo=lo,
         brain_hi=hi,

@@ -220,7 +220,7 @@ def build_meningioma(rng: np.random.Generator, anat: TemplateAnatomy) -> list[Le
     i = cand[rng.integers(len(cand))]
     base, normal = s[i].astype(np.float64), nrm[i].astype(np.float64)
     radius = rng.uniform(7.0, 28.0)
-    c = base + normal * radius * rng.uniform(0.05, 0.45)
+    c = base - normal * radius * rng.uniform(0.15, 0.6)  # grows inward from a broad dural base
     blob = make_blob(rng, c, radius, elong=0.15, amp=rng.uniform(0.0, 0.07))
     return [
         Lesion(
@@ -236,7 +236,7 @@ def build_meningioma(rng: np.random.Generator, anat: TemplateAnatomy) -> list[Le
             mass=rng.uniform(0.5, 1.0),
             seed=_seed(rng),
             extra={"tail_mm": float(rng.uniform(5.0, 15.0)) if rng.random() < 0.65 else 0.0,
-                   "cleft_mm": float(rng.uniform(1.5, 3.0))},
+                   "cleft_mm": float(rng.uniform(1.5, 3.0)), "base": base, "normal": normal},
         )
     ]
 

@@ -47,7 +47,7 @@ def random_deformation(rng: np.random.Generator, fov_offset: np.ndarray) -> np.n
 
 
 def _crop(grid: OutputGrid, out_to_tpl: np.ndarray, anat: TemplateAnatomy) -> tuple[slice, slice, slice]:
-    lo, hi = anat.brain_lo - 14.0, anat.brain_hi + 14.0
+    lo, hi = anat.brain_lo - 8.0, anat.brain_hi + 8.0
     mm_to_idx = np.linalg.inv(out_to_tpl @ grid.affine)
     corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     idx = (mm_to_idx @ corners.T)[:3]
@@ -56,22 +56,23 @@ def _crop(grid: OutputGrid, out_to_tpl: np.ndarray, anat: TemplateAnatomy) -> tu
     return tuple(slice(int(i), int(j)) for i, j in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
-def sample_channels(anat: TemplateAnatomy, mm: np.ndarray) -> np.ndarray:
-    """Trilinear sample of every template channel at mm coordinates (3, *shape) -> (C, *shape)."""
+def sample_channels(anat: TemplateAnatomy, mm: np.ndarray, volume: np.ndarray | None = None) -> np.ndarray:
+    """Trilinear sample of template channels (default: all of them) at mm coordinates (3, *shape)."""
     import torch
 
+    vol = anat.channels if volume is None else volume
     inv = np.linalg.inv(anat.affine)
     shape = mm.shape[1:]
     v = [inv[i, 0] * mm[0] + inv[i, 1] * mm[1] + inv[i, 2] * mm[2] + inv[i, 3] for i in range(3)]
-    dims = anat.channels.shape[1:]
+    dims = vol.shape[1:]
     g = np.stack([2.0 * v[2] / (dims[2] - 1) - 1, 2.0 * v[1] / (dims[1] - 1) - 1,
                   2.0 * v[0] / (dims[0] - 1) - 1], axis=-1).astype(np.float32)
     with torch.no_grad():
         out = torch.nn.functional.grid_sample(
-            torch.from_numpy(anat.channels)[None], torch.from_numpy(g)[None],
+            torch.from_numpy(vol)[None], torch.from_numpy(g)[None],
             mode="bilinear", padding_mode="zeros", align_corners=True,
         )
-    return out[0].numpy().reshape(len(CHANNELS), *shape)
+    return out[0].numpy().reshape(len(vol), *shape)
 
 
 def _soft(x: np.ndarray, width: float) -> np.ndarray:
@@ -85,7 +86,7 @@ def _mix(img: np.ndarray, w: np.ndarray, look: np.ndarray) -> None:
 
 
 def paint_lesion(les: Lesion, img: np.ndarray, seg: np.ndarray, tissue: np.ndarray, p: np.ndarray,
-                 voxel_mm: float) -> None:
+                 voxel_mm: float, edema_bed: np.ndarray | None = None) -> None:
     """Paint one lesion into ``img`` (4, ...) and ``seg`` in place (all arrays are the lesion's box)."""
     rng = np.random.default_rng(les.seed)
     R = les.blob.mean_radius
@@ -96,9 +97,14 @@ def paint_lesion(les: Lesion, img: np.ndarray, seg: np.ndarray, tissue: np.ndarr
     if les.pattern not in ("extra_axial", "cystic"):  # intra-axial: stays inside the brain
         inbrain = (tissue[0] + tissue[1] + tissue[2]) > 0.5
         p = np.where(inbrain[None], p, np.float32(1e4))  # outside the brain the field is huge
+    if "base" in les.extra:  # extra-axial: flat on the dura, nothing beyond the inner table
+        base, nrm = les.extra["base"], les.extra["normal"]
+        out = sum((p[i] - np.float32(base[i])) * np.float32(nrm[i]) for i in range(3)) > 2.0  # type: ignore[index]
+        p = np.where(out[None], np.float32(1e4), p)
     if les.edema_mm > 0:
         n = smooth_noise(rng, wavelength=max(2.0 * R, 25.0))(p)
-        wm = np.clip(tissue[CHANNELS.index("wm_smooth")] * 1.4, 0, 1)
+        bed = tissue[CHANNELS.index("wm")] if edema_bed is None else edema_bed
+        wm = np.clip(bed * 1.4, 0, 1)
         reach = np.float32(les.edema_mm) * (0.15 + 0.85 * wm) * (1 + 0.3 * n)
         w = _soft(dist + reach, pv) * brainish * (seg != 4) * (seg != 1)
         _mix(img, w * np.float32(0.85), les.looks["edema"])
@@ -195,7 +201,8 @@ def render_session(anat: TemplateAnatomy, grid: OutputGrid, out_to_tpl: np.ndarr
         if box is None:
             continue
         sub = (slice(None), *box)
-        paint_lesion(les, img[sub], seg[box], tissue[sub], mm[sub], grid.spacing)
+        bed = sample_channels(anat, p_anat[sub], anat.edema_bed)[0] if les.edema_mm > 0 else None
+        paint_lesion(les, img[sub], seg[box], tissue[sub], mm[sub], grid.spacing, bed)
     support = (tissue[CHANNELS.index("head")] > 0.5) | (seg > 0)
     img *= support
     return Session(images=img, seg=seg * support.astype(np.uint8), support=support, crop=crop, mm=mm)
