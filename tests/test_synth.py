@@ -241,3 +241,25 @@ def test_sites_differ_in_intensity(cohort) -> None:
         med.setdefault(c.site, []).append(float(np.median(t1[t1 > 0])))
     site_medians = sorted(np.median(v) for v in med.values())
     assert site_medians[-1] / site_medians[0] > 1.15, site_medians
+
+
+def test_no_single_size_or_enhancement_separates_classes() -> None:
+    """Lesion volume and T1ce enhancement ranges of every pair of tumour classes overlap."""
+    from simulations.synth.anatomy import load_template
+    from simulations.synth.lesions import CLASSES, build_class
+
+    anat = load_template()
+    rng = np.random.default_rng(5)
+    vol: dict[str, list[float]] = {}
+    enh: dict[str, list[float]] = {}
+    for cls in CLASSES[:-1]:
+        for _ in range(150):
+            les = build_class(cls, rng, anat)
+            vol.setdefault(cls, []).append(sum(4.19 * le.blob.mean_radius**3 for le in les))
+            enh.setdefault(cls, []).append(float(les[0].looks["enh"][1]))
+    for a in vol:
+        for b in vol:
+            if a < b:
+                assert min(vol[a]) < max(vol[b]) and min(vol[b]) < max(vol[a]), (a, b)
+    for a, b in (("hgg", "metastasis"), ("meningioma", "acoustic_neuroma"), ("hgg", "meningioma")):
+        assert min(enh[a]) < max(enh[b]) and min(enh[b]) < max(enh[a]), (a, b)

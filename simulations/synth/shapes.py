@@ -23,7 +23,7 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Blob:
-    """An irregular ellipsoid: ``f(p) = |R^T (p - c) / radii| * (1 + amp * waves(p))``."""
+    """An irregular ellipsoid: ``f(p) = |R^T (p - c) / radii| * (1 + amp * waves(direction))``."""
 
     centre: np.ndarray  # (3,) mm
     radii: np.ndarray  # (3,) mm
@@ -38,7 +38,8 @@ class Blob:
 
     @property
     def max_radius(self) -> float:
-        return float(self.radii.max() * (1.0 + abs(self.amp)) / max(1e-3, 1.0 - abs(self.amp)))
+        low = 1.0 - abs(self.amp) * np.sqrt(len(self.k))  # smallest factor the waves can reach
+        return float(self.radii.max() / max(low, 0.25))
 
     def scaled(self, s: float) -> Blob:
         return replace(self, radii=self.radii * s, k=self.k / max(s, 1e-3))
@@ -53,10 +54,14 @@ class Blob:
             r2 = r2 + (u / np.float32(self.radii[j])) ** 2
         f = np.sqrt(r2)
         if self.amp and len(self.k):
+            # star-shaped lobulation: the surface radius depends on direction only, so a lesion is
+            # always one connected piece (waves are read on the sphere of the mean radius)
+            norm = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]) + np.float32(1e-3)
+            on_sphere = np.float32(self.mean_radius) / norm
             wave = 0.0
             for kk, ph in zip(self.k, self.phase, strict=True):
-                arg = d[0] * np.float32(kk[0]) + d[1] * np.float32(kk[1]) + d[2] * np.float32(kk[2])
-                wave = wave + np.sin(arg + np.float32(ph))
+                arg = (d[0] * np.float32(kk[0]) + d[1] * np.float32(kk[1]) + d[2] * np.float32(kk[2]))
+                wave = wave + np.sin(arg * on_sphere + np.float32(ph))
             f = f * (1.0 + np.float32(self.amp / np.sqrt(len(self.k))) * wave)
         return f.astype(np.float32)
 
