@@ -48,7 +48,7 @@ BASE_LOOKS: dict[str, tuple[float, float, float, float]] = {
     "met_nec": (0.33, 0.35, 0.88, 0.58),
     "men_enh": (0.56, 1.14, 0.64, 0.62),
     "csf_cleft": TISSUE_LOOKS["csf"],
-    "tail": (0.35, 1.05, 0.40, 0.40),
+    "tail": (0.40, 1.25, 0.40, 0.40),
     "pit_enh": (0.53, 0.86, 0.60, 0.56),
     "pit_cyst": (0.36, 0.40, 0.95, 0.45),
     "schw_enh": (0.48, 1.10, 0.86, 0.70),

@@ -153,7 +153,7 @@ def paint_lesion(les: Lesion, img: np.ndarray, seg: np.ndarray, tissue: np.ndarr
         if tail > 0:
             r = np.sqrt(sum((p[i] - np.float32(les.blob.centre[i])) ** 2 for i in range(3)))
             w_tail = tissue[3] * _soft(np.float32(les.blob.radii.max() + tail) - r, 4.0) * (1 - body)
-            _mix(img, np.clip(w_tail * 1.5, 0, 1), les.looks["tail"])
+            _mix(img, np.clip(w_tail * 2.5, 0, 1), les.looks["tail"])
         _mix(img, body, les.looks["enh"])
         seg[inside] = 4
         return
