@@ -80,6 +80,7 @@ class Lesion:
     seed: int = 0  # seeds this lesion's texture noise
     extra: dict[str, object] = field(default_factory=dict)
     measurable: bool = True  # counts in RANO (cavities do not)
+    hetero: float = 0.0  # relative signal heterogeneity inside the lesion
 
     def scaled(self, s: float) -> Lesion:
         sub = self.extra.get("bubbles")
@@ -136,6 +137,7 @@ def build_hgg(rng: np.random.Generator, anat: TemplateAnatomy) -> list[Lesion]:
             edema_mm=rng.uniform(10.0, 28.0),
             mass=rng.uniform(0.4, 0.9),
             seed=_seed(rng),
+            hetero=rng.uniform(0.05, 0.12),
         )
     ]
     if rng.random() < 0.15:  # multifocal
@@ -168,6 +170,7 @@ def build_lgg(rng: np.random.Generator, anat: TemplateAnatomy) -> list[Lesion]:
             edema_mm=rng.uniform(0.0, 3.0),
             mass=rng.uniform(0.05, 0.3),
             seed=_seed(rng),
+            hetero=rng.uniform(0.03, 0.08),
             extra={
                 "enh_fraction": float(rng.choice([0.0, rng.uniform(0.02, 0.25)], p=[0.45, 0.55])),
                 "mismatch": bool(rng.random() < 0.3),
@@ -202,6 +205,7 @@ def build_metastasis(rng: np.random.Generator, anat: TemplateAnatomy) -> list[Le
                 edema_mm=radius * rng.uniform(1.0, 2.5) + rng.uniform(3.0, 8.0),
                 mass=rng.uniform(0.2, 0.6),
                 seed=_seed(rng),
+                hetero=rng.uniform(0.0, 0.05),
             )
         )
     return out
@@ -265,7 +269,7 @@ def build_schwannoma(rng: np.random.Generator, anat: TemplateAnatomy) -> list[Le
     looks = {"enh": _look(rng, "schw_enh", rng.uniform(0.85, 1.15)), "cyst": _look(rng, "schw_cyst")}
     cyst = float(rng.uniform(0.15, 0.4)) if radius > 11 and rng.random() < 0.6 else 0.0
     out = [Lesion(make_blob(rng, ball, radius, elong=0.15, amp=0.05), "cystic", looks,
-                  mass=0.7, seed=_seed(rng), extra={"cyst": cyst})]
+                  mass=0.7, seed=_seed(rng), extra={"cyst": cyst}, hetero=0.01 * radius)]
     fundus, porus = IAC_FUNDUS_MM * flip, CPA_MM * flip
     axis = fundus - porus
     length = np.linalg.norm(axis)

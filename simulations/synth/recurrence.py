@@ -50,6 +50,7 @@ def build_recurrence(rng: np.random.Generator, anat: TemplateAnatomy) -> list[Le
             edema_mm=rng.uniform(6.0, 20.0),
             mass=rng.uniform(0.3, 0.7),
             seed=_seed(rng),
+            hetero=rng.uniform(0.04, 0.1),
         ),
     ]
 
@@ -74,6 +75,7 @@ def build_radiation_necrosis(rng: np.random.Generator, anat: TemplateAnatomy) ->
             edema_mm=rng.uniform(5.0, 18.0),
             mass=rng.uniform(0.0, 0.2),
             seed=_seed(rng),
+            hetero=rng.uniform(0.04, 0.1),
             extra={"bubbles": bubbles, "feathery": float(rng.uniform(0.2, 0.5))},
         ),
     ]

@@ -80,9 +80,10 @@ def _soft(x: np.ndarray, width: float) -> np.ndarray:
     return np.clip(x / np.float32(width) + np.float32(0.5), 0.0, 1.0)
 
 
-def _mix(img: np.ndarray, w: np.ndarray, look: np.ndarray) -> None:
+def _mix(img: np.ndarray, w: np.ndarray, look: np.ndarray, mod: np.ndarray | None = None) -> None:
     for s in range(4):
-        img[s] += w * (np.float32(look[s]) - img[s])
+        target = np.float32(look[s]) if mod is None else np.float32(look[s]) * mod
+        img[s] += w * (target - img[s])
 
 
 def paint_lesion(les: Lesion, img: np.ndarray, seg: np.ndarray, tissue: np.ndarray, p: np.ndarray,
@@ -111,6 +112,9 @@ def paint_lesion(les: Lesion, img: np.ndarray, seg: np.ndarray, tissue: np.ndarr
         seg[(w > 0.5) & (seg == 0) & (f >= 1.0)] = 2
     pat = les.pattern
     inside = f < 1.0
+    mod = None
+    if les.hetero > 0:  # heterogeneous signal inside the lesion
+        mod = 1.0 + np.float32(les.hetero) * smooth_noise(rng, wavelength=max(R * 0.5, 5.0))(p)
     if pat == "cavity":
         glio = _soft(dist + np.float32(les.rim_mm), pv) * brainish
         _mix(img, glio * np.float32(0.7), les.looks["gliosis"])
@@ -124,7 +128,7 @@ def paint_lesion(les: Lesion, img: np.ndarray, seg: np.ndarray, tissue: np.ndarr
             fb = b.field(p)
             db = (1.0 - fb) * np.float32(b.mean_radius)
             w_out = _soft(db, pv) * np.clip(0.75 + les.extra["feathery"] * feather, 0.3, 1.0)  # type: ignore[operator]
-            _mix(img, w_out, les.looks["enh"])
+            _mix(img, w_out, les.looks["enh"], mod)
             w_in = _soft(db - np.float32(les.rim_mm), pv)
             _mix(img, w_in, les.looks["nec"])
             seg[fb < 1.0] = 4
@@ -132,7 +136,7 @@ def paint_lesion(les: Lesion, img: np.ndarray, seg: np.ndarray, tissue: np.ndarr
         return
     body = _soft(dist, pv * (2.0 if pat == "infiltrative" else 1.0))
     if pat == "infiltrative":
-        _mix(img, body, les.looks["body"])
+        _mix(img, body, les.looks["body"], mod)
         seg[inside] = 1
         frac = float(les.extra.get("enh_fraction", 0.0))  # type: ignore[arg-type]
         if frac > 0:
@@ -157,12 +161,12 @@ def paint_lesion(les: Lesion, img: np.ndarray, seg: np.ndarray, tissue: np.ndarr
         _mix(img, body, les.looks["enh"])
         seg[inside] = 4
         return
-    _mix(img, body, les.looks["enh"])
+    _mix(img, body, les.looks["enh"], mod)
     seg[inside] = 4
     if pat == "ring":
         rim = np.float32(les.rim_mm) * (1 + 0.45 * smooth_noise(rng, wavelength=max(R * 0.7, 5.0))(p))
         core = _soft(dist - rim, pv)
-        _mix(img, core, les.looks["nec"])
+        _mix(img, core, les.looks["nec"], mod)
         seg[dist > rim] = 1
     elif pat == "cystic" and float(les.extra.get("cyst", 0.0)) > 0:  # type: ignore[arg-type]
         blobs = smooth_noise(rng, wavelength=max(R * 0.6, 5.0))(p)
