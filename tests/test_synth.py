@@ -44,7 +44,7 @@ def _vol(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_same_seed_same_bytes_for_any_worker_count(tmp_path: Path) -> None:
-    kw = dict(cases=10, sites=2, shape=24, seed=11, progress=False)
+    kw = {"cases": 10, "sites": 2, "shape": 24, "seed": 11, "progress": False}
     a = _digest(generate_cohort(tmp_path / "a", workers=1, **kw))
     b = _digest(generate_cohort(tmp_path / "b", workers=2, **kw))
     c = _digest(generate_cohort(tmp_path / "c", workers=1, **{**kw, "seed": 12}))
@@ -257,9 +257,9 @@ def test_no_single_size_or_enhancement_separates_classes() -> None:
             les = build_class(cls, rng, anat)
             vol.setdefault(cls, []).append(sum(4.19 * le.blob.mean_radius**3 for le in les))
             enh.setdefault(cls, []).append(float(les[0].looks["enh"][1]))
-    for a in vol:
-        for b in vol:
+    for a, va in vol.items():
+        for b, vb in vol.items():
             if a < b:
-                assert min(vol[a]) < max(vol[b]) and min(vol[b]) < max(vol[a]), (a, b)
+                assert min(va) < max(vb) and min(vb) < max(va), (a, b)
     for a, b in (("hgg", "metastasis"), ("meningioma", "acoustic_neuroma"), ("hgg", "meningioma")):
         assert min(enh[a]) < max(enh[b]) and min(enh[b]) < max(enh[a]), (a, b)

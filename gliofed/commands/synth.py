@@ -3,31 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 
 def synth(
-    out: Path = typer.Option(..., "--out", help="Folder to write (cohort.csv + images/)."),
-    cases: int = typer.Option(200, "--cases", help="Imaging sessions (a RANO pair counts two)."),
-    sites: int = typer.Option(4, "--sites", help="Number of sites (site-1 .. site-K)."),
-    shape: int | None = typer.Option(None, "--shape", help="N^3 grid over the brain (default 64)."),
-    spacing: float | None = typer.Option(
-        None, "--spacing", help="Voxel size in mm on the MNI field of view (2.0 -> 99x117x95)."
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (cohort.csv + images/).")],
+    cases: Annotated[int, typer.Option(help="Imaging sessions (a RANO pair counts two).")] = 200,
+    sites: Annotated[int, typer.Option(help="Number of sites (site-1 .. site-K).")] = 4,
+    shape: Annotated[int | None, typer.Option(help="N^3 grid over the brain (default 64).")] = None,
+    spacing: Annotated[
+        float | None, typer.Option(help="Voxel size in mm on the MNI field of view (2.0 -> 99x117x95).")
+    ] = None,
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks to serve.")] = (
+        "grading,typing,rano,recurrence"
     ),
-    tasks: str = typer.Option(
-        "grading,typing,rano,recurrence", "--tasks", help="Comma-separated tasks to serve."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
-    workers: int | None = typer.Option(None, "--workers", help="Processes (default: all cores)."),
-    near_threshold: float = typer.Option(
-        0.0, "--near-threshold", help="0: RANO SPD ratios >= 10 points from cut-offs; 1: anywhere."
-    ),
-    recurrence_ratio: float = typer.Option(
-        0.82, "--recurrence-ratio", help="Fraction of recurrence (vs radiation necrosis) cases."
-    ),
-    gallery: Path | None = typer.Option(None, "--gallery", help="Also write a class gallery PNG."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    workers: Annotated[int | None, typer.Option(help="Processes (default: all cores).")] = None,
+    near_threshold: Annotated[
+        float, typer.Option(help="0: RANO SPD ratios >= 10 points from the cut-offs; 1: anywhere.")
+    ] = 0.0,
+    recurrence_ratio: Annotated[
+        float, typer.Option(help="Fraction of recurrence (vs radiation necrosis) cases.")
+    ] = 0.82,
+    gallery: Annotated[Path | None, typer.Option(help="Also write a class gallery PNG.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Write a synthetic cohort on MNI152 anatomy whose labels follow from the image content."""
     import time

@@ -285,10 +285,18 @@ def generate_cohort(
     args = (out, seed, spec, sites, near_threshold)
     try:
         if n_workers == 1:
+            import nibabel.openers
+            import torch
+
+            saved = torch.get_num_threads(), nibabel.openers.Opener.default_compresslevel
             _worker_init()
-            for p in plans:
-                results[p.index] = render_patient(p, *args)
-                bar.advance(len(results[p.index]))
+            try:
+                for p in plans:
+                    results[p.index] = render_patient(p, *args)
+                    bar.advance(len(results[p.index]))
+            finally:  # leave the caller's process as it was
+                torch.set_num_threads(saved[0])
+                nibabel.openers.Opener.default_compresslevel = saved[1]
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
