@@ -123,6 +123,7 @@ def test_rano_labels_recomputed_from_masks(cohort) -> None:
     follow = [c for c in cohort.cases if "rano" in c.labels]
     assert len(follow) >= 15
     seen = set()
+    gaps: list[float] = []
     for fu in follow:
         seg1, aff = _vol(fu.images["seg"])
         seg0, _ = _vol(by_id[fu.baseline_case_id].images["seg"])
@@ -139,9 +140,13 @@ def test_rano_labels_recomputed_from_masks(cohort) -> None:
             )
             ratio = spd1 / spd0
             expect = "PD" if new or ratio >= 1.25 else "PR" if ratio <= 0.5 else "SD"
+            if not new and spd1 > 0:
+                gaps.append(min(abs(ratio - 0.5), abs(ratio - 1.25)))
         assert fu.labels["rano"] == expect, f"{fu.case_id}: label {fu.labels['rano']}, measured {expect}"
         seen.add(expect)
     assert {"SD", "PD"} <= seen
+    # near_threshold=0 keeps SPD ratios about 10 points away from the 50 % / 125 % cut-offs
+    assert gaps and np.mean(np.array(gaps) >= 0.05) >= 0.8, sorted(gaps)[:5]
 
 
 # ---- class properties -------------------------------------------------------------------------
