@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 # Channel order of :attr:`TemplateAnatomy.channels` (sampled per case with one trilinear pass).
-CHANNELS: tuple[str, ...] = ("csf", "gm", "wm", "dura", "sinus", "choroid", "gland", "head")
+CHANNELS: tuple[str, ...] = ("csf", "gm", "wm", "dura", "sinus", "choroid", "gland")
+# The head (what a skull-stripped image keeps) is where csf + gm + wm + dura + gland > 0.5.
 
 # Landmarks in MNI millimetres, checked by eye on the 2 mm template (see gallery.py).
 SELLA_MM = np.array([0.0, -2.0, -31.0])  # pituitary gland centre
@@ -88,8 +89,7 @@ def load_template() -> TemplateAnatomy:
     sellar = _ellipsoid(mm, SELLA_MM + [0, 0, 3], (16.0, 13.0, 11.0)) > 0
     cistern = sellar & ~brain & (gland < 0.5)  # CSF around the gland
     csf = np.where(cistern, 1.0, csf)
-    head = (brain | shell | sellar).astype(np.float32)
-    channels = np.stack([csf, gm, wm, dura, sinus, choroid, gland, head]).astype(np.float32)
+    channels = np.stack([csf, gm, wm, dura, sinus, choroid, gland]).astype(np.float32)
     channels = np.stack([ndi.gaussian_filter(c, 0.5) for c in channels]).astype(np.float32)
     edema_bed = ndi.gaussian_filter(wm.astype(np.float32), 2.0)[None]  # vasogenic edema follows WM
 

@@ -47,7 +47,7 @@ def random_deformation(rng: np.random.Generator, fov_offset: np.ndarray) -> np.n
 
 
 def _crop(grid: OutputGrid, out_to_tpl: np.ndarray, anat: TemplateAnatomy) -> tuple[slice, slice, slice]:
-    lo, hi = anat.brain_lo - 8.0, anat.brain_hi + 8.0
+    lo, hi = anat.brain_lo - 6.0, anat.brain_hi + 6.0
     mm_to_idx = np.linalg.inv(out_to_tpl @ grid.affine)
     corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     idx = (mm_to_idx @ corners.T)[:3]
@@ -114,7 +114,7 @@ def paint_lesion(les: Lesion, img: np.ndarray, seg: np.ndarray, tissue: np.ndarr
     inside = f < 1.0
     mod = None
     if les.hetero > 0:  # heterogeneous signal inside the lesion
-        mod = 1.0 + np.float32(les.hetero) * smooth_noise(rng, wavelength=max(R * 0.5, 5.0))(p)
+        mod = 1.0 + np.float32(les.hetero) * smooth_noise(rng, wavelength=max(R * 0.5, 5.0), waves=7)(p)
     if pat == "cavity":
         glio = _soft(dist + np.float32(les.rim_mm), pv) * brainish
         _mix(img, glio * np.float32(0.7), les.looks["gliosis"])
@@ -166,7 +166,7 @@ def paint_lesion(les: Lesion, img: np.ndarray, seg: np.ndarray, tissue: np.ndarr
     if pat == "ring":
         rim = np.float32(les.rim_mm) * (1 + 0.45 * smooth_noise(rng, wavelength=max(R * 0.7, 5.0))(p))
         core = _soft(dist - rim, pv)
-        _mix(img, core, les.looks["nec"], mod)
+        _mix(img, core, les.looks["nec"], None if mod is None else 1 + (mod - 1) * np.float32(0.5))
         seg[dist > rim] = 1
     elif pat == "cystic" and float(les.extra.get("cyst", 0.0)) > 0:  # type: ignore[arg-type]
         blobs = smooth_noise(rng, wavelength=max(R * 0.6, 5.0))(p)
@@ -207,7 +207,8 @@ def render_session(anat: TemplateAnatomy, grid: OutputGrid, out_to_tpl: np.ndarr
         sub = (slice(None), *box)
         bed = sample_channels(anat, p_anat[sub], anat.edema_bed)[0] if les.edema_mm > 0 else None
         paint_lesion(les, img[sub], seg[box], tissue[sub], mm[sub], grid.spacing, bed)
-    support = (tissue[CHANNELS.index("head")] > 0.5) | (seg > 0)
+    head = tissue[0] + tissue[1] + tissue[2] + tissue[CHANNELS.index("dura")] + tissue[CHANNELS.index("gland")]
+    support = (head > 0.5) | (seg > 0)
     img *= support
     return Session(images=img, seg=seg * support.astype(np.uint8), support=support, crop=crop, mm=mm)
 

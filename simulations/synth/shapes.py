@@ -96,7 +96,8 @@ def smooth_noise(rng: np.random.Generator, wavelength: float, waves: int = 5):
     """A band-limited noise function of mm coordinates, values roughly in [-1, 1]."""
     dirs = rng.standard_normal((waves, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    k = (dirs * 2 * np.pi / wavelength).astype(np.float32)
+    # wavelengths spread over 0.6-1.7x so the sum never looks like a regular lattice
+    k = (dirs * 2 * np.pi / (wavelength * rng.uniform(0.6, 1.7, (waves, 1)))).astype(np.float32)
     ph = rng.uniform(0, 2 * np.pi, waves).astype(np.float32)
 
     def noise(p: np.ndarray) -> np.ndarray:
