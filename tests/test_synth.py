@@ -268,3 +268,11 @@ def test_no_single_size_or_enhancement_separates_classes() -> None:
                 assert min(va) < max(vb) and min(vb) < max(va), (a, b)
     for a, b in (("hgg", "metastasis"), ("meningioma", "acoustic_neuroma"), ("hgg", "meningioma")):
         assert min(enh[a]) < max(enh[b]) and min(enh[b]) < max(enh[a]), (a, b)
+
+
+@pytest.mark.slow
+def test_rano_labels_recomputed_at_2mm(tmp_path: Path) -> None:
+    """The same independent RANO check on the 2 mm MNI grid (30 pairs, about 35 s on 2 cores)."""
+    out = generate_cohort(tmp_path / "r", cases=60, sites=2, spacing=2.0, tasks="rano", seed=1,
+                          progress=False)
+    test_rano_labels_recomputed_from_masks(read_cohort(out))

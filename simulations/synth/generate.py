@@ -58,6 +58,8 @@ def _counts(total: int, weights: dict[str, float]) -> dict[str, int]:
 def plan_cohort(cases: int, sites: int, tasks: Sequence[str], seed: int,
                 recurrence_ratio: float = 0.82, hgg_fraction: float = 0.6) -> list[PatientPlan]:
     """Patients of the cohort (see the module docstring for how ``cases`` is shared out)."""
+    if isinstance(tasks, str):  # "grading,typing" or "grading"
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = tuple(dict.fromkeys(tasks))
     bad = [t for t in tasks if t not in TASK_NAMES]
     if bad or not tasks:
