@@ -1,0 +1,293 @@
+"""Load, preprocess and cache task inputs: NIfTI -> RAS -> brain/tumour crop -> resample -> z-score.
+
+Preprocessed arrays are cached on disk (float16 ``.npy``) keyed by the files' content fingerprint and
+the preprocessing parameters, so a second epoch (or a second run) never re-reads NIfTI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from shared.tasks import TaskSample, TaskSpec
+
+PREPROCESS_VERSION = 1
+SEG_CLASSES = (0, 1, 2, 4)  # stored as indices 0..3 when a segmentation target is requested
+
+nifti_loads = 0  # counts NIfTI reads (tests use it to prove the cache works)
+
+
+def default_cache_dir() -> Path:
+    """``$GLIOFED_CACHE`` or ``~/.cache/gliofed/preprocessed``."""
+    env = os.environ.get("GLIOFED_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "gliofed" / "preprocessed"
+
+
+def file_fingerprint(path: Path) -> str:
+    """Cheap content key: size, mtime and SHA-1 of the first and last MiB."""
+    st = path.stat()
+    h = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(1 << 20))
+        if st.st_size > 2 << 20:
+            fh.seek(-(1 << 20), os.SEEK_END)
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def load_ras(path: Path) -> np.ndarray:
+    """Read a 3D NIfTI, reoriented to RAS, as float32."""
+    global nifti_loads
+    import nibabel as nib
+
+    nifti_loads += 1
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D image, got shape {data.shape}")
+    return data
+
+
+def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    idx = np.nonzero(mask)
+    if len(idx[0]) == 0:
+        return tuple(slice(0, s) for s in mask.shape)
+    return tuple(
+        slice(max(int(i.min()) - margin, 0), min(int(i.max()) + 1 + margin, s))
+        for i, s in zip(idx, mask.shape, strict=True)
+    )
+
+
+def _centre_box(
+    centre: Sequence[float], size: Sequence[int], shape: Sequence[int]
+) -> tuple[slice, ...]:
+    out = []
+    for c, n, s in zip(centre, size, shape, strict=True):
+        n = min(n, s)
+        lo = int(round(c - n / 2))
+        lo = min(max(lo, 0), s - n)
+        out.append(slice(lo, lo + n))
+    return tuple(out)
+
+
+def _resize(vol: np.ndarray, size: Sequence[int], mode: str) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(vol))[None, None]
+    if mode == "nearest":
+        out = F.interpolate(t, size=tuple(size), mode="nearest")
+    else:
+        out = F.interpolate(t, size=tuple(size), mode="trilinear", align_corners=False)
+    return out[0, 0].numpy()
+
+
+def zscore_in_brain(vol: np.ndarray) -> np.ndarray:
+    """Z-score using the non-zero (brain) voxels; background stays 0."""
+    mask = vol > 0
+    if mask.sum() < 10:
+        mask = np.ones_like(vol, dtype=bool)
+    v = vol[mask]
+    mu, sd = float(v.mean()), float(v.std())
+    out = (vol - mu) / (sd if sd > 1e-6 else 1.0)
+    out[~mask] = 0.0
+    return out.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How one session's images become a network input."""
+
+    size: tuple[int, int, int]
+    crop: str = "tumour"  # "tumour": box around the seg (x2 margin) when present; "brain": brain box
+    tumour_box_scale: float = 2.0
+    with_seg: bool = False
+
+    def key(self) -> str:
+        return json.dumps([PREPROCESS_VERSION, self.size, self.crop, self.tumour_box_scale])
+
+
+def preprocess_session(
+    paths: Sequence[Path], seg: Path | None, cfg: PreprocessConfig
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Channels (C, *size) float32 and, when ``seg`` is given, a label map (*size) of SEG_CLASSES idx."""
+    vols = [load_ras(p) for p in paths]
+    shape = vols[0].shape
+    for p, v in zip(paths, vols, strict=True):
+        if v.shape != shape:
+            raise ValueError(f"{p}: shape {v.shape} differs from {paths[0]} {shape}")
+    seg_arr = load_ras(seg) if seg is not None else None
+    brain = np.any(np.stack([v > 0 for v in vols]), axis=0)
+    box = _bbox(brain, margin=2)
+    if cfg.crop == "tumour" and seg_arr is not None and (seg_arr > 0).any():
+        tb = _bbox(seg_arr > 0, margin=0)
+        centre = [(s.start + s.stop) / 2 for s in tb]
+        extent = max(max(s.stop - s.start for s in tb) * cfg.tumour_box_scale, min(shape) * 0.5)
+        box = _centre_box(centre, [int(extent)] * 3, shape)
+    chans = [_resize(zscore_in_brain(v)[box], cfg.size, "trilinear") for v in vols]
+    x = np.stack(chans).astype(np.float32)
+    y = None
+    if seg_arr is not None and cfg.with_seg:
+        lab = np.zeros_like(seg_arr, dtype=np.float32)
+        for i, v in enumerate(SEG_CLASSES):
+            lab[np.rint(seg_arr) == v] = i
+        y = _resize(lab[box], cfg.size, "nearest").astype(np.int64)
+    return x, y
+
+
+class SessionCache:
+    """Disk cache of preprocessed sessions (float16 arrays), plus an optional in-memory layer."""
+
+    def __init__(self, cache_dir: str | Path | None, memory: bool = True) -> None:
+        self.dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.memory = memory
+        self._ram: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def key(self, paths: Sequence[Path], seg: Path | None, cfg: PreprocessConfig) -> str:
+        h = hashlib.sha1(cfg.key().encode())
+        for p in [*paths, *([seg] if seg is not None else [])]:
+            h.update(file_fingerprint(p).encode())
+        return h.hexdigest()
+
+    def get(
+        self, paths: Sequence[Path], seg: Path | None, cfg: PreprocessConfig
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        k = self.key(paths, seg, cfg)
+        if k in self._ram:
+            return self._ram[k]
+        f = self.dir / f"{k}.npz"
+        if f.exists():
+            with np.load(f) as z:
+                x = z["x"]
+                y = z["y"] if "y" in z.files else None
+        else:
+            x32, y = preprocess_session(paths, seg, PreprocessConfig(**{**cfg.__dict__, "with_seg": True}))
+            x = x32.astype(np.float16)
+            tmp = f.with_name(f"{k}.{os.getpid()}.tmp.npz")
+            if y is not None:
+                np.savez(tmp, x=x, y=y.astype(np.uint8))
+            else:
+                np.savez(tmp, x=x)
+            tmp.replace(f)
+        out = (x, y)
+        if self.memory:
+            self._ram[k] = out
+        return out
+
+
+def session_inputs(sample: TaskSample, spec: TaskSpec, use_optional: bool) -> list[list[Path]]:
+    """Image paths per timepoint (baseline first for two-timepoint tasks)."""
+    cols = list(spec.inputs) + (list(spec.optional_inputs) if use_optional else [])
+    sessions = [sample.baseline, sample.case] if spec.timepoints == 2 else [sample.case]
+    return [[s.images[c] for c in cols] for s in sessions if s is not None]
+
+
+def optional_inputs_available(samples: Sequence[TaskSample], spec: TaskSpec) -> bool:
+    """Optional inputs are used only when every sample (and baseline) has them."""
+    if not spec.optional_inputs or not samples:
+        return False
+    for s in samples:
+        for sess in (s.case, s.baseline):
+            if sess is not None and not sess.has_images(spec.optional_inputs):
+                return False
+    return True
+
+
+def input_channels(spec: TaskSpec, use_optional: bool, subtraction: bool = False) -> int:
+    n = len(spec.inputs) + (len(spec.optional_inputs) if use_optional else 0)
+    if spec.timepoints == 2:
+        return n * (3 if subtraction else 2)
+    return n
+
+
+class TaskDataset(Dataset):
+    """(image tensor C x D x H x W, class index[, seg index map]) for a task's samples."""
+
+    def __init__(
+        self,
+        samples: Sequence[TaskSample],
+        spec: TaskSpec,
+        size: tuple[int, int, int],
+        cache: SessionCache,
+        *,
+        augment: bool = False,
+        use_optional: bool = False,
+        subtraction: bool = False,
+        with_seg: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.samples = list(samples)
+        self.spec = spec
+        self.cfg = PreprocessConfig(size=tuple(size))
+        self.cache = cache
+        self.augment = augment
+        self.use_optional = use_optional
+        self.subtraction = subtraction
+        self.with_seg = with_seg
+        self.gen = torch.Generator().manual_seed(seed)
+        self.class_index = {c: i for i, c in enumerate(spec.classes)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def labels(self) -> list[int]:
+        return [self.class_index[s.label] for s in self.samples if s.label is not None]
+
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s = self.samples[i]
+        xs, seg = [], None
+        for tp, paths in enumerate(session_inputs(s, self.spec, self.use_optional)):
+            sess = (s.baseline if tp == 0 and self.spec.timepoints == 2 else s.case)
+            segp = sess.images.get("seg") if sess is not None else None
+            x, y = self.cache.get(paths, segp, self.cfg)
+            xs.append(torch.from_numpy(x.astype(np.float32)))
+            if sess is s.case and y is not None:
+                seg = torch.from_numpy(y.astype(np.int64))
+        if self.spec.timepoints == 2 and self.subtraction:
+            xs.append(xs[1] - xs[0])
+        return torch.cat(xs, dim=0), seg
+
+    def __getitem__(self, i: int):
+        x, seg = self.load(i)
+        if self.augment:
+            x, seg = augment(x, seg, self.gen)
+        y = self.class_index[self.samples[i].label] if self.samples[i].label is not None else -1
+        if self.with_seg:
+            if seg is None:
+                seg = torch.full(x.shape[1:], -100, dtype=torch.int64)  # ignored by the loss
+            return x, y, seg
+        return x, y
+
+
+def augment(
+    x: torch.Tensor, seg: torch.Tensor | None, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random flips, a small rotation in the axial plane, and per-channel intensity jitter."""
+    for axis in (1, 2, 3):
+        if torch.rand(1, generator=gen).item() < 0.5:
+            x = x.flip(axis)
+            seg = seg.flip(axis - 1) if seg is not None else None
+    angle = float((torch.rand(1, generator=gen).item() - 0.5) * 2 * np.deg2rad(10))
+    if abs(angle) > 1e-3:
+        c, s = np.cos(angle), np.sin(angle)
+        theta = torch.tensor([[[1, 0, 0, 0], [0, c, -s, 0], [0, s, c, 0]]], dtype=torch.float32)
+        grid = F.affine_grid(theta, (1, *x.shape), align_corners=False)
+        x = F.grid_sample(x[None], grid, mode="bilinear", align_corners=False)[0]
+        if seg is not None:
+            seg = (
+                F.grid_sample(seg[None, None].float(), grid, mode="nearest", align_corners=False)[0, 0]
+                .round()
+                .long()
+            )
+    scale = 1 + 0.1 * (torch.rand(x.shape[0], 1, 1, 1, generator=gen) - 0.5) * 2
+    shift = 0.1 * (torch.rand(x.shape[0], 1, 1, 1, generator=gen) - 0.5) * 2
+    return x * scale + shift, seg

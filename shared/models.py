@@ -1,0 +1,156 @@
+"""Networks for the imaging tasks (MONAI backbones), each buildable in a DP-compatible form.
+
+``dp_compatible=True`` gives GroupNorm instead of BatchNorm, no in-place activations and an
+out-of-place residual add, so opacus' per-sample gradient hooks can train it.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+NETWORKS = ("small_cnn", "resnet10", "resnet18", "densenet121", "densenet264", "unet_encoder")
+
+
+def _norm(dp: bool, ch: int) -> nn.Module:
+    return nn.GroupNorm(min(8, ch), ch) if dp else nn.BatchNorm3d(ch)
+
+
+class SmallCNN(nn.Module):
+    """A 4-stage strided 3D CNN with GroupNorm: fast on CPU, DP-safe as built."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch = in_channels
+        for i in range(4):
+            out = width * 2**i
+            layers += [
+                nn.Conv3d(ch, out, 3, stride=2 if i else 1, padding=1),
+                nn.GroupNorm(min(8, out), out),
+                nn.ReLU(),
+                nn.Conv3d(out, out, 3, padding=1),
+                nn.GroupNorm(min(8, out), out),
+                nn.ReLU(),
+            ]
+            ch = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _safe_block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """MONAI ResNetBlock.forward with the residual added out of place (opacus-safe)."""
+    residual = x
+    out = self.act(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    if self.downsample is not None:
+        residual = self.downsample(x)
+    return self.act(out + residual)
+
+
+def _make_dp_safe(model: nn.Module) -> nn.Module:
+    """Swap BatchNorm -> GroupNorm, in-place ReLU -> ReLU, in-place residual add -> out of place."""
+    from monai.networks.nets.resnet import ResNetBlock
+
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, nn.BatchNorm3d):
+                setattr(mod, cname, nn.GroupNorm(min(8, child.num_features), child.num_features))
+            elif isinstance(child, nn.ReLU) and child.inplace:
+                setattr(mod, cname, nn.ReLU(inplace=False))
+        if isinstance(mod, ResNetBlock):
+            mod.forward = types.MethodType(_safe_block_forward, mod)
+    return model
+
+
+class ContextBlock(nn.Module):
+    """Isensee-2017 context module: two 3x3x3 convs with dropout, added to the input."""
+
+    def __init__(self, ch: int, dp: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _norm(dp, ch), nn.LeakyReLU(0.01), nn.Conv3d(ch, ch, 3, padding=1),
+            nn.Dropout3d(0.3), _norm(dp, ch), nn.LeakyReLU(0.01), nn.Conv3d(ch, ch, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class UNetEncoderClassifier(nn.Module):
+    """Chakrabarty-style classifier: an Isensee-2017 3D U-Net encoder, global pooling and a linear head.
+
+    With ``seg_classes > 0`` a light decoder predicts the tumour segmentation from the encoder's
+    skip features (multi-task training); ``forward`` then returns ``(logits, seg_logits)`` in training.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, base: int = 16, depth: int = 4,
+        seg_classes: int = 0, dp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.levels = nn.ModuleList()
+        ch = in_channels
+        chans = []
+        for i in range(depth):
+            out = base * 2**i
+            self.levels.append(
+                nn.Sequential(nn.Conv3d(ch, out, 3, stride=1 if i == 0 else 2, padding=1),
+                              ContextBlock(out, dp))
+            )
+            chans.append(out)
+            ch = out
+        self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Dropout(0.2),
+                                  nn.Linear(ch, num_classes))
+        self.seg_head = None
+        if seg_classes:
+            self.seg_head = nn.ModuleList(
+                [nn.Conv3d(c, seg_classes, 1) for c in chans]
+            )
+        self.return_seg = False
+
+    def forward(self, x: torch.Tensor):
+        feats = []
+        for lvl in self.levels:
+            x = lvl(x)
+            feats.append(x)
+        logits = self.head(x)
+        if self.seg_head is not None and self.return_seg:
+            size = feats[0].shape[2:]
+            seg = sum(
+                nn.functional.interpolate(h(f), size=size, mode="trilinear", align_corners=False)
+                for h, f in zip(self.seg_head, feats, strict=True)
+            )
+            return logits, seg
+        return logits
+
+
+def build_model(
+    name: str, in_channels: int, num_classes: int, *, dp_compatible: bool = False,
+    stem_stride: int = 2, seg_classes: int = 0,
+) -> nn.Module:
+    """Build a network by name; see ``NETWORKS``. ``stem_stride=1`` gives MONAI's default ResNet stem."""
+    from monai.networks import nets
+
+    if name == "small_cnn":
+        return SmallCNN(in_channels, num_classes)
+    if name in ("resnet10", "resnet18"):
+        fn = nets.resnet10 if name == "resnet10" else nets.resnet18
+        model = fn(spatial_dims=3, n_input_channels=in_channels, num_classes=num_classes,
+                   conv1_t_stride=stem_stride, conv1_t_size=7 if stem_stride == 1 else 3)
+        return _make_dp_safe(model) if dp_compatible else model
+    if name in ("densenet121", "densenet264"):
+        cls = nets.DenseNet121 if name == "densenet121" else nets.DenseNet264
+        kw = {"act": ("relu", {"inplace": False}), "norm": ("group", {"num_groups": 8})} if (
+            dp_compatible) else {}
+        return cls(spatial_dims=3, in_channels=in_channels, out_channels=num_classes, **kw)
+    if name == "unet_encoder":
+        return UNetEncoderClassifier(in_channels, num_classes, seg_classes=seg_classes,
+                                     dp=dp_compatible)
+    raise ValueError(f"unknown network {name!r}; choose one of {', '.join(NETWORKS)}")

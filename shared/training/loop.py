@@ -1,0 +1,285 @@
+"""Local training and evaluation of a task model (no Flower here): the learning core every site runs."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from shared.data import SessionCache, TaskDataset, input_channels, optional_inputs_available
+from shared.models import build_model
+from shared.tasks import TaskSample, TaskSpec, get_task
+from shared.training.metrics import classification_metrics, score_histograms
+
+Privatize = Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a task is trained locally; every field has a default so run configs stay small."""
+
+    task: str
+    network: str | None = None  # None -> the task's default network
+    input_size: tuple[int, int, int] | None = None  # None -> the task's input size
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    epochs: int = 10
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # channels_last_3d, CUDA only
+    cache_dir: str | None = None
+    dp_compatible: bool = False
+    augment: bool = True
+    balance: str = "weighted_loss"  # weighted_loss | none
+    patience: int = 5
+    subtraction: bool = False  # rano: add the follow-up minus baseline image
+    seg_weight: float = 0.5  # unet_encoder: weight of the joint segmentation loss
+    stem_stride: int = 2
+
+    def resolved(self) -> TrainConfig:
+        spec = get_task(self.task)
+        return replace(self, network=self.network or spec.default_network,
+                       input_size=tuple(self.input_size or spec.input_size))
+
+
+@dataclass
+class TrainResult:
+    num_examples: int  # training examples per epoch (len(samples)), never batches
+    loss: float
+    metrics: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    num_examples: int
+    metrics: dict[str, float]
+    confusion: np.ndarray
+    score_hist: np.ndarray
+    probs: np.ndarray
+    labels: np.ndarray
+    case_ids: list[str] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def model_inputs(spec: TaskSpec, cfg: TrainConfig, samples: Sequence[TaskSample] = ()) -> dict:
+    use_opt = optional_inputs_available(samples, spec)
+    return {"use_optional": use_opt,
+            "in_channels": input_channels(spec, use_opt, cfg.subtraction)}
+
+
+def build_task_model(spec: TaskSpec, cfg: TrainConfig, in_channels: int | None = None) -> nn.Module:
+    """The task's network; ``in_channels`` defaults to the required inputs (optional ones excluded)."""
+    cfg = cfg.resolved()
+    torch.manual_seed(cfg.seed)
+    ch = in_channels or input_channels(spec, False, cfg.subtraction)
+    seg = 4 if cfg.network == "unet_encoder" else 0
+    return build_model(cfg.network, ch, spec.num_classes, dp_compatible=cfg.dp_compatible,
+                       stem_stride=cfg.stem_stride, seg_classes=seg)
+
+
+def _dataset(samples, spec, cfg, *, train: bool, in_channels: int) -> TaskDataset:
+    use_opt = input_channels(spec, True, cfg.subtraction) == in_channels and bool(spec.optional_inputs)
+    return TaskDataset(samples, spec, cfg.input_size, SessionCache(cfg.cache_dir),
+                       augment=train and cfg.augment, use_optional=use_opt,
+                       subtraction=cfg.subtraction, with_seg=cfg.network == "unet_encoder",
+                       seed=cfg.seed)
+
+
+def _first_conv_in_channels(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv3d):
+            return m.in_channels
+    raise ValueError("model has no Conv3d layer")
+
+
+def _class_weights(labels: list[int], k: int) -> torch.Tensor:
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / k, 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def train_epochs(
+    model: nn.Module,
+    samples: Sequence[TaskSample],
+    spec: TaskSpec,
+    cfg: TrainConfig,
+    *,
+    epochs: int = 1,
+    proximal_mu: float = 0.0,
+    global_state: dict[str, torch.Tensor] | None = None,
+    privatize: Privatize | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` in place for ``epochs`` over ``samples``; FedProx term when ``proximal_mu > 0``."""
+    if not samples:
+        raise ValueError(f"no eligible {spec.name} training samples")
+    cfg = cfg.resolved()
+    t0 = time.perf_counter()
+    dev = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    ds = _dataset(samples, spec, cfg, train=True, in_channels=_first_conv_in_channels(model))
+    loader = DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=True,
+                        num_workers=cfg.num_workers, drop_last=False,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    model.to(dev)
+    if dev.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if privatize is not None:
+        model, opt, loader = privatize(model, opt, loader)
+    weight = _class_weights(ds.labels(), spec.num_classes) if cfg.balance == "weighted_loss" else None
+    ce = nn.CrossEntropyLoss(weight=weight.to(dev) if weight is not None else None)
+    seg_ce = nn.CrossEntropyLoss(ignore_index=-100)
+    anchor = None
+    if proximal_mu > 0:
+        ref = global_state or {k: v.detach().clone() for k, v in model.state_dict().items()}
+        anchor = [(p, ref[n].to(dev)) for n, p in _named_params(model) if n in ref]
+    core = getattr(model, "_module", model)
+    if hasattr(core, "return_seg"):
+        core.return_seg = True
+    model.train()
+    losses, correct, seen = [], 0, 0
+    total_steps = epochs * len(loader)
+    bar = _progress(progress, total_steps, f"train {spec.name}")
+    for _ in range(epochs):
+        for batch in loader:
+            x, y = batch[0].to(dev), batch[1].to(dev)
+            if dev.type == "cuda" and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda"):
+                out = model(x)
+                if isinstance(out, tuple):
+                    logits, seg_logits = out
+                    loss = ce(logits.float(), y) + cfg.seg_weight * seg_ce(
+                        seg_logits.float(), batch[2].to(dev))
+                else:
+                    logits = out
+                    loss = ce(logits.float(), y)
+            if anchor is not None:
+                loss = loss + proximal_mu / 2 * sum(((p - g) ** 2).sum() for p, g in anchor)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if hasattr(core, "return_seg"):
+        core.return_seg = False
+    loss = float(np.mean(losses)) if losses else float("nan")
+    return TrainResult(num_examples=len(samples), loss=loss,
+                       metrics={"train_loss": loss, "train_accuracy": correct / max(seen, 1)},
+                       seconds=time.perf_counter() - t0)
+
+
+def _named_params(model: nn.Module):
+    for n, p in model.named_parameters():
+        yield n.removeprefix("_module."), p
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSpec,
+                  cfg: TrainConfig) -> np.ndarray:
+    cfg = cfg.resolved()
+    dev = resolve_device(cfg.device)
+    ds = _dataset(samples, spec, cfg, train=False, in_channels=_first_conv_in_channels(model))
+    loader = DataLoader(ds, batch_size=max(cfg.batch_size, 1), shuffle=False,
+                        num_workers=cfg.num_workers)
+    model.to(dev).eval()
+    out = []
+    for batch in loader:
+        x = batch[0].to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda"):
+            logits = model(x)
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        out.append(torch.softmax(logits.float(), 1).cpu().numpy())
+    model.train()
+    return np.concatenate(out) if out else np.zeros((0, spec.num_classes))
+
+
+def evaluate_model(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSpec,
+                   cfg: TrainConfig) -> EvalResult:
+    """Metrics, confusion matrix and score histograms of ``model`` on labelled ``samples``."""
+    probs = predict_probs(model, samples, spec, cfg)
+    idx = {c: i for i, c in enumerate(spec.classes)}
+    labels = np.array([idx[s.label] for s in samples], dtype=np.int64)
+    if len(labels) == 0:
+        k = spec.num_classes
+        return EvalResult(0, {}, np.zeros((k, k), np.int64), np.zeros((k, 2, 100), np.int64),
+                          probs, labels, [])
+    metrics = classification_metrics(labels, probs, spec.classes)
+    conf = np.asarray(metrics.pop("confusion"), dtype=np.int64)
+    return EvalResult(len(samples), metrics, conf,
+                      score_histograms(probs, labels, spec.num_classes), probs, labels,
+                      [s.case_id for s in samples])
+
+
+def fit(
+    spec: TaskSpec, cfg: TrainConfig, train: Sequence[TaskSample], val: Sequence[TaskSample],
+    *, progress: bool = True, log: Callable[[str], None] = print,
+) -> tuple[nn.Module, list[dict]]:
+    """Centralised training with validation each epoch, early stopping and the best model kept."""
+    cfg = cfg.resolved()
+    model = build_task_model(spec, cfg, model_inputs(spec, cfg, [*train, *val])["in_channels"])
+    metric = spec.headline_metric
+    best, best_state, history, bad = -np.inf, copy.deepcopy(model.state_dict()), [], 0
+    for epoch in range(1, cfg.epochs + 1):
+        tr = train_epochs(model, train, spec, replace(cfg, seed=cfg.seed + epoch), epochs=1,
+                          progress=progress)
+        row = {"epoch": epoch, "train_loss": tr.loss, "seconds": tr.seconds}
+        if val:
+            ev = evaluate_model(model, val, spec, cfg)
+            row.update({f"val_{k}": v for k, v in ev.metrics.items()})
+            score = ev.metrics.get(metric, np.nan)
+            score = -np.inf if np.isnan(score) else score
+        else:
+            score = -tr.loss
+        history.append(row)
+        log(f"epoch {epoch}/{cfg.epochs}: loss {tr.loss:.4f}"
+            + (f", val {metric} {row.get('val_' + metric, float('nan')):.4f}" if val else ""))
+        if score > best:
+            best, best_state, bad = score, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                log(f"early stopping after epoch {epoch} (no improvement for {cfg.patience})")
+                break
+    model.load_state_dict(best_state)
+    return model, history
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    import json
+
+    path.write_text("\n".join(json.dumps(r) for r in history) + "\n")
