@@ -1,5 +1,46 @@
-"""Flower ClientApp (thin placeholder until the federation issue lands)."""
+"""Flower ClientApp: one app for every task; the run config's ``task`` says which.
 
+Thin wiring only: parse the configs, call ``client.site``, and turn any failure into an error reply so
+one broken site never crashes the federation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.site import evaluate_site, query_site, safe_reason, train_site
+from shared.config import NodeConfig, RunConfig
+
 app = ClientApp()
+log = logging.getLogger(__name__)
+SITE_ERROR_CODE = 4242  # an application error raised by the site's handler
+
+
+def reply(msg: Message, ctx: Context, handler: Callable[..., RecordDict]) -> Message:
+    """Run ``handler`` on the message; a raised exception becomes an error reply without paths."""
+    try:
+        run = RunConfig.from_flower(ctx.run_config)
+        node = NodeConfig.from_flower(ctx.node_config, run)
+        return Message(handler(msg.content, run, node), reply_to=msg)
+    except Exception as err:  # noqa: BLE001 - every failure must become a reply
+        log.warning("site handler failed: %s", err, exc_info=True)
+        return Message(Error(code=SITE_ERROR_CODE, reason=safe_reason(err)), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, ctx: Context) -> Message:
+    return reply(msg, ctx, train_site)
+
+
+@app.evaluate()
+def evaluate(msg: Message, ctx: Context) -> Message:
+    return reply(msg, ctx, evaluate_site)
+
+
+@app.query()
+def query(msg: Message, ctx: Context) -> Message:
+    return reply(msg, ctx, query_site)

@@ -1,0 +1,171 @@
+"""What one site does for the federation: load its cohort, train, evaluate, report eligibility.
+
+Plain functions from (received records, RunConfig, NodeConfig) to reply records; ``client/app.py`` only
+wires them to Flower. Replies carry weights, counts and aggregate metrics, never case ids, patient ids,
+file paths or images.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from shared import records as R
+from shared.config import NodeConfig, RunConfig, learning_core, train_config_for
+
+log = logging.getLogger(__name__)
+
+
+class SiteError(RuntimeError):
+    """A site cannot take part (no data, no eligible cases, bad folder): becomes an error reply."""
+
+
+@dataclass
+class Site:
+    """A site's eligible samples for one task, split into train and test."""
+
+    site_id: str
+    spec: Any  # shared.tasks.TaskSpec
+    train: list  # list[TaskSample]
+    test: list
+    counts: dict[str, int]  # eligible-<split>-<class> -> count
+
+
+_SITES: dict[tuple[str, str, int], Site] = {}
+
+
+def load_site(run: RunConfig, node: NodeConfig) -> Site:
+    """Read the site's cohort once per process and select the task's eligible samples."""
+    key = (node.data_path, run.task, run.seed)
+    if key in _SITES:
+        return _SITES[key]
+    from shared.cohort import CohortError, read_cohort
+    from shared.tasks import get_task, select_samples
+
+    if not node.data_path:
+        raise SiteError("node config sets no data-path")
+    spec = get_task(run.task)
+    try:
+        cohort = read_cohort(node.data_path, seed=run.seed)
+    except CohortError as err:
+        raise SiteError(str(err)) from None
+    samples, _ = select_samples(spec, cohort)
+    train = [s for s in samples if s.split in ("train", "val")]
+    test = [s for s in samples if s.split == "test"]
+    counts: dict[str, int] = {}
+    for split, group in (("train", train), ("test", test)):
+        for s in group:
+            k = f"{R.ELIGIBLE_PREFIX}{split}-{s.label if s.label is not None else 'all'}"
+            counts[k] = counts.get(k, 0) + 1
+    site = Site(node.site_id, spec, train, test, counts)
+    _SITES[key] = site
+    return site
+
+
+def state_from_arrays(arrays: ArrayRecord) -> dict:
+    return arrays.to_torch_state_dict()
+
+
+def arrays_from_model(model: Any) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def obtain_privatizer(run: RunConfig, node: NodeConfig, num_samples: int) -> Any:
+    """The ``privatize=`` hook for train_epochs: opacus when the run asks for local DP, else None."""
+    if run.dp != "opacus":
+        return None
+    from client.privacy import make_privatizer  # written by the privacy work
+
+    return make_privatizer(run=run, node=node, num_samples=num_samples)
+
+
+def _device(run: RunConfig, node: NodeConfig) -> str:
+    return node.device if node.device != "auto" else run.device
+
+
+def _site_config(site: Site) -> ConfigRecord:
+    return ConfigRecord({R.SITE_ID: site.site_id, R.TASK: site.spec.name})
+
+
+def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
+    """Local training from the received global weights; reply weights, example count, train metrics."""
+    site = load_site(run, node)
+    if not site.train:
+        raise SiteError(f"site {site.site_id} has no eligible training cases for {run.task}")
+    core = learning_core()
+    config = content[R.CONFIG] if R.CONFIG in content else ConfigRecord()
+    mu = float(config.get(R.PROXIMAL_MU, 0.0))
+    epochs = int(config.get("local-epochs", run.local_epochs))
+    cfg = train_config_for(run, device=_device(run, node), epochs=epochs)
+    model = core.build_model(site.spec, cfg)
+    state = state_from_arrays(content[R.ARRAYS])
+    model.load_state_dict(state)
+    t0 = time.perf_counter()
+    res = core.train(
+        model,
+        site.train,
+        site.spec,
+        cfg,
+        epochs=epochs,
+        proximal_mu=mu,
+        global_state=state if mu > 0 else None,
+        privatize=obtain_privatizer(run, node, len(site.train)),
+        progress=False,
+    )
+    metrics = {f"train-{k}": float(v) for k, v in res.metrics.items() if _is_number(v)}
+    metrics[R.NUM_EXAMPLES] = int(res.num_examples)
+    metrics[R.TRAIN_LOSS] = float(res.loss)
+    metrics[R.TRAIN_SECONDS] = float(time.perf_counter() - t0)
+    return RecordDict(
+        {
+            R.ARRAYS: arrays_from_model(model),
+            R.METRICS: MetricRecord(metrics),
+            R.CONFIG: _site_config(site),
+        }
+    )
+
+
+def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
+    """Metrics of the received model on the site's own test split, plus confusion and histograms."""
+    site = load_site(run, node)
+    if not site.test:
+        raise SiteError(f"site {site.site_id} has no eligible test cases for {run.task}")
+    core = learning_core()
+    cfg = train_config_for(run, device=_device(run, node))
+    model = core.build_model(site.spec, cfg)
+    model.load_state_dict(state_from_arrays(content[R.ARRAYS]))
+    ev = core.evaluate(model, site.test, site.spec, cfg)
+    metrics: dict[str, Any] = {k: float(v) for k, v in ev.metrics.items() if _is_number(v)}
+    metrics[R.NUM_EXAMPLES] = int(ev.num_examples)
+    if getattr(ev, "confusion", None) is not None:
+        metrics[R.CONFUSION] = [int(x) for x in ev.confusion.reshape(-1).tolist()]
+        metrics[R.NUM_CLASSES] = int(ev.confusion.shape[0])
+    if getattr(ev, "score_hist", None) is not None:
+        metrics[R.SCORE_HIST] = [int(x) for x in ev.score_hist.reshape(-1).tolist()]
+    return RecordDict({R.METRICS: MetricRecord(metrics), R.CONFIG: _site_config(site)})
+
+
+def query_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
+    """Eligible case counts per split and class for the run's task (no ids, only counts)."""
+    site = load_site(run, node)
+    counts: dict[str, Any] = {k: int(v) for k, v in site.counts.items()}
+    counts[R.ELIGIBLE_TOTAL] = len(site.train)
+    return RecordDict({R.ELIGIBLE: MetricRecord(counts), R.CONFIG: _site_config(site)})
+
+
+_PATHLIKE = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s'\"]+")
+
+
+def safe_reason(err: BaseException) -> str:
+    """An error text fit to leave the site: the exception type and message with paths removed."""
+    text = _PATHLIKE.sub("<path>", str(err))
+    return f"{type(err).__name__}: {text}"[:300]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

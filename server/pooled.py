@@ -1,0 +1,54 @@
+"""Federated metrics after a round: per site, example-weighted, and pooled exactly.
+
+Sites send their confusion matrix and per-class score histograms; summing them gives the confusion and
+histograms of the pooled test set, so pooled accuracy, balanced accuracy and AUC equal what one would
+compute with all test cases in one place (up to the histogram's bin width for AUC).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shared import records as R
+
+SUMMED = (R.CONFUSION, R.SCORE_HIST, R.NUM_CLASSES)
+
+
+def metrics_from_sums(confusion: np.ndarray | None, hist: np.ndarray | None) -> dict[str, float]:
+    """Pooled metrics (accuracy, balanced accuracy, sens/spec, AUC) from summed counts."""
+    from shared.training.metrics import metrics_from_confusion, metrics_from_pooled
+
+    if confusion is None:
+        return {}
+    classes = [str(i) for i in range(confusion.shape[0])]
+    if hist is None:
+        out = metrics_from_confusion(confusion, classes)
+    else:
+        out = metrics_from_pooled(confusion, hist, classes)
+    out["num_examples"] = float(confusion.sum())
+    return {k: float(v) for k, v in out.items()}
+
+
+def round_metrics(site_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{"sites": per-site scalars, "weighted": example-weighted means, "pooled": exact pooled}."""
+    sites: dict[str, dict[str, float]] = {}
+    confusion = hist = None
+    for site, m in site_metrics.items():
+        sites[site] = {k: float(v) for k, v in m.items() if k not in SUMMED}
+        k = int(m.get(R.NUM_CLASSES, 0))
+        if R.CONFUSION in m and k:
+            c = np.asarray(m[R.CONFUSION], dtype=np.int64).reshape(k, k)
+            confusion = c if confusion is None else confusion + c
+        if R.SCORE_HIST in m and k:
+            h = np.asarray(m[R.SCORE_HIST], dtype=np.int64).reshape(k, 2, -1)
+            hist = h if hist is None else hist + h
+    weights = {s: m.get(R.NUM_EXAMPLES, 0.0) for s, m in sites.items()}
+    total = sum(weights.values())
+    weighted: dict[str, float] = {}
+    if total > 0:
+        keys = set.intersection(*(set(m) for m in sites.values())) - {R.NUM_EXAMPLES}
+        for key in sorted(keys):
+            weighted[key] = float(sum(sites[s][key] * weights[s] for s in sites) / total)
+    return {"sites": sites, "weighted": weighted, "pooled": metrics_from_sums(confusion, hist)}

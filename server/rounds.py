@@ -1,0 +1,184 @@
+"""The federated round loop: quorum, eligible sampling, train, aggregate, evaluate, log, checkpoint.
+
+Flower's ``Strategy.start`` runs rounds in memory with no deadline on the quorum and no resume; this loop
+uses the same strategy objects (``configure_train``/``aggregate_train``/``configure_evaluate``) but owns
+sampling, reply filtering, the run log and checkpoints, so an interrupted server resumes bit-exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from server.checkpoint import Checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from server.pooled import round_metrics
+from server.quorum import SubsetGrid, query_eligibility, wait_for_quorum
+from server.runlog import RunLog
+from server.strategy import (
+    accepted_replies,
+    build_strategy,
+    payload_bytes,
+    restore_strategy_state,
+    site_of,
+    strategy_state,
+)
+from shared import records as R
+from shared.config import RunConfig, learning_core, train_config_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FederationResult:
+    arrays: ArrayRecord
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
+    model_dir: Path | None = None
+
+
+def arrays_from_numpy(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def numpy_from_arrays(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: np.array(a.numpy(), copy=True) for k, a in arrays.items()}
+
+
+def initial_arrays(run: RunConfig) -> ArrayRecord:
+    """Weights of a freshly built task model (seeded: every run starts from the same point)."""
+    import torch
+
+    from shared.tasks import get_task
+
+    torch.manual_seed(run.seed)
+    model = learning_core().build_model(get_task(run.task), train_config_for(run, device="cpu"))
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def central_evaluator(run: RunConfig) -> Callable[[ArrayRecord], dict[str, float]] | None:
+    """Evaluation of the global model on the server's own test cohort (``server-cohort``), if any."""
+    if not run.server_cohort:
+        return None
+    from shared.cohort import read_cohort
+    from shared.tasks import get_task, select_samples
+
+    spec = get_task(run.task)
+    samples, _ = select_samples(spec, read_cohort(run.server_cohort, seed=run.seed), split="test")
+    if not samples:
+        raise ValueError(f"{run.server_cohort}: server-cohort has no eligible test cases for {run.task}")
+    core = learning_core()
+    cfg = train_config_for(run)
+
+    def evaluate(arrays: ArrayRecord) -> dict[str, float]:
+        model = core.build_model(spec, cfg)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        ev = core.evaluate(model, samples, spec, cfg)
+        out = {k: float(v) for k, v in ev.metrics.items() if isinstance(v, (int, float))}
+        out["num_examples"] = float(ev.num_examples)
+        return out
+
+    return evaluate
+
+
+def run_rounds(
+    grid: Grid,
+    run: RunConfig,
+    on_round_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> FederationResult:
+    """Run (or resume) ``num-server-rounds`` rounds; returns the final global weights and round rows."""
+    run_dir = Path(run.run_dir)
+    strategy = build_strategy(run)
+    random.seed(run.seed)
+    np.random.seed(run.seed)
+    arrays = initial_arrays(run)
+    history: list[dict[str, Any]] = []
+    first = 1
+    ckpt = load_checkpoint(run_dir) if run.resume else None
+    if ckpt is not None:
+        arrays = arrays_from_numpy(ckpt.weights)
+        restore_strategy_state(strategy, ckpt.strategy_state)
+        restore_rng(ckpt.rng_state)
+        history = list(ckpt.history)
+        first = ckpt.round + 1
+        log.info("resuming after round %d from %s", ckpt.round, run_dir / "checkpoints")
+    runlog = RunLog(run_dir, first_round=first)
+    central = central_evaluator(run)
+    eligible: dict[int, dict[str, int]] = {}
+    sites_seen: set[str] = {s for row in history for s in row.get("sites", {})}
+    try:
+        for rnd in range(first, run.num_server_rounds + 1):
+            t0 = time.perf_counter()
+            nodes = wait_for_quorum(grid, run)
+            new = [n for n in nodes if n not in eligible]
+            q_sent = q_recv = 0
+            if new:
+                found, q_sent, q_recv = query_eligibility(grid, new, run)
+                eligible.update(found)
+            trainers = [n for n in nodes if eligible.get(n, {}).get(R.ELIGIBLE_TOTAL, 0) > 0]
+            testers = [
+                n for n in nodes
+                if any(k.startswith(f"{R.ELIGIBLE_PREFIX}test-") for k in eligible.get(n, {}))
+            ]
+            if not trainers:
+                raise RuntimeError(f"round {rnd}: no connected site has eligible data for {run.task}")
+            strategy.min_train_nodes = min(run.min_train_nodes, len(trainers))
+            strategy.min_evaluate_nodes = min(run.min_evaluate_nodes, max(len(testers), 1))
+            train_cfg = ConfigRecord({"local-epochs": run.local_epochs, R.TASK: run.task})
+            out = list(strategy.configure_train(rnd, arrays, train_cfg, SubsetGrid(grid, trainers)))
+            replies = list(grid.send_and_receive(out, timeout=run.round_timeout))
+            t_train = time.perf_counter() - t0
+            good = accepted_replies(replies, run, "train")
+            new_arrays, train_agg = strategy.aggregate_train(rnd, good) if good else (None, None)
+            if new_arrays is not None:
+                arrays = new_arrays
+            train_sent, train_recv = payload_bytes(out), payload_bytes(replies)
+            e_out = e_replies = []
+            if testers and run.fraction_evaluate > 0:
+                e_out = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(),
+                                                         SubsetGrid(grid, testers)))
+                e_replies = list(grid.send_and_receive(e_out, timeout=run.round_timeout))
+            site_eval = {site_of(m): dict(m.content[R.METRICS]) for m in
+                         accepted_replies(e_replies, run, "evaluate")}
+            fed = round_metrics(site_eval)
+            sites_seen.update(site_of(m) for m in good)
+            row: dict[str, Any] = {
+                "round": rnd,
+                "time": time.time(),
+                "seconds": time.perf_counter() - t0,
+                "train_seconds": t_train,
+                "site_train_seconds": {site_of(m): float(m.content[R.METRICS][R.TRAIN_SECONDS])
+                                       for m in good if R.TRAIN_SECONDS in m.content[R.METRICS]},
+                "sampled": len(out),
+                "replied": len(good),
+                "failed": len(replies) - len(good) + (len(out) - len(replies)),
+                "bytes_sent": train_sent + payload_bytes(e_out) + q_sent,
+                "bytes_received": train_recv + payload_bytes(e_replies) + q_recv,
+                "bytes": {"train_sent": train_sent, "train_received": train_recv,
+                          "eval_sent": payload_bytes(e_out), "eval_received": payload_bytes(e_replies),
+                          "query_sent": q_sent, "query_received": q_recv,
+                          "model": int(arrays.count_bytes())},
+                "train": {k: float(v) for k, v in (train_agg or {}).items()
+                          if isinstance(v, (int, float))},
+                **fed,
+            }
+            if central is not None:
+                row["central"] = central(arrays)
+            history.append(row)
+            save_checkpoint(run_dir, Checkpoint(rnd, numpy_from_arrays(arrays),
+                                                strategy_state(strategy), rng_state(), history))
+            runlog.write(row)
+            log.info("round %d: %d/%d sites, pooled %s", rnd, len(good), len(out), fed["pooled"])
+            if on_round_end is not None:
+                on_round_end(rnd, row)
+    finally:
+        runlog.close()
+    return FederationResult(arrays=arrays, rounds=history, sites=sorted(sites_seen))

@@ -1,0 +1,182 @@
+"""Typed run and node configuration, parsed once from Flower's flat kebab-case dictionaries.
+
+Flower hands the ServerApp/ClientApp a flat ``run_config`` (``[tool.flwr.app.config]`` plus ``-c``
+overrides; empty under ``run_simulation``) and a per-SuperNode ``node_config``. Only this module reads
+those raw keys: everything else receives a frozen :class:`RunConfig` / :class:`NodeConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DP_MODES = ("none", "opacus", "central")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One federated run (same for every site). Field ``foo_bar`` is run-config key ``foo-bar``."""
+
+    task: str = "grading"
+    num_server_rounds: int = 3
+    local_epochs: int = 1
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 1
+    min_evaluate_nodes: int = 1
+    min_available_nodes: int = 2  # the quorum
+    quorum_timeout: float = 60.0  # seconds to wait for the quorum before going on / stopping
+    quorum_action: str = "proceed"  # proceed | stop when the quorum is not reached in time
+    round_timeout: float = 3600.0  # seconds a round waits for replies (stragglers are dropped)
+    proximal_mu: float = 0.01  # FedProx only
+    server_lr: float = 0.1  # FedAdam/FedYogi server learning rate (eta)
+    server_momentum: float = 0.9  # FedAvgM
+    trimmed_beta: float = 0.2  # FedTrimmedAvg
+    num_malicious: int = 0  # Krum / MultiKrum / Bulyan
+    lr: float = 1e-3
+    batch_size: int = 8
+    input_size: int = 0  # cubic crop/pad side; 0 = the task's default
+    network: str = ""  # "" = the task's default network
+    seed: int = 0
+    device: str = "auto"
+    run_dir: str = "runs/flwr"
+    resume: bool = False
+    server_cohort: str = ""  # site folder with a test split the server evaluates on ("" = none)
+    sites_root: str = ""  # simulation: folder holding site-<partition-id>/cohort.csv
+    cache_dir: str = ""
+    dp: str = "none"  # none | opacus | central
+    noise_multiplier: float = 1.0
+    target_epsilon: float = 0.0  # 0 = use noise-multiplier as given
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    secagg: bool = False
+    validate_updates: bool = False
+
+    @classmethod
+    def from_flower(cls, raw: Mapping[str, Any] | None) -> RunConfig:
+        """Parse Flower's run config; missing keys keep their defaults, unknown keys are an error."""
+        cfg = cls(**_coerce(cls, raw or {}, "run config"))
+        if cfg.dp not in DP_MODES:
+            raise ValueError(f"run config: dp={cfg.dp!r} is not one of {', '.join(DP_MODES)}")
+        if cfg.quorum_action not in ("proceed", "stop"):
+            raise ValueError(f"run config: quorum-action={cfg.quorum_action!r} is not proceed|stop")
+        return cfg
+
+    def to_flower(self) -> dict[str, Any]:
+        """The flat kebab-case dict Flower expects (inverse of :meth:`from_flower`)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One site (SuperNode): where its data lives and its local limits."""
+
+    data_path: str = ""
+    site_id: str = ""
+    max_epsilon: float = 0.0  # 0 = the site sets no privacy ceiling
+    device: str = "auto"
+    partition_id: int = -1  # simulation only
+    num_partitions: int = 0  # simulation only
+
+    @classmethod
+    def from_flower(cls, raw: Mapping[str, Any] | None, run: RunConfig) -> NodeConfig:
+        """Parse a node config; in simulation map ``partition-id`` to ``SITES_ROOT/site-<id>``."""
+        cfg = cls(**_coerce(cls, raw or {}, "node config", ignore_unknown=True))
+        if not cfg.data_path and cfg.partition_id >= 0:
+            if not run.sites_root:
+                raise ValueError(
+                    "node config: simulated node has partition-id but run config sets no sites-root"
+                )
+            site_dir = Path(run.sites_root) / f"site-{cfg.partition_id}"
+            cfg = dataclasses.replace(cfg, data_path=str(site_dir))
+        if not cfg.site_id and cfg.data_path:
+            cfg = dataclasses.replace(cfg, site_id=Path(cfg.data_path).name)
+        return cfg
+
+
+def _coerce(
+    cls: type, raw: Mapping[str, Any], what: str, ignore_unknown: bool = False
+) -> dict[str, Any]:
+    """Map kebab-case keys to field names and cast values to the field types."""
+    kinds = {f.name: f.type for f in fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in kinds:
+            if ignore_unknown:
+                continue
+            raise ValueError(f"{what}: unknown key {key!r}")
+        kind = kinds[name]
+        try:
+            if kind == "bool":
+                out[name] = value if isinstance(value, bool) else str(value).lower() in (
+                    "1", "true", "yes")
+            elif kind == "int":
+                out[name] = int(value)
+            elif kind == "float":
+                out[name] = float(value)
+            else:
+                out[name] = str(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: {key}={value!r} is not a valid {kind}") from None
+    return out
+
+
+# --- which learning core the federation calls ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LearningCore:
+    """The functions of ``shared.training`` the federation calls (client, server and baselines).
+
+    Tests and benchmarks may install a tiny model with :func:`set_learning_core`; by default the
+    federation uses ``shared.training`` (imported lazily: torch stays out of ``gliofed --help``).
+    """
+
+    make_config: Any  # TrainConfig(**kwargs)
+    build_model: Any  # build_task_model(spec, cfg) -> torch.nn.Module
+    train: Any  # train_epochs(model, samples, spec, cfg, epochs=, proximal_mu=, global_state=, ...)
+    evaluate: Any  # evaluate_model(model, samples, spec, cfg) -> EvalResult
+
+
+_core_override: LearningCore | None = None
+
+
+def set_learning_core(core: LearningCore | None) -> None:
+    """Use ``core`` instead of ``shared.training``; ``None`` restores the default."""
+    global _core_override
+    _core_override = core
+
+
+def learning_core() -> LearningCore:
+    """The active learning core: the override if one was set, else ``shared.training``."""
+    if _core_override is not None:
+        return _core_override
+    from shared.training import TrainConfig, build_task_model, evaluate_model, train_epochs
+
+    return LearningCore(TrainConfig, build_task_model, train_epochs, evaluate_model)
+
+
+def train_config_for(run: RunConfig, device: str | None = None, epochs: int | None = None) -> Any:
+    """The learning core's TrainConfig for this run (same on every site and on the server)."""
+    core = learning_core()
+    size = (run.input_size,) * 3 if run.input_size > 0 else None
+    return core.make_config(
+        task=run.task,
+        network=run.network or None,
+        input_size=size,
+        batch_size=run.batch_size,
+        lr=run.lr,
+        epochs=epochs if epochs is not None else run.local_epochs,
+        seed=run.seed,
+        device=device or run.device,
+        cache_dir=run.cache_dir or None,
+        dp_compatible=run.dp == "opacus",
+    )
