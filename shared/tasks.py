@@ -124,12 +124,13 @@ class TaskSample:
 
 
 def select_samples(
-    task: TaskSpec | str, cohort: Cohort, split: str | None = None
+    task: TaskSpec | str, cohort: Cohort, split: str | None = None, *, require_label: bool = True
 ) -> tuple[list[TaskSample], list[tuple[str, str]]]:
     """Rows of ``cohort`` that ``task`` can use, and ``(case_id, reason)`` for those it cannot.
 
     A row is eligible when it carries the task's label and every required input (for two-timepoint
-    tasks, the baseline session named in ``baseline_case_id`` must exist and have them too).
+    tasks, the baseline session named in ``baseline_case_id`` must exist and have them too). With
+    ``require_label=False`` (prediction) unlabelled rows with the inputs are eligible too.
     """
     spec = get_task(task) if isinstance(task, str) else task
     by_id = cohort.by_id()
@@ -141,7 +142,7 @@ def select_samples(
         label = None
         if spec.label_column is not None:
             label = case.labels.get(spec.label_column)
-            if label is None:
+            if label is None and require_label:
                 skipped.append((case.case_id, f"no {spec.label_column} label"))
                 continue
         missing = [c for c in spec.inputs if c not in case.images]
