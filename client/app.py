@@ -1,13 +1,16 @@
 """Flower ClientApp: one app for every task; the run config's ``task`` says which.
 
 Thin wiring only: parse the configs, call ``client.site``, and turn any failure into an error reply so
-one broken site never crashes the federation.
+one broken site never crashes the federation. ``make_client_app(defaults)`` exists because
+``flwr.simulation.run_simulation`` hands apps an empty run config: the simulation runner bakes its run
+config in as defaults, which ``flwr run`` / ``-c`` values still override.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -15,15 +18,16 @@ from flwr.clientapp import ClientApp
 from client.site import evaluate_site, query_site, safe_reason, train_site
 from shared.config import NodeConfig, RunConfig
 
-app = ClientApp()
 log = logging.getLogger(__name__)
 SITE_ERROR_CODE = 4242  # an application error raised by the site's handler
 
 
-def reply(msg: Message, ctx: Context, handler: Callable[..., RecordDict]) -> Message:
+def reply(
+    msg: Message, ctx: Context, handler: Callable[..., RecordDict], defaults: Mapping[str, Any]
+) -> Message:
     """Run ``handler`` on the message; a raised exception becomes an error reply without paths."""
     try:
-        run = RunConfig.from_flower(ctx.run_config)
+        run = RunConfig.from_flower({**defaults, **dict(ctx.run_config)})
         node = NodeConfig.from_flower(ctx.node_config, run)
         return Message(handler(msg.content, run, node), reply_to=msg)
     except Exception as err:  # noqa: BLE001 - every failure must become a reply
@@ -31,16 +35,24 @@ def reply(msg: Message, ctx: Context, handler: Callable[..., RecordDict]) -> Mes
         return Message(Error(code=SITE_ERROR_CODE, reason=safe_reason(err)), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, ctx: Context) -> Message:
-    return reply(msg, ctx, train_site)
+def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config falls back to ``defaults`` (flat kebab-case keys)."""
+    base = dict(defaults or {})
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, ctx: Context) -> Message:
+        return reply(msg, ctx, train_site, base)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, ctx: Context) -> Message:
+        return reply(msg, ctx, evaluate_site, base)
+
+    @client_app.query()
+    def query(msg: Message, ctx: Context) -> Message:
+        return reply(msg, ctx, query_site, base)
+
+    return client_app
 
 
-@app.evaluate()
-def evaluate(msg: Message, ctx: Context) -> Message:
-    return reply(msg, ctx, evaluate_site)
-
-
-@app.query()
-def query(msg: Message, ctx: Context) -> Message:
-    return reply(msg, ctx, query_site)
+app = make_client_app()

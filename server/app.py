@@ -1,25 +1,29 @@
-"""Flower ServerApp: parse the run config, run the round loop, export the global model."""
+"""Flower ServerApp: parse the run config, run the round loop, export the global model.
+
+``make_server_app(defaults)`` bakes a run config in (``run_simulation`` passes an empty one); values
+from ``flwr run`` / ``-c`` still override the defaults.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-app = ServerApp()
 log = logging.getLogger(__name__)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run the federation described by the run config (``pyproject.toml`` or ``-c`` overrides)."""
+def serve(grid: Grid, raw_config: Mapping[str, Any]) -> Path:
+    """Run the federation and export the global model; returns the MODEL_DIR."""
     from server.export import export_global_model, federation_provenance
     from server.rounds import run_rounds
     from shared.config import RunConfig
 
-    run = RunConfig.from_flower(context.run_config)
+    run = RunConfig.from_flower(raw_config)
     result = run_rounds(grid, run)
     last = result.rounds[-1] if result.rounds else {}
     model_dir = Path(run.run_dir) / "model"
@@ -31,3 +35,19 @@ def main(grid: Grid, context: Context) -> None:
         {"pooled": last.get("pooled", {}), "central": last.get("central", {})},
     )
     log.info("global model exported to %s", model_dir)
+    return model_dir
+
+
+def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config falls back to ``defaults`` (flat kebab-case keys)."""
+    base = dict(defaults or {})
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve(grid, {**base, **dict(context.run_config)})
+
+    return server_app
+
+
+app = make_server_app()

@@ -59,6 +59,9 @@ class LocalGrid:
         self.sent: list[Any] = []
         self.replies: list[Any] = []
         self.states = {n: RecordDict() for n in node_configs}
+        from client.app import app
+
+        self.client_app = app
         self._as_server()
 
     @staticmethod
@@ -74,8 +77,6 @@ class LocalGrid:
         from flwr.app import Context
         from flwr.supercore.task_identity import TaskIdentity
 
-        from client.app import app
-
         out = []
         for msg in messages:
             nid = msg.metadata.dst_node_id
@@ -85,7 +86,7 @@ class LocalGrid:
             TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, nid, 1
             ctx = Context(run_id=1, node_id=nid, node_config=self.node_configs[nid],
                           state=self.states[nid], run_config=self.run_config)
-            reply = app(msg, ctx)
+            reply = self.client_app(msg, ctx)
             self._as_server()
             self.replies.append(reply)
             out.append(reply)
