@@ -1,0 +1,158 @@
+"""The learning core: cache, networks (incl. DP-compatible), metrics, training, bundles and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import shared.data as data
+from shared.cohort import read_cohort
+from shared.models import build_model
+from shared.tasks import TASKS, select_samples
+from shared.training import TrainConfig, evaluate_model, train_epochs
+from shared.training.bundle import export_bundle, load_bundle
+from shared.training.metrics import auc_from_histograms, classification_metrics, score_histograms
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    from simulations.synth import generate_cohort
+
+    root = tmp_path_factory.mktemp("site")
+    return generate_cohort(root, cases=24, sites=2, shape=32, seed=5, workers=1, progress=False,
+                           tasks=("grading", "typing", "rano", "recurrence"))
+
+
+@pytest.mark.parametrize(
+    ("name", "ch", "k"),
+    [("small_cnn", 4, 2), ("resnet10", 4, 2), ("resnet18", 1, 7), ("densenet121", 6, 4),
+     ("unet_encoder", 1, 7)],
+)
+def test_network_output_shapes(name: str, ch: int, k: int) -> None:
+    model = build_model(name, ch, k).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, ch, 32, 32, 32))
+    assert out.shape == (2, k)
+
+
+@pytest.mark.parametrize("name", ["resnet10", "densenet121", "unet_encoder", "small_cnn"])
+def test_dp_compatible_networks_train_under_opacus(name: str) -> None:
+    from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    model = build_model(name, 2, 3, dp_compatible=True)
+    assert ModuleValidator.validate(model, strict=False) == []
+    gsm = GradSampleModule(model)
+    out = gsm(torch.randn(2, 2, 32, 32, 32))
+    out = out[0] if isinstance(out, tuple) else out
+    out.sum().backward()
+    grads = [p.grad_sample for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.shape[0] == 2 for g in grads)
+
+
+def test_auc_from_histograms_matches_sklearn_on_binned_scores() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    p1 = np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1)
+    probs = np.stack([1 - p1, p1], 1)
+    hist = score_histograms(probs, labels, 2)
+    binned = np.clip((p1 * 100).astype(int), 0, 99)
+    assert auc_from_histograms(hist[1, 0], hist[1, 1]) == pytest.approx(
+        roc_auc_score(labels, binned), abs=1e-12)
+    m = classification_metrics(labels, probs, ("LGG", "HGG"))
+    assert 0.7 < m["auc"] < 0.95 and 0 <= m["balanced_accuracy"] <= 1
+
+
+def test_cache_means_second_epoch_reads_no_nifti(site: Path, tmp_path: Path) -> None:
+    spec = TASKS["grading"]
+    samples, _ = select_samples(spec, read_cohort(site), "train")
+    cfg = TrainConfig(task="grading", network="small_cnn", input_size=(16, 16, 16), batch_size=4,
+                      cache_dir=str(tmp_path / "cache"))
+    model = build_model("small_cnn", 4, 2)
+    before = data.nifti_loads
+    res = train_epochs(model, samples, spec, cfg, epochs=1)
+    first = data.nifti_loads - before
+    assert first == len(samples) * 5  # four sequences + seg per session
+    mid = data.nifti_loads
+    # a fresh run (new in-memory cache) still reads from the disk cache, not NIfTI
+    train_epochs(build_model("small_cnn", 4, 2), samples, spec, cfg, epochs=2)
+    assert data.nifti_loads == mid
+    assert res.num_examples == len(samples)  # examples, not batches
+    assert np.isfinite(res.loss)
+
+
+def test_fedprox_term_pulls_towards_global_weights(site: Path, tmp_path: Path) -> None:
+    spec = TASKS["grading"]
+    samples, _ = select_samples(spec, read_cohort(site), "train")
+    cfg = TrainConfig(task="grading", network="small_cnn", input_size=(16, 16, 16),
+                      cache_dir=str(tmp_path / "c"), augment=False, lr=1e-2, batch_size=2)
+    base = build_model("small_cnn", 4, 2)
+    g = {k: v.clone() for k, v in base.state_dict().items()}
+
+    def drift(mu: float) -> float:
+        m = build_model("small_cnn", 4, 2)
+        m.load_state_dict(g)
+        train_epochs(m, samples, spec, cfg, epochs=3, proximal_mu=mu, global_state=g)
+        return sum(float(((p - g[n]) ** 2).sum()) for n, p in m.named_parameters())
+
+    assert drift(100.0) < drift(0.0)
+
+
+@pytest.mark.parametrize("task", ["grading", "typing", "rano", "recurrence"])
+def test_every_task_trains_evaluates_and_round_trips_as_bundle(site: Path, tmp_path: Path,
+                                                              task: str) -> None:
+    spec = TASKS[task]
+    cohort = read_cohort(site)
+    samples, _ = select_samples(spec, cohort)
+    assert len(samples) >= 4
+    cfg = TrainConfig(task=task, network="small_cnn", input_size=(16, 16, 16),
+                      cache_dir=str(tmp_path / "c"))
+    from shared.training import build_task_model
+
+    model = build_task_model(spec, cfg)
+    train_epochs(model, samples, spec, cfg, epochs=1)
+    ev = evaluate_model(model, samples, spec, cfg)
+    assert ev.confusion.sum() == len(samples) == ev.num_examples
+    assert ev.score_hist.shape == (spec.num_classes, 2, 100)
+    assert 0.0 <= ev.metrics["balanced_accuracy"] <= 1.0
+    out = export_bundle(model, spec, cfg, tmp_path / "model", {"mode": "test"}, ev.metrics)
+    loaded, meta = load_bundle(out)
+    assert meta["task"] == task and meta["classes"] == list(spec.classes)
+    ev2 = evaluate_model(loaded, samples, spec, replace(cfg, augment=False))
+    np.testing.assert_allclose(ev2.probs, ev.probs, atol=1e-5)
+
+
+def test_cli_train_predict_evaluate_explain(site: Path, tmp_path: Path) -> None:
+    from gliofed.cli import app
+
+    r = CliRunner()
+    model = tmp_path / "m"
+    res = r.invoke(app, ["train", "--task", "grading", "--cohort", str(site), "--out", str(model),
+                         "--network", "small_cnn", "--epochs", "1", "--size", "16",
+                         "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert (model / "configs" / "metadata.json").is_file()
+    assert (model / "eval" / "roc.png").is_file()
+    preds = tmp_path / "p.csv"
+    res = r.invoke(app, ["predict", "--model", str(model), "--cohort", str(site), "--out", str(preds)])
+    assert res.exit_code == 0, res.output
+    lines = preds.read_text().splitlines()
+    assert lines[0] == "case_id,label,prob_LGG,prob_HGG"
+    usable = [c for c in read_cohort(site).cases if c.has_images(TASKS["grading"].inputs)]
+    assert len(lines) - 1 == len(usable)  # every row with the inputs, labelled or not
+    res = r.invoke(app, ["evaluate", "--model", str(model), "--cohort", str(site), "--out",
+                         str(tmp_path / "ev"), "--split", "all"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(app, ["explain", "--model", str(model), "--cohort", str(site), "--out",
+                         str(tmp_path / "x")])
+    assert res.exit_code == 0, res.output
+    assert list((tmp_path / "x").glob("*_explain.png"))
+    res = r.invoke(app, ["train", "--task", "nope", "--cohort", str(site), "--out", str(model)])
+    assert res.exit_code == 2 and "unknown task 'nope'" in res.output
