@@ -1,9 +1,100 @@
-"""`gliofed` sub-commands: data (owner fills in; heavy imports stay inside the functions)."""
+"""`gliofed import <layout>` (public dataset layouts -> cohort.csv) and `gliofed site check`."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+site_app = typer.Typer(help="Site data: validate a site folder before it joins a federation.",
+                       no_args_is_help=True)
+import_app = typer.Typer(help="Write a cohort.csv for a public dataset layout (images are not copied).",
+                         no_args_is_help=True)
+
+
+@site_app.command("check")
+def site_check(
+    site_dir: Annotated[Path, typer.Argument(help="Site folder with cohort.csv.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead.")] = False,
+    workers: Annotated[int, typer.Option(help="Processes for image checks (0: all cores).")] = 0,
+) -> None:
+    """Validate without modifying anything; report every problem; exit 1 on errors."""
+    from client.site_check import check_site, print_report
+
+    report = check_site(site_dir, workers=workers or None)
+    if as_json:
+        typer.echo(json.dumps({
+            "site": str(report.site), "sessions": report.n_cases, "ok": report.ok,
+            "problems": [{"severity": p.severity, "file": p.file, "line": p.line,
+                          "message": p.message} for p in report.problems],
+            "tasks": {t.task: t.usable for t in report.tasks}}, indent=2))
+    else:
+        print_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _import(layout: str, src: Path, out: Path, **kw) -> None:
+    from shared.importers import ImportErrorForUser, run_importer
+
+    try:
+        result = run_importer(layout, src, out, **kw)
+    except ImportErrorForUser as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    for cid, reason in result.skipped:
+        typer.echo(f"skipped {cid}: {reason}")
+    typer.echo(f"{layout}: {result.n_cases} session(s) written to {result.cohort_csv}")
+    for col, counts in result.label_counts.items():
+        typer.echo(f"  {col}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+SrcArg = Annotated[Path, typer.Argument(help="The dataset folder as downloaded.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Site folder to write cohort.csv into.")]
+
+
+@import_app.command("brats2020")
+def import_brats2020(src: SrcArg, out: OutOpt) -> None:
+    """BraTS 2020 (grade from name_mapping.csv; .nii or .nii.gz; case 355's misnamed seg)."""
+    _import("brats2020", src, out)
+
+
+@import_app.command("brats2021")
+def import_brats2021(src: SrcArg, out: OutOpt) -> None:
+    """BraTS 2021 (BraTS2021_#####; no grade)."""
+    _import("brats2021", src, out)
+
+
+@import_app.command("brats2023")
+def import_brats2023(src: SrcArg, out: OutOpt) -> None:
+    """BraTS 2023 GLI (t1c/t1n/t2f/t2w; seg label 3 converted to 4 into OUT/converted/)."""
+    _import("brats2023", src, out)
+
+
+@import_app.command("fets")
+def import_fets(
+    src: SrcArg, out: OutOpt,
+    partitions: Annotated[Path | None, typer.Option(help="Subject_ID,Partition_ID CSV -> site")] = None,
+) -> None:
+    """FeTS (BraTS naming) with a partitioning CSV mapped to the `site` column."""
+    _import("fets", src, out, partitions=partitions)
+
+
+@import_app.command("lumiere")
+def import_lumiere(src: SrcArg, out: OutOpt) -> None:
+    """LUMIERE (Patient-NNN/week-NNN[-k]; RANO pairs from the expert-rating CSV)."""
+    _import("lumiere", src, out)
+
+
+@import_app.command("ucsf-pdgm")
+def import_ucsf_pdgm(src: SrcArg, out: OutOpt) -> None:
+    """UCSF-PDGM (WHO grade 2-3 -> LGG, 4 -> HGG; zero-padded IDs)."""
+    _import("ucsf-pdgm", src, out)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the top-level app."""
+    """Add `site check` and `import <layout>`."""
+    app.add_typer(site_app, name="site")
+    app.add_typer(import_app, name="import")

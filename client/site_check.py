@@ -1,0 +1,223 @@
+"""Validate a site folder (cohort.csv + NIfTI) without modifying anything; report every problem.
+
+``check_site(site_dir)`` returns a :class:`SiteReport`: all problems (one line each, naming the file and
+the reason), and a per-task summary of usable cases and class counts per split. Image checks run in
+parallel over cores; one bad file never stops the check of the others.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shared.cohort import (
+    IMAGE_COLUMNS,
+    SEG_LABELS,
+    CohortError,
+    CohortProblem,
+    read_cohort,
+)
+from shared.tasks import TASKS, class_counts, select_samples
+
+HEADER_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
+_DATE = re.compile(r"\b(19|20)\d\d[-./]?(0[1-9]|1[0-2])[-./]?(0[1-9]|[12]\d|3[01])\b|"
+                   r"\b(0?[1-9]|[12]\d|3[01])[./](0?[1-9]|1[0-2])[./](19|20)?\d\d\b")
+_NAME = re.compile(r"\b[A-Z][a-z]+[,^ ]\s?[A-Z][a-z]+\b|\b[A-Z]{2,}\^[A-Z]{2,}\b")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What one image check learned (shape and affine for the cross-sequence comparison)."""
+
+    path: str
+    column: str
+    shape: tuple[int, ...] | None
+    affine: tuple[float, ...] | None
+    problems: tuple[CohortProblem, ...]
+
+
+@dataclass
+class TaskSummary:
+    task: str
+    usable: dict[str, dict[str, int]]  # split -> class -> count
+    skipped: int
+
+    @property
+    def total(self) -> int:
+        return sum(sum(c.values()) for c in self.usable.values())
+
+
+@dataclass
+class SiteReport:
+    site: Path
+    n_cases: int
+    problems: list[CohortProblem] = field(default_factory=list)
+    tasks: list[TaskSummary] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[CohortProblem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _looks_personal(text: str) -> str | None:
+    if _DATE.search(text):
+        return "a date"
+    if _NAME.search(text):
+        return "a personal name"
+    return None
+
+
+def check_image(path: str, column: str) -> ImageInfo:
+    """Open one NIfTI and check it: readable, dimensionality, finite, non-constant, seg labels, header."""
+    import nibabel as nib
+
+    problems: list[CohortProblem] = []
+
+    def err(msg: str, sev: str = "error") -> None:
+        problems.append(CohortProblem(sev, path, msg))
+
+    p = Path(path)
+    if not p.exists():
+        err(f"missing file (referenced by column {column})")
+        return ImageInfo(path, column, None, None, tuple(problems))
+    try:
+        img = nib.load(path)
+        shape = tuple(int(s) for s in img.shape)
+        affine = tuple(float(v) for v in np.round(img.affine, 3).ravel())
+        hdr = img.header
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a finding about this file
+        err(f"unreadable NIfTI ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        return ImageInfo(path, column, None, None, tuple(problems))
+    want = 4 if column == "dce" else 3
+    ndim = len([s for s in shape if s > 1]) if len(shape) > want else len(shape)
+    if ndim != want:
+        err(f"expected a {want}D image for {column}, got shape {shape}")
+    for name in HEADER_TEXT_FIELDS:
+        try:
+            raw = hdr[name] if name in hdr else None
+        except Exception:  # noqa: BLE001
+            raw = None
+        text = raw.item().decode("latin-1", "replace").strip("\x00 ") if raw is not None else ""
+        what = _looks_personal(text) if text else None
+        if what:
+            err(f"header field {name} looks like {what} ({text!r}): possible personal data",
+                "warning")
+    try:
+        data = np.asarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001 - truncated gzip, short file, ...
+        err(f"truncated or corrupt image data ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120]})")
+        return ImageInfo(path, column, shape, affine, tuple(problems))
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int((~np.isfinite(data)).sum())
+        if bad:
+            err(f"{bad} NaN/Inf voxel(s)")
+    finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data
+    if column != "seg" and finite.size and float(finite.min()) == float(finite.max()):
+        err(f"constant image (every voxel = {float(finite.min()):g})")
+    if column == "seg" and finite.size:
+        vals = np.unique(finite)
+        odd = sorted(set(np.round(vals).astype(int).tolist()) - set(SEG_LABELS))
+        if odd or not np.allclose(vals, np.round(vals)):
+            err(f"segmentation values {odd or 'non-integer'} outside the convention 0/1/2/4 "
+                "(1 necrosis, 2 edema, 4 enhancing)")
+    return ImageInfo(path, column, shape, affine, tuple(problems))
+
+
+def _check_chunk(items: list[tuple[str, str]]) -> list[ImageInfo]:
+    return [check_image(p, c) for p, c in items]
+
+
+def check_site(site_dir: str | Path, workers: int | None = None) -> SiteReport:
+    """Check everything in a site folder and summarise what each task can use."""
+    site = Path(site_dir)
+    try:
+        cohort = read_cohort(site)
+    except CohortError as exc:
+        report = SiteReport(site=site, n_cases=0)
+        report.problems.append(CohortProblem("error", str(site / "cohort.csv"), str(exc)))
+        return report
+    report = SiteReport(site=site, n_cases=len(cohort.cases), problems=list(cohort.problems))
+    # Every image, once, even when several rows share a file.
+    items = sorted({(str(path), col) for c in cohort.cases for col, path in c.images.items()})
+    workers = workers or min(os.cpu_count() or 1, 8)
+    infos: dict[tuple[str, str], ImageInfo] = {}
+    if workers > 1 and len(items) > 40:
+        chunks = [items[i::workers * 4] for i in range(workers * 4)]
+        with ProcessPoolExecutor(workers) as pool:
+            for res in pool.map(_check_chunk, chunks):
+                for info in res:
+                    infos[(info.path, info.column)] = info
+    else:
+        for info in _check_chunk(items):
+            infos[(info.path, info.column)] = info
+    for key in items:
+        report.problems.extend(infos[key].problems)
+    bad_files = {k[0] for k, v in infos.items() if any(p.severity == "error" for p in v.problems)}
+    # Cross-sequence geometry: every 3D image of a session must share shape and affine.
+    for c in cohort.cases:
+        ref = None
+        for col in IMAGE_COLUMNS:
+            if col == "dce" or col not in c.images:
+                continue
+            info = infos[(str(c.images[col]), col)]
+            if info.shape is None:
+                continue
+            if ref is None:
+                ref = info
+                continue
+            if info.shape != ref.shape:
+                report.problems.append(CohortProblem(
+                    "error", info.path, f"case {c.case_id}: shape {info.shape} differs from "
+                    f"{ref.column} {ref.shape}", c.line))
+                bad_files.add(info.path)
+            elif info.affine is not None and ref.affine is not None and not np.allclose(
+                    info.affine, ref.affine, atol=1e-2):
+                report.problems.append(CohortProblem(
+                    "error", info.path, f"case {c.case_id}: affine differs from {ref.column} "
+                    f"(sequences are not co-registered)", c.line))
+                bad_files.add(info.path)
+    usable_cohort = type(cohort)(root=cohort.root, problems=[], cases=[
+        c for c in cohort.cases if not any(str(p) in bad_files for p in c.images.values())])
+    for name, spec in TASKS.items():
+        if spec.label_column is None:
+            continue
+        per_split: dict[str, dict[str, int]] = defaultdict(dict)
+        n_skipped = len(select_samples(spec, cohort)[1])
+        for split in ("train", "val", "test"):
+            ok, _ = select_samples(spec, usable_cohort, split)
+            per_split[split] = class_counts(spec, ok)
+        report.tasks.append(TaskSummary(task=name, usable=dict(per_split), skipped=n_skipped))
+    return report
+
+
+def print_report(report: SiteReport) -> None:
+    """Problems one per line, then the per-task table (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    for p in report.problems:
+        console.print(str(p), style="red" if p.severity == "error" else "yellow", markup=False)
+    table = Table(title=f"{report.site}: {report.n_cases} sessions")
+    table.add_column("task")
+    table.add_column("usable", justify="right")
+    for split in ("train", "val", "test"):
+        table.add_column(split)
+    for t in report.tasks:
+        cells = [", ".join(f"{k} {v}" for k, v in t.usable[s].items() if v) or "-"
+                 for s in ("train", "val", "test")]
+        table.add_row(t.task, str(t.total), *cells)
+    console.print(table)
+    n_err, n_warn = len(report.errors), len(report.problems) - len(report.errors)
+    console.print(f"{n_err} error(s), {n_warn} warning(s)", style="red" if n_err else "green")

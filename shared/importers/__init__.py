@@ -1,0 +1,59 @@
+"""Importers: write a site's ``cohort.csv`` for public dataset layouts, pointing at the source files.
+
+Images are never copied; only segmentations whose label convention differs from the internal 1/2/4
+are converted into ``SITE_DIR/converted/``. Each layout module exposes ``collect(src, out, **kw)``
+returning ``(rows, skipped)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.cohort import LABEL_VALUES, write_cohort
+
+
+class ImportErrorForUser(ValueError):
+    """A layout problem the user must fix (wrong folder, missing CSV, ...)."""
+
+
+@dataclass
+class ImportResult:
+    cohort_csv: Path
+    n_cases: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+LAYOUTS = ("brats2020", "brats2021", "brats2023", "fets", "lumiere", "ucsf-pdgm")
+
+
+def relpath(path: Path, out: Path) -> str:
+    """Path of ``path`` relative to the site folder when possible (else absolute)."""
+    try:
+        return os.path.relpath(path.resolve(), out.resolve())
+    except ValueError:  # different drive
+        return str(path.resolve())
+
+
+def run_importer(layout: str, src: str | Path, out: str | Path, **kw) -> ImportResult:
+    """Import ``src`` in ``layout`` into site folder ``out``."""
+    from shared.importers import brats, lumiere, ucsf
+
+    collectors = {"brats2020": brats.collect_brats2020, "brats2021": brats.collect_brats2021,
+                  "brats2023": brats.collect_brats2023, "fets": brats.collect_fets,
+                  "lumiere": lumiere.collect, "ucsf-pdgm": ucsf.collect}
+    if layout not in collectors:
+        raise ImportErrorForUser(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise ImportErrorForUser(f"{src}: not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    rows, skipped = collectors[layout](src, out, **kw)
+    if not rows:
+        raise ImportErrorForUser(f"{src}: no {layout} cases found (is this the right layout?)")
+    path = write_cohort(out, rows)
+    counts = {col: dict(Counter(r[col] for r in rows if r.get(col))) for col in LABEL_VALUES}
+    return ImportResult(path, len(rows), skipped, {k: v for k, v in counts.items() if v})

@@ -1,0 +1,28 @@
+"""Tiny NIfTI writers for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def write_nii(path: Path, data: np.ndarray | None = None, shape=(8, 8, 8), affine=None,
+              descrip: str = "") -> Path:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = np.random.default_rng(abs(hash(path.name)) % 2**32).random(shape).astype(np.float32)
+    img = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
+    if descrip:
+        img.header["descrip"] = descrip
+    nib.save(img, str(path))
+    return path
+
+
+def seg_array(shape=(8, 8, 8), labels=(1, 2, 4)) -> np.ndarray:
+    s = np.zeros(shape, dtype=np.uint8)
+    for i, v in enumerate(labels):
+        s[2 + i, 2:5, 2:5] = v
+    return s

@@ -1,0 +1,139 @@
+"""Importers on tiny fake trees with the exact file names of each public layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from gliofed.cli import app
+from shared.cohort import read_cohort
+from shared.importers import ImportErrorForUser, run_importer
+from tests.nifti_helpers import seg_array, write_nii
+
+
+def _brats_case(folder: Path, cid: str, seqs, sep="_", ext=".nii.gz", seg_name=None, labels=(1, 2, 4)):
+    for s in seqs:
+        write_nii(folder / f"{cid}{sep}{s}{ext}")
+    write_nii(folder / (seg_name or f"{cid}{sep}seg{ext}"), seg_array(labels=labels))
+
+
+def test_brats2020_grades_nii_and_case355(tmp_path: Path) -> None:
+    root = tmp_path / "MICCAI_BraTS2020_TrainingData"
+    _brats_case(root / "BraTS20_Training_001", "BraTS20_Training_001", ("flair", "t1", "t1ce", "t2"))
+    _brats_case(root / "BraTS20_Training_002", "BraTS20_Training_002", ("flair", "t1", "t1ce", "t2"),
+                ext=".nii")
+    _brats_case(root / "BraTS20_Training_355", "BraTS20_Training_355", ("flair", "t1", "t1ce", "t2"),
+                ext=".nii", seg_name="W39_1998.09.19_Segm.nii")
+    (root / "name_mapping.csv").write_text(
+        "Grade,BraTS_2017_subject_ID,BraTS_2018_subject_ID,TCGA_TCIA_subject_ID,"
+        "BraTS_2019_subject_ID,BraTS_2020_subject_ID\n"
+        "HGG,Brats17_CBICA_AAB_1,Brats18_CBICA_AAB_1,NA,BraTS19_CBICA_AAB_1,BraTS20_Training_001\n"
+        "LGG,a,b,NA,c,BraTS20_Training_002\nLGG,a,b,NA,c,BraTS20_Training_355\n")
+    out = tmp_path / "site"
+    res = run_importer("brats2020", root, out)
+    assert res.n_cases == 3 and res.label_counts["grade"] == {"HGG": 1, "LGG": 2}
+    c = read_cohort(out).by_id()
+    assert c["BraTS20_Training_355"].images["seg"].name == "W39_1998.09.19_Segm.nii"
+    assert c["BraTS20_Training_002"].images["t1ce"].name == "BraTS20_Training_002_t1ce.nii"
+    assert c["BraTS20_Training_001"].images["flair"].is_file()
+    assert not list(out.glob("**/*.nii*"))  # nothing copied
+
+
+def test_brats2020_without_name_mapping_is_a_clear_error(tmp_path: Path) -> None:
+    _brats_case(tmp_path / "BraTS20_Training_001", "BraTS20_Training_001", ("flair", "t1", "t1ce", "t2"))
+    with pytest.raises(ImportErrorForUser, match="name_mapping.csv not found"):
+        run_importer("brats2020", tmp_path, tmp_path / "site")
+
+
+def test_brats2021_and_missing_sequence_skipped(tmp_path: Path) -> None:
+    _brats_case(tmp_path / "BraTS2021_00000", "BraTS2021_00000", ("flair", "t1", "t1ce", "t2"))
+    _brats_case(tmp_path / "BraTS2021_00002", "BraTS2021_00002", ("flair", "t1", "t2"))
+    res = run_importer("brats2021", tmp_path, tmp_path / "site")
+    assert res.n_cases == 1
+    assert res.skipped[0][0] == "BraTS2021_00002" and "missing t1ce" in res.skipped[0][1]
+
+
+def test_brats2023_names_and_label_3_to_4(tmp_path: Path) -> None:
+    cid = "BraTS-GLI-00005-001"
+    _brats_case(tmp_path / cid, cid, ("t1c", "t1n", "t2f", "t2w"), sep="-", labels=(1, 2, 3))
+    out = tmp_path / "site"
+    run_importer("brats2023", tmp_path, out)
+    case = read_cohort(out).cases[0]
+    assert case.patient_id == "BraTS-GLI-00005" and case.timepoint == "001"
+    assert case.images["t1ce"].name == f"{cid}-t1c.nii.gz" and case.images["flair"].name.endswith("t2f.nii.gz")
+    seg = np.asarray(nib.load(case.images["seg"]).dataobj)
+    assert set(np.unique(seg)) == {0, 1, 2, 4}
+    assert case.images["seg"].parent == (out / "converted").resolve()
+
+
+def test_fets_partitions_to_sites(tmp_path: Path) -> None:
+    for i in (1, 2, 3):
+        cid = f"FeTS2022_{i:03d}"
+        _brats_case(tmp_path / "data" / cid, cid, ("flair", "t1", "t1ce", "t2"))
+    part = tmp_path / "partitioning_1.csv"
+    part.write_text("Subject_ID,Partition_ID\nFeTS2022_001,01\nFeTS2022_002,02\n")
+    res = run_importer("fets", tmp_path / "data", tmp_path / "site", partitions=part)
+    sites = {c.case_id: c.site for c in read_cohort(tmp_path / "site").cases}
+    assert sites == {"FeTS2022_001": "fets-01", "FeTS2022_002": "fets-02"}
+    assert res.skipped == [("FeTS2022_003", "not in partitioning_1.csv")]
+
+
+def test_lumiere_sessions_pairs_and_ratings(tmp_path: Path) -> None:
+    img = tmp_path / "Imaging" / "Patient-001"
+    for week in ("week-000-1", "week-000-2", "week-012", "week-044"):
+        for s in ("CT1", "T1", "T2", "FLAIR"):
+            write_nii(img / week / f"{s}.nii.gz")
+    atlas = img / "week-044" / "DeepBraTumIA-segmentation" / "atlas"
+    for s in ("ct1", "t1", "t2", "flair"):
+        write_nii(atlas / "skull_strip" / f"{s}_skull_strip.nii.gz")
+    write_nii(atlas / "segmentation" / "seg_mask.nii.gz", seg_array(labels=(1, 2, 3)))
+    long = ("Rating (according to RANO, PD: Progressive disease, SD: Stable disease, PR: Partial "
+            "response, CR: Complete response, Pre-Op: Pre-Operative, Post-Op: Post-Operative)")
+    (tmp_path / "LUMIERE-ExpertRating-v202211.csv").write_text(
+        f'Patient,Date,LessThan3Months,NonMeasurableLesions,"{long}",Rating rationale\n'
+        "Patient-001,week-000-1,,,Pre-Op,\nPatient-001,week-000-2,,,Post-Op,\n"
+        "Patient-001,week-012,x,,Post-Op/PD,\nPatient-001,week-044,,,SD ,L\n")
+    out = tmp_path / "site"
+    res = run_importer("lumiere", tmp_path, out)
+    c = read_cohort(out).by_id()
+    assert res.n_cases == 4
+    assert c["Patient-001_week-012"].labels["rano"] == "PD"
+    assert c["Patient-001_week-012"].baseline_case_id == "Patient-001_week-000-2"
+    assert c["Patient-001_week-044"].labels["rano"] == "SD"
+    assert c["Patient-001_week-044"].baseline_case_id == "Patient-001_week-012"
+    assert "rano" not in c["Patient-001_week-000-2"].labels  # Post-Op dropped
+    assert c["Patient-001_week-044"].images["t1ce"].name == "ct1_skull_strip.nii.gz"
+    seg = np.asarray(nib.load(c["Patient-001_week-044"].images["seg"]).dataobj)
+    assert set(np.unique(seg)) == {0, 1, 2, 4}  # 1 enh -> 4, 2 nec -> 1, 3 edema -> 2
+    assert seg[2, 3, 3] == 4 and seg[3, 3, 3] == 1 and seg[4, 3, 3] == 2
+
+
+def test_ucsf_pdgm_zero_padding_and_who_grade(tmp_path: Path) -> None:
+    root = tmp_path / "UCSF-PDGM-v5"
+    for pid, fu in (("0004", ""), ("0005", ""), ("0429", "_FU003d")):
+        stem = f"UCSF-PDGM-{pid}{fu}"
+        for s in ("T1", "T1c", "T2", "FLAIR", "tumor_segmentation", "T1c_bias"):
+            write_nii(root / f"{stem}_nifti" / f"{stem}_{s}.nii.gz")
+    (tmp_path / "UCSF-PDGM-metadata_v5.csv").write_text(
+        "ID,Sex,Age at MRI,WHO CNS Grade\nUCSF-PDGM-004,M,50,2\nUCSF-PDGM-005,F,60,4\n"
+        "UCSF-PDGM-429,F,61,3\n")
+    out = tmp_path / "site"
+    run_importer("ucsf-pdgm", tmp_path, out)
+    c = read_cohort(out).by_id()
+    assert c["UCSF-PDGM-0004"].labels["grade"] == "LGG"
+    assert c["UCSF-PDGM-0005"].labels["grade"] == "HGG"
+    assert c["UCSF-PDGM-0429_FU003d"].patient_id == "UCSF-PDGM-0429"
+    assert c["UCSF-PDGM-0429_FU003d"].labels["grade"] == "LGG"
+    assert c["UCSF-PDGM-0004"].images["t1ce"].name == "UCSF-PDGM-0004_T1c.nii.gz"
+
+
+def test_cli_import_reports_and_errors(tmp_path: Path) -> None:
+    _brats_case(tmp_path / "BraTS2021_00000", "BraTS2021_00000", ("flair", "t1", "t1ce", "t2"))
+    r = CliRunner().invoke(app, ["import", "brats2021", str(tmp_path), "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0 and "1 session(s) written" in r.output
+    r = CliRunner().invoke(app, ["import", "ucsf-pdgm", str(tmp_path), "--out", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "UCSF-PDGM-metadata_v*.csv not found" in r.output
