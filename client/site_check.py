@@ -145,7 +145,8 @@ def check_site(site_dir: str | Path, workers: int | None = None) -> SiteReport:
         cohort = read_cohort(site)
     except CohortError as exc:
         report = SiteReport(site=site, n_cases=0)
-        report.problems.append(CohortProblem("error", str(site / "cohort.csv"), str(exc)))
+        where, _, msg = str(exc).partition(": ")
+        report.problems.append(CohortProblem("error", where, msg or str(exc)))
         return report
     report = SiteReport(site=site, n_cases=len(cohort.cases), problems=list(cohort.problems))
     # Every image, once, even when several rows share a file.
@@ -206,9 +207,12 @@ def print_report(report: SiteReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)  # one problem = one line, never wrapped
     for p in report.problems:
         console.print(str(p), style="red" if p.severity == "error" else "yellow", markup=False)
+    if not report.tasks:
+        console.print(f"{len(report.errors)} error(s)", style="red")
+        return
     table = Table(title=f"{report.site}: {report.n_cases} sessions")
     table.add_column("task")
     table.add_column("usable", justify="right")
