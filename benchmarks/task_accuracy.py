@@ -1,4 +1,5 @@
-"""Centralised accuracy of each task on a held-out test split of a synthetic cohort, against targets,
+"""Centralised accuracy of each task on a held-out test split of a synthetic cohort (one cohort of
+`--cases` sessions per task), against targets,
 plus the peak host RAM of the run (ru_maxrss).
 
 CPU:  python benchmarks/task_accuracy.py --cases 200 --shape 48 --size 32 --epochs 30
@@ -40,12 +41,13 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="gliofed-acc-"))
     t0 = time.perf_counter()
-    site = a.cohort or generate_cohort(tmp / "site", cases=a.cases, sites=a.sites, shape=a.shape,
-                                       seed=a.seed, progress=False)
-    cohort = read_cohort(site)
     rows = []
     for task in a.tasks.split(","):
         spec = get_task(task)
+        # One cohort per task (`--cases` sessions of that task) unless a cohort is given.
+        site = a.cohort or generate_cohort(tmp / task, cases=a.cases, sites=a.sites, shape=a.shape,
+                                           seed=a.seed, progress=False, tasks=(task,))
+        cohort = read_cohort(site)
         tr, _ = select_samples(spec, cohort, "train")
         va, _ = select_samples(spec, cohort, "val")
         te, _ = select_samples(spec, cohort, "test")
