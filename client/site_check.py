@@ -28,7 +28,10 @@ from shared.tasks import TASKS, class_counts, select_samples
 HEADER_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
 _DATE = re.compile(r"\b(19|20)\d\d[-./]?(0[1-9]|1[0-2])[-./]?(0[1-9]|[12]\d|3[01])\b|"
                    r"\b(0?[1-9]|[12]\d|3[01])[./](0?[1-9]|1[0-2])[./](19|20)?\d\d\b")
-_NAME = re.compile(r"\b[A-Z][a-z]+[,^ ]\s?[A-Z][a-z]+\b|\b[A-Z]{2,}\^[A-Z]{2,}\b")
+# DICOM person names (Doe^John, DOE^JOHN) and "Doe, John"; plain capitalised words ("Philips Medical")
+# are not flagged.
+_NAME = re.compile(r"\b[A-Za-z][A-Za-z'-]+\^[A-Za-z][A-Za-z'-]+|\b[A-Z][a-z]+, [A-Z][a-z]+\b")
+_HEADER_ERROR_LEVEL = 30  # nibabel's check level for a header it would have to fix or cannot use
 
 
 @dataclass(frozen=True)
@@ -70,11 +73,34 @@ class SiteReport:
 
 
 def _looks_personal(text: str) -> str | None:
-    if _DATE.search(text):
-        return "a date"
-    if _NAME.search(text):
-        return "a personal name"
-    return None
+    found = [what for what, rx in (("a personal name", _NAME), ("a date", _DATE)) if rx.search(text)]
+    return " and ".join(found) or None
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: first line of the message`` (one line, at most 120 characters of message)."""
+    msg = str(exc).splitlines()[0][:120] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def header_problems(path: str) -> list[str]:
+    """What is wrong with a NIfTI-1 header as stored (nibabel would silently fix some of it on load)."""
+    import gzip
+
+    import nibabel as nib
+    from nibabel.batteryrunners import BatteryRunner
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        raw = fh.read(540)
+    if len(raw) < 348:
+        return [f"file is {len(raw)} bytes, shorter than a NIfTI header"]
+    size_le, size_be = int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")
+    if 540 in (size_le, size_be):  # NIfTI-2: nibabel's own load checks are enough
+        return []
+    hdr = nib.Nifti1Header(raw[:348], check=False)
+    reports = BatteryRunner(hdr._get_checks()).check_only(hdr)
+    return [r.problem_msg for r in reports if r.problem_level >= _HEADER_ERROR_LEVEL]
 
 
 def check_image(path: str, column: str) -> ImageInfo:
@@ -91,12 +117,20 @@ def check_image(path: str, column: str) -> ImageInfo:
         err(f"missing file (referenced by column {column})")
         return ImageInfo(path, column, None, None, tuple(problems))
     try:
+        bad_header = header_problems(path)
+    except Exception as exc:  # noqa: BLE001 - an unreadable start of file is a finding, too
+        err(f"unreadable NIfTI ({_reason(exc)})")
+        return ImageInfo(path, column, None, None, tuple(problems))
+    if bad_header:
+        err(f"bad NIfTI header ({'; '.join(bad_header)})")
+        return ImageInfo(path, column, None, None, tuple(problems))
+    try:
         img = nib.load(path)
         shape = tuple(int(s) for s in img.shape)
         affine = tuple(float(v) for v in np.round(img.affine, 3).ravel())
         hdr = img.header
     except Exception as exc:  # noqa: BLE001 - any reader failure is a finding about this file
-        err(f"unreadable NIfTI ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        err(f"unreadable NIfTI ({_reason(exc)})")
         return ImageInfo(path, column, None, None, tuple(problems))
     want = 4 if column == "dce" else 3
     ndim = len([s for s in shape if s > 1]) if len(shape) > want else len(shape)
@@ -115,8 +149,7 @@ def check_image(path: str, column: str) -> ImageInfo:
     try:
         data = np.asarray(img.dataobj)
     except Exception as exc:  # noqa: BLE001 - truncated gzip, short file, ...
-        err(f"truncated or corrupt image data ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:120]})")
+        err(f"truncated or corrupt image data ({_reason(exc)})")
         return ImageInfo(path, column, shape, affine, tuple(problems))
     if np.issubdtype(data.dtype, np.floating):
         bad = int((~np.isfinite(data)).sum())
@@ -172,7 +205,7 @@ def check_site(site_dir: str | Path, workers: int | None = None) -> SiteReport:
             if col == "dce" or col not in c.images:
                 continue
             info = infos[(str(c.images[col]), col)]
-            if info.shape is None:
+            if info.shape is None or info.path in bad_files:  # already reported as broken
                 continue
             if ref is None:
                 ref = info

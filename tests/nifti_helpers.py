@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import zlib
+
 import numpy as np
 
 
 def write_nii(path: Path, data: np.ndarray | None = None, shape=(8, 8, 8), affine=None,
-              descrip: str = "") -> Path:
+              descrip: str = "", aux_file: str = "") -> Path:
     import nibabel as nib
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if data is None:
-        data = np.random.default_rng(abs(hash(path.name)) % 2**32).random(shape).astype(np.float32)
+        data = np.random.default_rng(zlib.crc32(path.name.encode())).random(shape).astype(np.float32)
     img = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
     if descrip:
         img.header["descrip"] = descrip
+    if aux_file:
+        img.header["aux_file"] = aux_file
     nib.save(img, str(path))
     return path
 

@@ -63,8 +63,15 @@ def broken_site(tmp_path: Path) -> Path:
     # 13 dce that is 3D
     r = _good_case(site, "dce3d", "p21"); r["dce"] = str(write_nii(site / "dce3d" / "dce.nii.gz").relative_to(site))
     rows.append(r)
+    # 14 .nii whose header is corrupt (sizeof_hdr overwritten; nibabel would silently "fix" it)
+    r = _good_case(site, "badhdr", "p22")
+    f = write_nii(site / "badhdr" / "t1.nii"); raw = bytearray(f.read_bytes()); raw[0:4] = b"\x00" * 4
+    f.write_bytes(bytes(raw)); r["t1"] = "badhdr/t1.nii"; rows.append(r)
+    # 15 a person's name alone in aux_file (warning); a vendor string in descrip is not flagged
+    r = _good_case(site, "phiname", "p23")
+    write_nii(site / r["t2"], aux_file="DOE^JANE", descrip="Philips Medical Systems"); rows.append(r)
     write_cohort(site, rows)
-    # 14 duplicate case id (appended by hand: write_cohort is the contract writer, not a validator)
+    # 16 duplicate case id (appended by hand: write_cohort is the contract writer, not a validator)
     with (site / "cohort.csv").open("a") as fh:
         fh.write("ok1,p99" + "," * 14 + "\n")
     return site
@@ -78,7 +85,7 @@ def test_every_problem_is_reported_with_file_and_reason(broken_site: Path) -> No
     expect = [
         f"ERROR {s}/missing/nowhere.nii.gz: missing file (referenced by column t2)",
         f"ERROR {s}/trunc/flair.nii.gz: truncated or corrupt image data",
-        f"ERROR {s}/garbage/t1.nii.gz: unreadable NIfTI",
+        f"ERROR {s}/garbage/t1.nii.gz: unreadable NIfTI (BadGzipFile: Not a gzipped file (b'he'))",
         f"ERROR {s}/fourd/t1ce.nii.gz: expected a 3D image for t1ce, got shape (8, 8, 8, 3)",
         f"ERROR {s}/nan/t2.nii.gz: 2 NaN/Inf voxel(s)",
         f"ERROR {s}/const/flair.nii.gz: constant image (every voxel = 7)",
@@ -86,7 +93,10 @@ def test_every_problem_is_reported_with_file_and_reason(broken_site: Path) -> No
         "case shape: shape (8, 8, 9) differs from t1 (8, 8, 8)",
         "case affine: affine differs from t1 (sequences are not co-registered)",
         f"ERROR {s}/seglab/seg.nii.gz: segmentation values [3] outside the convention 0/1/2/4",
-        f"WARNING {s}/phi/t1.nii.gz: header field descrip looks like a date ('Doe^John 1970-01-31')",
+        f"WARNING {s}/phi/t1.nii.gz: header field descrip looks like a personal name and a date "
+        "('Doe^John 1970-01-31'): possible personal data",
+        f"ERROR {s}/badhdr/t1.nii: bad NIfTI header (sizeof_hdr should be 348)",
+        f"WARNING {s}/phiname/t2.nii.gz: header field aux_file looks like a personal name ('DOE^JANE')",
         "patient p0 is in more than one split: test (line 15), train (line 2); patient excluded",
         "case badlabel: grade 'GBM' is not one of LGG|HGG; label ignored",
         f"ERROR {s}/dce3d/dce.nii.gz: expected a 4D image for dce, got shape (8, 8, 8)",
@@ -95,10 +105,12 @@ def test_every_problem_is_reported_with_file_and_reason(broken_site: Path) -> No
     for e in expect:
         assert e in text, f"missing: {e}\n--- got ---\n{text}"
     assert all("\n" not in line for line in lines)
+    assert not any("phiname" in line and "descrip" in line for line in lines)
+    assert sum("fourd/t1ce" in line for line in lines) == 1  # a broken file is reported once
     assert not rep.ok
     grading = next(t for t in rep.tasks if t.task == "grading")
     # ok1, ok2 (ok0 is excluded with its patient p0); badlabel lost its label; broken files excluded
-    assert grading.total == 2 + 1  # + phi (a warning only)
+    assert grading.total == 2 + 2  # + phi and phiname (warnings only)
 
 
 def test_clean_site_passes_and_cli_exit_codes(tmp_path: Path, broken_site: Path) -> None:
