@@ -45,11 +45,13 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--size", type=int, default=48)
     a = ap.parse_args()
-    site = make_site(Path(tempfile.mkdtemp()) / "site", a.cases, a.size)
-    gliofed = Path(sys.executable).with_name("gliofed")
-    t = time.perf_counter()
-    r = subprocess.run([str(gliofed), "site", "check", str(site)], capture_output=True, text=True)
-    wall = time.perf_counter() - t
+    with tempfile.TemporaryDirectory(prefix="gliofed-site-bench-") as tmp:
+        site = make_site(Path(tmp) / "site", a.cases, a.size)
+        gliofed = Path(sys.executable).with_name("gliofed")
+        t = time.perf_counter()
+        r = subprocess.run([str(gliofed), "site", "check", str(site)], capture_output=True, text=True,
+                           check=False)
+        wall = time.perf_counter() - t
     print(r.stdout.strip().splitlines()[-1])
     print(f"site check: {a.cases} cases x 5 files of {a.size}^3 on {os.cpu_count()} cores: "
           f"{wall:.1f} s (exit {r.returncode})")

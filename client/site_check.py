@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +47,9 @@ class ImageInfo:
 @dataclass
 class TaskSummary:
     task: str
-    usable: dict[str, dict[str, int]]  # split -> class -> count
-    skipped: int
+    usable: dict[str, dict[str, int]]  # split -> class -> count (usable = eligible, files passed)
+    skipped: int  # rows the task cannot use (no label, missing inputs, no baseline)
+    excluded: int = 0  # eligible rows left out because one of their files failed the checks
 
     @property
     def total(self) -> int:
@@ -138,7 +138,7 @@ def check_image(path: str, column: str) -> ImageInfo:
         err(f"expected a {want}D image for {column}, got shape {shape}")
     for name in HEADER_TEXT_FIELDS:
         try:
-            raw = hdr[name] if name in hdr else None
+            raw = hdr.get(name)
         except Exception:  # noqa: BLE001
             raw = None
         text = raw.item().decode("latin-1", "replace").strip("\x00 ") if raw is not None else ""
@@ -171,8 +171,39 @@ def _check_chunk(items: list[tuple[str, str]]) -> list[ImageInfo]:
     return [check_image(p, c) for p, c in items]
 
 
-def check_site(site_dir: str | Path, workers: int | None = None) -> SiteReport:
-    """Check everything in a site folder and summarise what each task can use."""
+def _run_image_checks(items: list[tuple[str, str]], workers: int, progress: bool) -> list[ImageInfo]:
+    """Check every (path, column) in chunks over a process pool, with a progress bar when asked."""
+    from contextlib import nullcontext
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    n_chunks = max(1, len(items) // 25) if workers <= 1 else max(workers * 4, len(items) // 25)
+    chunks = [c for c in (items[i::n_chunks] for i in range(n_chunks)) if c]
+    bar = (Progress(console=Console(stderr=True), transient=True) if progress else nullcontext())
+    infos: list[ImageInfo] = []
+    with bar:
+        task = bar.add_task("checking images", total=len(items)) if progress else None
+        pool = ProcessPoolExecutor(workers) if workers > 1 and len(items) > 40 else None
+        try:
+            results = pool.map(_check_chunk, chunks) if pool else map(_check_chunk, chunks)
+            for res in results:
+                infos.extend(res)
+                if progress:
+                    bar.advance(task, len(res))
+        finally:
+            if pool:
+                pool.shutdown()
+    return infos
+
+
+def check_site(site_dir: str | Path, workers: int | None = None,
+               progress: bool = False) -> SiteReport:
+    """Check everything in a site folder and summarise what each task can use.
+
+    ``workers``: processes for the image checks (default: all cores, at most 8); ``progress``: show a
+    transient progress bar on stderr.
+    """
     site = Path(site_dir)
     try:
         cohort = read_cohort(site)
@@ -185,16 +216,7 @@ def check_site(site_dir: str | Path, workers: int | None = None) -> SiteReport:
     # Every image, once, even when several rows share a file.
     items = sorted({(str(path), col) for c in cohort.cases for col, path in c.images.items()})
     workers = workers or min(os.cpu_count() or 1, 8)
-    infos: dict[tuple[str, str], ImageInfo] = {}
-    if workers > 1 and len(items) > 40:
-        chunks = [items[i::workers * 4] for i in range(workers * 4)]
-        with ProcessPoolExecutor(workers) as pool:
-            for res in pool.map(_check_chunk, chunks):
-                for info in res:
-                    infos[(info.path, info.column)] = info
-    else:
-        for info in _check_chunk(items):
-            infos[(info.path, info.column)] = info
+    infos = {(i.path, i.column): i for i in _run_image_checks(items, workers, progress)}
     for key in items:
         report.problems.extend(infos[key].problems)
     bad_files = {k[0] for k, v in infos.items() if any(p.severity == "error" for p in v.problems)}
@@ -224,14 +246,15 @@ def check_site(site_dir: str | Path, workers: int | None = None) -> SiteReport:
     usable_cohort = type(cohort)(root=cohort.root, problems=[], cases=[
         c for c in cohort.cases if not any(str(p) in bad_files for p in c.images.values())])
     for name, spec in TASKS.items():
-        if spec.label_column is None:
-            continue
-        per_split: dict[str, dict[str, int]] = defaultdict(dict)
-        n_skipped = len(select_samples(spec, cohort)[1])
+        per_split: dict[str, dict[str, int]] = {}
+        eligible, ineligible = select_samples(spec, cohort)
         for split in ("train", "val", "test"):
             ok, _ = select_samples(spec, usable_cohort, split)
-            per_split[split] = class_counts(spec, ok)
-        report.tasks.append(TaskSummary(task=name, usable=dict(per_split), skipped=n_skipped))
+            # qtm (regression) has no classes: count sessions
+            per_split[split] = class_counts(spec, ok) if spec.classes else {"sessions": len(ok)}
+        summary = TaskSummary(task=name, usable=per_split, skipped=len(ineligible))
+        summary.excluded = len(eligible) - summary.total
+        report.tasks.append(summary)
     return report
 
 
@@ -251,10 +274,12 @@ def print_report(report: SiteReport) -> None:
     table.add_column("usable", justify="right")
     for split in ("train", "val", "test"):
         table.add_column(split)
+    table.add_column("bad files", justify="right")
+    table.add_column("not eligible", justify="right")
     for t in report.tasks:
         cells = [", ".join(f"{k} {v}" for k, v in t.usable[s].items() if v) or "-"
                  for s in ("train", "val", "test")]
-        table.add_row(t.task, str(t.total), *cells)
+        table.add_row(t.task, str(t.total), *cells, str(t.excluded), str(t.skipped))
     console.print(table)
     n_err, n_warn = len(report.errors), len(report.problems) - len(report.errors)
     console.print(f"{n_err} error(s), {n_warn} warning(s)", style="red" if n_err else "green")

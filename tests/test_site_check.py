@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
-import time
+import json
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +92,8 @@ def test_every_problem_is_reported_with_file_and_reason(broken_site: Path) -> No
         "case shape: shape (8, 8, 9) differs from t1 (8, 8, 8)",
         "case affine: affine differs from t1 (sequences are not co-registered)",
         f"ERROR {s}/seglab/seg.nii.gz: segmentation values [3] outside the convention 0/1/2/4",
-        f"WARNING {s}/phi/t1.nii.gz: header field descrip looks like a personal name and a date "
-        "('Doe^John 1970-01-31'): possible personal data",
+        (f"WARNING {s}/phi/t1.nii.gz: header field descrip looks like a personal name and a date "
+         "('Doe^John 1970-01-31'): possible personal data"),
         f"ERROR {s}/badhdr/t1.nii: bad NIfTI header (sizeof_hdr should be 348)",
         f"WARNING {s}/phiname/t2.nii.gz: header field aux_file looks like a personal name ('DOE^JANE')",
         "patient p0 is in more than one split: test (line 15), train (line 2); patient excluded",
@@ -111,6 +110,9 @@ def test_every_problem_is_reported_with_file_and_reason(broken_site: Path) -> No
     grading = next(t for t in rep.tasks if t.task == "grading")
     # ok1, ok2 (ok0 is excluded with its patient p0); badlabel lost its label; broken files excluded
     assert grading.total == 2 + 2  # + phi and phiname (warnings only)
+    # missing, trunc, garbage, fourd, nan, const, shape, affine, seglab, dce3d, badhdr
+    assert grading.excluded == 11
+    assert [t.task for t in rep.tasks] == ["grading", "typing", "rano", "recurrence", "qtm"]
 
 
 def test_clean_site_passes_and_cli_exit_codes(tmp_path: Path, broken_site: Path) -> None:
@@ -121,6 +123,9 @@ def test_clean_site_passes_and_cli_exit_codes(tmp_path: Path, broken_site: Path)
     assert "0 error(s)" in r.output and "grading" in r.output
     r = CliRunner().invoke(app, ["site", "check", str(broken_site), "--json"])
     assert r.exit_code == 1
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False and doc["tasks"]["grading"]["bad_files"] == 11
+    assert sum(p["severity"] == "warning" for p in doc["problems"]) == 2
     r = CliRunner().invoke(app, ["site", "check", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "site folder does not exist" in r.output
 

@@ -23,13 +23,14 @@ def site_check(
     """Validate without modifying anything; report every problem; exit 1 on errors."""
     from client.site_check import check_site, print_report
 
-    report = check_site(site_dir, workers=workers or None)
+    report = check_site(site_dir, workers=workers or None, progress=not as_json)
     if as_json:
         typer.echo(json.dumps({
             "site": str(report.site), "sessions": report.n_cases, "ok": report.ok,
             "problems": [{"severity": p.severity, "file": p.file, "line": p.line,
                           "message": p.message} for p in report.problems],
-            "tasks": {t.task: t.usable for t in report.tasks}}, indent=2))
+            "tasks": {t.task: {"usable": t.usable, "bad_files": t.excluded, "not_eligible": t.skipped}
+                      for t in report.tasks}}, indent=2))
     else:
         print_report(report)
     if not report.ok:

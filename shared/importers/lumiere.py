@@ -62,9 +62,9 @@ def collect(src: Path, out: Path):
             atlas = sdir / "DeepBraTumIA-segmentation" / "atlas"
             use_atlas = all((atlas / "skull_strip" / f"{v}_skull_strip.nii.gz").is_file()
                             for v in ATLAS.values())
-            for col in NATIVE:
+            for col, native in NATIVE.items():
                 p = (atlas / "skull_strip" / f"{ATLAS[col]}_skull_strip.nii.gz" if use_atlas
-                     else sdir / f"{NATIVE[col]}.nii.gz")
+                     else sdir / f"{native}.nii.gz")
                 if p.is_file():
                     row[col] = relpath(p, out)
             seg = atlas / "segmentation" / "seg_mask.nii.gz"
