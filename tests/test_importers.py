@@ -106,6 +106,8 @@ def test_lumiere_sessions_pairs_and_ratings(tmp_path: Path) -> None:
     assert c["Patient-001_week-044"].labels["rano"] == "SD"
     assert c["Patient-001_week-044"].baseline_case_id == "Patient-001_week-012"
     assert "rano" not in c["Patient-001_week-000-2"].labels  # Post-Op dropped
+    assert ("Patient-001_week-000-1", "rating 'Pre-Op' is not a response class (session kept)") in res.notes
+    assert res.skipped == []
     assert c["Patient-001_week-044"].images["t1ce"].name == "ct1_skull_strip.nii.gz"
     seg = np.asarray(nib.load(c["Patient-001_week-044"].images["seg"]).dataobj)
     assert set(np.unique(seg)) == {0, 1, 2, 4}  # 1 enh -> 4, 2 nec -> 1, 3 edema -> 2
@@ -137,3 +139,28 @@ def test_cli_import_reports_and_errors(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "1 session(s) written" in r.output
     r = CliRunner().invoke(app, ["import", "ucsf-pdgm", str(tmp_path), "--out", str(tmp_path / "s")])
     assert r.exit_code == 2 and "UCSF-PDGM-metadata_v*.csv not found" in r.output
+
+
+def test_lumiere_rating_values_and_column_by_position(tmp_path: Path) -> None:
+    from shared.importers.lumiere import rano_label, read_ratings
+
+    assert [rano_label(v) for v in ("PD", " SD ", "Post-Op/PD", "Post-Op / CR", "Pre-Op", "Post-Op", "")] == [
+        "PD", "SD", "PD", "CR", None, None, None]
+    f = tmp_path / "ratings.csv"  # a header renamed by hand: the 5th column is still the rating
+    f.write_text("Patient,Timepoint,a,b,RANO,why\nPatient-002,week-010,,,PR,\n")
+    assert read_ratings(f) == {("Patient-002", "week-010"): "PR"}
+
+
+def test_cli_lumiere_summary_lists_notes_and_counts(tmp_path: Path) -> None:
+    img = tmp_path / "Imaging" / "Patient-007"
+    for week in ("week-000", "week-020"):
+        for s in ("CT1", "T1", "T2", "FLAIR"):
+            write_nii(img / week / f"{s}.nii.gz")
+    (tmp_path / "LUMIERE-ExpertRating-v202211.csv").write_text(
+        "Patient,Date,LessThan3Months,NonMeasurableLesions,Rating (according to RANO),Rationale\n"
+        "Patient-007,week-000,,,Post-Op,\nPatient-007,week-020,,,PD,\n")
+    r = CliRunner().invoke(app, ["import", "lumiere", str(tmp_path), "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert "note Patient-007_week-000: rating 'Post-Op' is not a response class (session kept)" in r.output
+    assert "lumiere: 2 session(s) written" in r.output and "; 0 skipped" in r.output
+    assert "rano: PD 1" in r.output

@@ -41,13 +41,16 @@ def _import(layout: str, src: Path, out: Path, **kw) -> None:
     from shared.importers import ImportErrorForUser, run_importer
 
     try:
-        result = run_importer(layout, src, out, **kw)
+        result = run_importer(layout, src, out, progress=True, **kw)
     except ImportErrorForUser as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
     for cid, reason in result.skipped:
         typer.echo(f"skipped {cid}: {reason}")
-    typer.echo(f"{layout}: {result.n_cases} session(s) written to {result.cohort_csv}")
+    for cid, note in result.notes:
+        typer.echo(f"note {cid}: {note}")
+    typer.echo(f"{layout}: {result.n_cases} session(s) written to {result.cohort_csv}; "
+               f"{len(result.skipped)} skipped")
     for col, counts in result.label_counts.items():
         typer.echo(f"  {col}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from shared.cohort import LABEL_VALUES, write_cohort
 
@@ -23,8 +26,25 @@ class ImportErrorForUser(ValueError):
 class ImportResult:
     cohort_csv: Path
     n_cases: int
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (case, reason): not in cohort.csv
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (case, note): written, label left out
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+_T = TypeVar("_T")
+_SHOW_PROGRESS: ContextVar[bool] = ContextVar("gliofed_import_progress", default=False)
+
+
+def track(items: Iterable[_T], label: str) -> Iterator[_T]:
+    """Iterate ``items``, with a transient progress bar on stderr while an import asked for one."""
+    items = list(items)
+    if not _SHOW_PROGRESS.get() or not items:
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import track as rich_track
+
+    yield from rich_track(items, description=label, console=Console(stderr=True), transient=True)
 
 
 LAYOUTS = ("brats2020", "brats2021", "brats2023", "fets", "lumiere", "ucsf-pdgm")
@@ -38,8 +58,9 @@ def relpath(path: Path, out: Path) -> str:
         return str(path.resolve())
 
 
-def run_importer(layout: str, src: str | Path, out: str | Path, **kw) -> ImportResult:
-    """Import ``src`` in ``layout`` into site folder ``out``."""
+def run_importer(layout: str, src: str | Path, out: str | Path, progress: bool = False,
+                 **kw) -> ImportResult:
+    """Import ``src`` in ``layout`` into site folder ``out`` (``progress``: bars on stderr)."""
     from shared.importers import brats, lumiere, ucsf
 
     collectors = {"brats2020": brats.collect_brats2020, "brats2021": brats.collect_brats2021,
@@ -51,9 +72,16 @@ def run_importer(layout: str, src: str | Path, out: str | Path, **kw) -> ImportR
     if not src.is_dir():
         raise ImportErrorForUser(f"{src}: not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    rows, skipped = collectors[layout](src, out, **kw)
+    token = _SHOW_PROGRESS.set(progress)
+    try:
+        rows, skipped = collectors[layout](src, out, **kw)
+    finally:
+        _SHOW_PROGRESS.reset(token)
     if not rows:
         raise ImportErrorForUser(f"{src}: no {layout} cases found (is this the right layout?)")
     path = write_cohort(out, rows)
     counts = {col: dict(Counter(r[col] for r in rows if r.get(col))) for col in LABEL_VALUES}
-    return ImportResult(path, len(rows), skipped, {k: v for k, v in counts.items() if v})
+    written = {r["case_id"] for r in rows}
+    return ImportResult(path, len(rows), [x for x in skipped if x[0] not in written],
+                        [x for x in skipped if x[0] in written],
+                        {k: v for k, v in counts.items() if v})

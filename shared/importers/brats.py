@@ -6,7 +6,7 @@ import csv
 import re
 from pathlib import Path
 
-from shared.importers import ImportErrorForUser, relpath
+from shared.importers import ImportErrorForUser, relpath, track
 from shared.importers.convert import convert_seg
 
 BRATS_SEQS = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"}
@@ -46,7 +46,7 @@ def _session_row(folder: Path, out: Path, seqs: dict[str, str], sep: str = "_"):
 
 def _collect(src: Path, out: Path, pattern: str, seqs: dict[str, str], sep: str = "_"):
     rows, skipped = [], []
-    for folder in _case_dirs(src, pattern):
+    for folder in track(_case_dirs(src, pattern), "reading cases"):
         row, missing = _session_row(folder, out, seqs, sep)
         if missing:
             skipped.append((folder.name, f"missing {', '.join(missing)} in {folder}"))
@@ -79,7 +79,7 @@ def collect_brats2021(src: Path, out: Path):
 
 def collect_brats2023(src: Path, out: Path):
     rows, skipped = _collect(src, out, r"BraTS-GLI-\d{5}-\d{3}", BRATS23_SEQS, sep="-")
-    for r in rows:
+    for r in track(rows, "relabelling segs 3 -> 4"):
         m = re.fullmatch(r"(BraTS-GLI-\d{5})-(\d{3})", r["case_id"])
         r["patient_id"], r["timepoint"] = m.group(1), m.group(2)
         if r.get("seg"):

@@ -6,7 +6,7 @@ import csv
 import re
 from pathlib import Path
 
-from shared.importers import ImportErrorForUser, relpath
+from shared.importers import ImportErrorForUser, relpath, track
 from shared.importers.convert import convert_seg
 
 RANO = ("CR", "PR", "SD", "PD")
@@ -52,7 +52,7 @@ def collect(src: Path, out: Path):
     ratings_files = sorted(src.glob("LUMIERE-ExpertRating*.csv"))
     ratings = read_ratings(ratings_files[0]) if ratings_files else {}
     rows, skipped = [], []
-    for pdir in patients:
+    for pdir in track(patients, "reading patients"):
         sessions = sorted((s for s in pdir.iterdir() if s.is_dir() and _WEEK.fullmatch(s.name)),
                           key=lambda s: _session_key(s.name))
         prev_id = None

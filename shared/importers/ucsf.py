@@ -6,7 +6,7 @@ import csv
 import re
 from pathlib import Path
 
-from shared.importers import ImportErrorForUser, relpath
+from shared.importers import ImportErrorForUser, relpath, track
 
 SEQS = {"t1": "T1", "t1ce": "T1c", "t2": "T2", "flair": "FLAIR", "seg": "tumor_segmentation"}
 _DIR = re.compile(r"UCSF-PDGM-(\d{3,4})(?:_(FU\w+))?_nifti")
@@ -36,7 +36,7 @@ def read_grades(src: Path) -> dict[str, str]:
 def collect(src: Path, out: Path):
     grades = read_grades(src)
     rows, skipped = [], []
-    for folder in sorted(p for p in src.rglob("*_nifti") if p.is_dir()):
+    for folder in track(sorted(p for p in src.rglob("*_nifti") if p.is_dir()), "reading cases"):
         m = _DIR.fullmatch(folder.name)
         if not m:
             continue
