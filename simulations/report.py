@@ -1,0 +1,161 @@
+"""The simulation report: RUN_DIR/report.html with PNGs (learning curves, FL vs centralised vs
+local-only on the same pooled test set, per-site metrics, bytes moved and time per round)."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and v is not None else math.nan
+
+
+def headline(summary: dict[str, Any]) -> str:
+    from shared.tasks import get_task
+
+    return get_task(summary["spec"]["task"]).headline_metric
+
+
+def comparison(summary: dict[str, Any]) -> dict[str, float]:
+    """Final headline metric of FL (pooled), centralised and each local-only model."""
+    key = headline(summary)
+    rounds = summary["rounds"]
+    out = {"federated": _num(rounds[-1]["pooled"].get(key)) if rounds else math.nan}
+    base = summary.get("baselines") or {}
+    if base:
+        out["centralised"] = _num(base["centralised"]["final"].get(key))
+        local = {n: _num(r["final"].get(key)) for n, r in base["local"].items()}
+        for name, v in local.items():
+            out[f"local-only {name}"] = v
+        finite = [v for v in local.values() if math.isfinite(v)]
+        if finite:
+            out["local-only (mean)"] = sum(finite) / len(finite)
+    return out
+
+
+def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = headline(summary)
+    rounds = summary["rounds"]
+    xs = [r["round"] for r in rounds]
+    base = summary.get("baselines") or {}
+    figs: list[tuple[str, str]] = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(xs, [_num(r["pooled"].get(key)) for r in rounds], "o-", label=f"federated ({summary['spec']['strategy']}), pooled")
+    if any("central" in r for r in rounds):
+        ax.plot(xs, [_num(r.get("central", {}).get(key)) for r in rounds], "s--", label="federated, server test set")
+    if base:
+        c = base["centralised"]["curve"]
+        ax.plot([p["round"] for p in c], [_num(p.get(key)) for p in c], "^-", label="centralised (pooled data)")
+        for i, (name, r) in enumerate(sorted(base["local"].items())):
+            ax.axhline(_num(r["final"].get(key)), ls=":", lw=1, color=f"C{3 + i % 6}",
+                       label=f"local-only {name} (final)")
+    ax.set(xlabel="round (= local epochs x round for baselines)", ylabel=f"{key} on pooled test set",
+           title="Learning curves")
+    ax.set_xticks(xs)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    figs.append(("learning_curves.png", "Learning curves on the pooled test set"))
+    fig.tight_layout(); fig.savefig(run_dir / figs[-1][0], dpi=110); plt.close(fig)
+
+    comp = comparison(summary)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    names = list(comp)
+    colors = ["C0" if n == "federated" else "C2" if n == "centralised" else "C7" for n in names]
+    bars = ax.barh(names, [comp[n] for n in names], color=colors)
+    for b, v in zip(bars, comp.values()):
+        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {v:.3f}", va="center", fontsize=8)
+    ax.set(xlabel=f"final {key} on the same pooled test set", xlim=(0, 1.08),
+           title="Federated vs centralised vs local-only")
+    ax.invert_yaxis()
+    figs.append(("comparison.png", "Final comparison"))
+    fig.tight_layout(); fig.savefig(run_dir / figs[-1][0], dpi=110); plt.close(fig)
+
+    sites = sorted({s for r in rounds for s in r.get("sites", {})})
+    if sites:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for s in sites:
+            ax.plot(xs, [_num(r["sites"].get(s, {}).get(key)) for r in rounds], "o-", label=s)
+        ax.set(xlabel="round", ylabel=f"{key} on the site's own test split",
+               title="Global model per site")
+        ax.set_xticks(xs); ax.grid(alpha=0.3); ax.legend(fontsize=7)
+        figs.append(("per_site.png", "Per-site metrics of the global model"))
+        fig.tight_layout(); fig.savefig(run_dir / figs[-1][0], dpi=110); plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+    mib = 1024 * 1024
+    w = 0.4
+    a1.bar([x - w / 2 for x in xs], [r["bytes_sent"] / mib for r in rounds], w, label="sent")
+    a1.bar([x + w / 2 for x in xs], [r["bytes_received"] / mib for r in rounds], w, label="received")
+    a1.set(xlabel="round", ylabel="MiB", title="Bytes moved per round"); a1.set_xticks(xs)
+    a1.legend(fontsize=7)
+    a2.bar(xs, [r["seconds"] for r in rounds], color="C1", label="round wall time")
+    slowest = [max(r.get("site_train_seconds", {}).values() or [0]) for r in rounds]
+    a2.plot(xs, slowest, "k_", ms=20, mew=2, label="slowest site's training")
+    a2.set(xlabel="round", ylabel="seconds", title="Time per round"); a2.set_xticks(xs)
+    a2.legend(fontsize=7)
+    figs.append(("rounds.png", "Bytes and time per round"))
+    fig.tight_layout(); fig.savefig(run_dir / figs[-1][0], dpi=110); plt.close(fig)
+    return figs
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if not math.isfinite(v) else f"{v:.3f}"
+    return html.escape("" if v is None else str(v))
+
+
+def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write the PNGs and ``report.html``; returns the HTML path."""
+    run_dir = Path(run_dir)
+    figs = _plots(run_dir, summary)
+    key = headline(summary)
+    comp = [{"model": k, key: v} for k, v in comparison(summary).items()]
+    rounds = [
+        {"round": r["round"], f"pooled {key}": _num(r["pooled"].get(key)),
+         "pooled balanced acc.": _num(r["pooled"].get("balanced_accuracy")),
+         "sites replied": f"{r['replied']}/{r['sampled']}", "seconds": _num(r["seconds"]),
+         "MiB sent": r["bytes_sent"] / 2**20, "MiB received": r["bytes_received"] / 2**20}
+        for r in summary["rounds"]
+    ]
+    per_site = [{"site": s, **{k: _num(v) for k, v in m.items() if k in (key, "accuracy",
+                 "balanced_accuracy", "num-examples")}}
+                for s, m in sorted((summary["rounds"][-1].get("sites") or {}).items())] \
+        if summary["rounds"] else []
+    spec = summary["spec"]
+    imgs = "".join(f'<figure><img src="{f}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}'
+                   f"</figcaption></figure>" for f, t in figs)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>gliofed simulation: {html.escape(spec['task'])}</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:inline-block;margin:.5em}}</style></head><body>
+<h1>Federated {html.escape(spec['task'])}: {len(summary['site_names'])} sites, {len(summary['rounds'])} rounds, {html.escape(spec['strategy'])}</h1>
+<p>Partition <code>{html.escape(str(spec['partition']))}</code>, seed {spec['seed']}, network {html.escape(str(spec['network']))},
+{spec['size']}<sup>3</sup> inputs, {spec['local_epochs']} local epoch(s) per round. All models are scored on the same pooled
+test set ({(summary.get('baselines') or {}).get('test_cases', 'n/a')} cases): the union of the sites' test splits.
+Federation wall time {summary['fl_seconds']:.1f} s (includes Ray start-up), total {summary['total_seconds']:.1f} s.</p>
+<h2>Result</h2>{_table(comp)}{imgs}
+<h2>Rounds</h2>{_table(rounds)}
+<h2>Per site (last round, global model on each site's test split)</h2>{_table(per_site)}
+<h2>Partition</h2>{_table(summary['class_table'])}
+</body></html>"""
+    out = run_dir / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out
