@@ -234,14 +234,14 @@ def check_site(site_dir: str | Path, workers: int | None = None,
                 continue
             if info.shape != ref.shape:
                 report.problems.append(CohortProblem(
-                    "error", info.path, f"case {c.case_id}: shape {info.shape} differs from "
-                    f"{ref.column} {ref.shape}", c.line))
+                    "error", info.path, f"case {c.case_id} (cohort.csv line {c.line}): shape "
+                    f"{info.shape} differs from {ref.column} {ref.shape}"))
                 bad_files.add(info.path)
             elif info.affine is not None and ref.affine is not None and not np.allclose(
                     info.affine, ref.affine, atol=1e-2):
                 report.problems.append(CohortProblem(
-                    "error", info.path, f"case {c.case_id}: affine differs from {ref.column} "
-                    f"(sequences are not co-registered)", c.line))
+                    "error", info.path, f"case {c.case_id} (cohort.csv line {c.line}): affine "
+                    f"differs from {ref.column} (sequences are not co-registered)"))
                 bad_files.add(info.path)
     usable_cohort = type(cohort)(root=cohort.root, problems=[], cases=[
         c for c in cohort.cases if not any(str(p) in bad_files for p in c.images.values())])

@@ -88,9 +88,10 @@ def test_every_problem_is_reported_with_file_and_reason(broken_site: Path) -> No
         f"ERROR {s}/fourd/t1ce.nii.gz: expected a 3D image for t1ce, got shape (8, 8, 8, 3)",
         f"ERROR {s}/nan/t2.nii.gz: 2 NaN/Inf voxel(s)",
         f"ERROR {s}/const/flair.nii.gz: constant image (every voxel = 7)",
-        f"{s}/shape/t2.nii.gz:",  # with line number
-        "case shape: shape (8, 8, 9) differs from t1 (8, 8, 8)",
-        "case affine: affine differs from t1 (sequences are not co-registered)",
+        (f"ERROR {s}/shape/t2.nii.gz: case shape (cohort.csv line 11): shape (8, 8, 9) differs from t1 "
+         "(8, 8, 8)"),
+        (f"ERROR {s}/affine/flair.nii.gz: case affine (cohort.csv line 12): affine differs from t1 "
+         "(sequences are not co-registered)"),
         f"ERROR {s}/seglab/seg.nii.gz: segmentation values [3] outside the convention 0/1/2/4",
         (f"WARNING {s}/phi/t1.nii.gz: header field descrip looks like a personal name and a date "
          "('Doe^John 1970-01-31'): possible personal data"),
