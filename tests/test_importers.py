@@ -91,6 +91,8 @@ def test_lumiere_sessions_pairs_and_ratings(tmp_path: Path) -> None:
     for s in ("ct1", "t1", "t2", "flair"):
         write_nii(atlas / "skull_strip" / f"{s}_skull_strip.nii.gz")
     write_nii(atlas / "segmentation" / "seg_mask.nii.gz", seg_array(labels=(1, 2, 3)))
+    for s in ("CT1", "T1", "T2", "FLAIR"):  # week-012: HD-GLIO-AUTO's co-registered set, no DeepBraTumIA
+        write_nii(img / "week-012" / "HD-GLIO-AUTO-segmentation" / "registered" / f"{s}_r2s_bet_reg.nii.gz")
     long = ("Rating (according to RANO, PD: Progressive disease, SD: Stable disease, PR: Partial "
             "response, CR: Complete response, Pre-Op: Pre-Operative, Post-Op: Post-Operative)")
     (tmp_path / "LUMIERE-ExpertRating-v202211.csv").write_text(
@@ -109,6 +111,9 @@ def test_lumiere_sessions_pairs_and_ratings(tmp_path: Path) -> None:
     assert ("Patient-001_week-000-1", "rating 'Pre-Op' is not a response class (session kept)") in res.notes
     assert res.skipped == []
     assert c["Patient-001_week-044"].images["t1ce"].name == "ct1_skull_strip.nii.gz"
+    assert c["Patient-001_week-012"].images["flair"].name == "FLAIR_r2s_bet_reg.nii.gz"
+    assert "seg" not in c["Patient-001_week-012"].images
+    assert c["Patient-001_week-000-1"].images["t2"].name == "T2.nii.gz"  # native only
     seg = np.asarray(nib.load(c["Patient-001_week-044"].images["seg"]).dataobj)
     assert set(np.unique(seg)) == {0, 1, 2, 4}  # 1 enh -> 4, 2 nec -> 1, 3 edema -> 2
     assert seg[2, 3, 3] == 4 and seg[3, 3, 3] == 1 and seg[4, 3, 3] == 2

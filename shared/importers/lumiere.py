@@ -44,6 +44,27 @@ def rano_label(rating: str) -> str | None:
     return found[-1] if found else None
 
 
+def session_images(sdir: Path) -> tuple[dict[str, Path], Path | None]:
+    """The co-registered images of one session, and its DeepBraTumIA mask when usable.
+
+    Preference: DeepBraTumIA atlas space (skull-stripped, with the mask), then HD-GLIO-AUTO's registered
+    set (co-registered, skull-stripped; its mask is not used: label 1 mixes edema and non-enhancing
+    tumour, which has no faithful 1/2/4 equivalent), then whatever native images exist (not
+    co-registered: the site check will report their shape/affine mismatches).
+    """
+    atlas = sdir / "DeepBraTumIA-segmentation" / "atlas"
+    deep = {col: atlas / "skull_strip" / f"{name}_skull_strip.nii.gz" for col, name in ATLAS.items()}
+    if all(p.is_file() for p in deep.values()):
+        seg = atlas / "segmentation" / "seg_mask.nii.gz"
+        return deep, seg if seg.is_file() else None
+    reg = sdir / "HD-GLIO-AUTO-segmentation" / "registered"
+    hdglio = {col: reg / f"{name}_r2s_bet_reg.nii.gz" for col, name in NATIVE.items()}
+    if all(p.is_file() for p in hdglio.values()):
+        return hdglio, None
+    native = {col: sdir / f"{name}.nii.gz" for col, name in NATIVE.items()}
+    return {col: p for col, p in native.items() if p.is_file()}, None
+
+
 def collect(src: Path, out: Path):
     imaging = src / "Imaging" if (src / "Imaging").is_dir() else src
     patients = sorted(p for p in imaging.glob("Patient-*") if p.is_dir())
@@ -59,16 +80,9 @@ def collect(src: Path, out: Path):
         for sdir in sessions:
             cid = f"{pdir.name}_{sdir.name}"
             row: dict[str, str] = {"case_id": cid, "patient_id": pdir.name, "timepoint": sdir.name}
-            atlas = sdir / "DeepBraTumIA-segmentation" / "atlas"
-            use_atlas = all((atlas / "skull_strip" / f"{v}_skull_strip.nii.gz").is_file()
-                            for v in ATLAS.values())
-            for col, native in NATIVE.items():
-                p = (atlas / "skull_strip" / f"{ATLAS[col]}_skull_strip.nii.gz" if use_atlas
-                     else sdir / f"{native}.nii.gz")
-                if p.is_file():
-                    row[col] = relpath(p, out)
-            seg = atlas / "segmentation" / "seg_mask.nii.gz"
-            if use_atlas and seg.is_file():
+            images, seg = session_images(sdir)
+            row.update({col: relpath(path, out) for col, path in images.items()})
+            if seg is not None:
                 dst = out / "converted" / f"{cid}_seg.nii.gz"
                 row["seg"] = relpath(convert_seg(seg, dst, DEEPBRATUMIA_TO_INTERNAL), out)
             rating = ratings.get((pdir.name, sdir.name))
