@@ -52,9 +52,12 @@ def test_brats2020_without_name_mapping_is_a_clear_error(tmp_path: Path) -> None
 def test_brats2021_and_missing_sequence_skipped(tmp_path: Path) -> None:
     _brats_case(tmp_path / "BraTS2021_00000", "BraTS2021_00000", ("flair", "t1", "t1ce", "t2"))
     _brats_case(tmp_path / "BraTS2021_00002", "BraTS2021_00002", ("flair", "t1", "t2"))
+    _brats_case(tmp_path / "copy" / "BraTS2021_00000", "BraTS2021_00000", ("flair", "t1", "t1ce", "t2"))
     res = run_importer("brats2021", tmp_path, tmp_path / "site")
     assert res.n_cases == 1
-    assert res.skipped[0][0] == "BraTS2021_00002" and "missing t1ce" in res.skipped[0][1]
+    assert res.skipped == [("BraTS2021_00002", f"missing t1ce in {tmp_path}/BraTS2021_00002")]
+    dup = f"duplicate folder {tmp_path}/copy/BraTS2021_00000 ignored (kept {tmp_path}/BraTS2021_00000)"
+    assert res.notes == [("BraTS2021_00000", dup)]
 
 
 def test_brats2023_names_and_label_3_to_4(tmp_path: Path) -> None:

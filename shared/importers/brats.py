@@ -46,7 +46,12 @@ def _session_row(folder: Path, out: Path, seqs: dict[str, str], sep: str = "_"):
 
 def _collect(src: Path, out: Path, pattern: str, seqs: dict[str, str], sep: str = "_"):
     rows, skipped = [], []
+    seen: dict[str, Path] = {}
     for folder in track(_case_dirs(src, pattern), "reading cases"):
+        if folder.name in seen:  # e.g. a second copy of the dataset under SRC
+            skipped.append((folder.name, f"duplicate folder {folder} ignored (kept {seen[folder.name]})"))
+            continue
+        seen[folder.name] = folder
         row, missing = _session_row(folder, out, seqs, sep)
         if missing:
             skipped.append((folder.name, f"missing {', '.join(missing)} in {folder}"))
