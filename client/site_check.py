@@ -103,6 +103,44 @@ def header_problems(path: str) -> list[str]:
     return [r.problem_msg for r in reports if r.problem_level >= _HEADER_ERROR_LEVEL]
 
 
+def dce_sidecar_problems(path: str, n_frames: int | None) -> list[tuple[str, str]]:
+    """(file, reason) for a DCE series' JSON sidecar: present, valid, with frame timing (shared.dce.io)."""
+    import json
+
+    from shared.dce.io import sidecar_path
+
+    side = sidecar_path(path)
+    if not side.is_file():
+        return [(str(side), f"JSON sidecar for {Path(path).name} not found (frame timing is required)")]
+    try:
+        meta = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [(str(side), f"not valid JSON ({_reason(exc)})")]
+    if not isinstance(meta, dict):
+        return [(str(side), "must hold a JSON object")]
+    out: list[tuple[str, str]] = []
+    if "FrameTimes" in meta:
+        try:
+            times = np.asarray(meta["FrameTimes"], dtype=float).ravel()
+        except (TypeError, ValueError):
+            times = None
+        if times is None:
+            out.append((str(side), "FrameTimes must be a list of numbers (seconds)"))
+        elif n_frames is not None and times.size != n_frames:
+            msg = f"FrameTimes has {times.size} entries but the image has {n_frames} frames"
+            out.append((str(side), msg))
+        elif np.any(np.diff(times) <= 0):
+            out.append((str(side), "FrameTimes must increase strictly"))
+    elif "TemporalResolution" not in meta:
+        out.append((str(side), "needs FrameTimes or TemporalResolution (seconds)"))
+    quantity = str(meta.get("Quantity", "concentration")).lower()
+    if quantity not in ("concentration", "signal"):
+        out.append((str(side), f"Quantity must be 'concentration' or 'signal', got {quantity!r}"))
+    elif quantity == "signal" and not {"RepetitionTime", "FlipAngle"} <= set(meta):
+        out.append((str(side), "signal data need RepetitionTime (s) and FlipAngle (deg)"))
+    return out
+
+
 def check_image(path: str, column: str) -> ImageInfo:
     """Open one NIfTI and check it: readable, dimensionality, finite, non-constant, seg labels, header."""
     import nibabel as nib
@@ -136,6 +174,9 @@ def check_image(path: str, column: str) -> ImageInfo:
     ndim = len([s for s in shape if s > 1]) if len(shape) > want else len(shape)
     if ndim != want:
         err(f"expected a {want}D image for {column}, got shape {shape}")
+    if column == "dce":
+        for file, msg in dce_sidecar_problems(path, shape[3] if len(shape) == 4 else None):
+            problems.append(CohortProblem("error", file, msg))
     for name in HEADER_TEXT_FIELDS:
         try:
             raw = hdr.get(name)

@@ -69,8 +69,16 @@ def broken_site(tmp_path: Path) -> Path:
     # 15 a person's name alone in aux_file (warning); a vendor string in descrip is not flagged
     r = _good_case(site, "phiname", "p23")
     write_nii(site / r["t2"], aux_file="DOE^JANE", descrip="Philips Medical Systems"); rows.append(r)
+    # 16 4D dce without its JSON sidecar; 17 with a sidecar whose FrameTimes miss a frame
+    r = _good_case(site, "dcenojson", "p24")
+    r["dce"] = str(write_nii(site / "dcenojson" / "dce.nii.gz", shape=(8, 8, 8, 4)).relative_to(site))
+    rows.append(r)
+    r = _good_case(site, "dceframes", "p25")
+    r["dce"] = str(write_nii(site / "dceframes" / "dce.nii.gz", shape=(8, 8, 8, 4)).relative_to(site))
+    (site / "dceframes" / "dce.json").write_text('{"FrameTimes": [0, 5, 10]}')
+    rows.append(r)
     write_cohort(site, rows)
-    # 16 duplicate case id (appended by hand: write_cohort is the contract writer, not a validator)
+    # 18 duplicate case id (appended by hand: write_cohort is the contract writer, not a validator)
     with (site / "cohort.csv").open("a") as fh:
         fh.write("ok1,p99" + "," * 14 + "\n")
     return site
@@ -101,6 +109,8 @@ def test_every_problem_is_reported_with_file_and_reason(broken_site: Path) -> No
         "case badlabel: grade 'GBM' is not one of LGG|HGG; label ignored",
         f"ERROR {s}/dce3d/dce.nii.gz: expected a 4D image for dce, got shape (8, 8, 8)",
         "duplicate case_id ok1 (first on line 3); row skipped",
+        f"ERROR {s}/dcenojson/dce.json: JSON sidecar for dce.nii.gz not found (frame timing is required)",
+        f"ERROR {s}/dceframes/dce.json: FrameTimes has 3 entries but the image has 4 frames",
     ]
     for e in expect:
         assert e in text, f"missing: {e}\n--- got ---\n{text}"
@@ -111,8 +121,8 @@ def test_every_problem_is_reported_with_file_and_reason(broken_site: Path) -> No
     grading = next(t for t in rep.tasks if t.task == "grading")
     # ok1, ok2 (ok0 is excluded with its patient p0); badlabel lost its label; broken files excluded
     assert grading.total == 2 + 2  # + phi and phiname (warnings only)
-    # missing, trunc, garbage, fourd, nan, const, shape, affine, seglab, dce3d, badhdr
-    assert grading.excluded == 11
+    # missing, trunc, garbage, fourd, nan, const, shape, affine, seglab, dce3d, badhdr, dcenojson, dceframes
+    assert grading.excluded == 13
     assert [t.task for t in rep.tasks] == ["grading", "typing", "rano", "recurrence", "qtm"]
 
 
@@ -125,7 +135,7 @@ def test_clean_site_passes_and_cli_exit_codes(tmp_path: Path, broken_site: Path)
     r = CliRunner().invoke(app, ["site", "check", str(broken_site), "--json"])
     assert r.exit_code == 1
     doc = json.loads(r.stdout)
-    assert doc["ok"] is False and doc["tasks"]["grading"]["bad_files"] == 11
+    assert doc["ok"] is False and doc["tasks"]["grading"]["bad_files"] == 13
     assert sum(p["severity"] == "warning" for p in doc["problems"]) == 2
     r = CliRunner().invoke(app, ["site", "check", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "site folder does not exist" in r.output
