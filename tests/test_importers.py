@@ -172,3 +172,20 @@ def test_cli_lumiere_summary_lists_notes_and_counts(tmp_path: Path) -> None:
     assert "note Patient-007_week-000: rating 'Post-Op' is not a response class (session kept)" in r.output
     assert "lumiere: 2 session(s) written" in r.output and "; 0 skipped" in r.output
     assert "rano: PD 1" in r.output
+
+
+def test_layout_csv_problems_are_one_line_errors(tmp_path: Path) -> None:
+    _brats_case(tmp_path / "BraTS20_Training_001", "BraTS20_Training_001", ("flair", "t1", "t1ce", "t2"))
+    (tmp_path / "name_mapping.csv").write_text("Grade,ID\nHGG,BraTS20_Training_001\n")
+    with pytest.raises(ImportErrorForUser, match=r"name_mapping.csv: header lacks Grade and BraTS_2020_subject_ID"):
+        run_importer("brats2020", tmp_path, tmp_path / "site")
+    _brats_case(tmp_path / "FeTS2022_001", "FeTS2022_001", ("flair", "t1", "t1ce", "t2"))
+    part = tmp_path / "partitioning_1.csv"
+    part.write_text("Subject_ID,Partition_ID\nFeTS2022_001,01\nFeTS2022_002,x\n")
+    with pytest.raises(ImportErrorForUser, match=r"partitioning_1.csv:3: Partition_ID 'x' is not a number"):
+        run_importer("fets", tmp_path, tmp_path / "site", partitions=part)
+    (tmp_path / "UCSF-PDGM-metadata_v5.csv").write_text("Patient,Grade\n")
+    with pytest.raises(ImportErrorForUser, match=r"metadata_v5.csv: header lacks ID and WHO CNS Grade"):
+        run_importer("ucsf-pdgm", tmp_path, tmp_path / "site")
+    with pytest.raises(ImportErrorForUser, match=r"unknown layout 'brats2019'"):
+        run_importer("brats2019", tmp_path, tmp_path / "site")

@@ -66,8 +66,11 @@ def collect_brats2020(src: Path, out: Path):
     if not maps:
         raise ImportErrorForUser(f"{src}: name_mapping.csv not found (it carries the LGG/HGG grade)")
     grade = {}
-    with maps[0].open(newline="") as fh:
-        for r in csv.DictReader(fh):
+    with maps[0].open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if not {"Grade", "BraTS_2020_subject_ID"} <= set(reader.fieldnames or []):
+            raise ImportErrorForUser(f"{maps[0]}: header lacks Grade and BraTS_2020_subject_ID")
+        for r in reader:
             grade[r.get("BraTS_2020_subject_ID", "").strip()] = r.get("Grade", "").strip()
     for r in rows:
         g = grade.get(r["case_id"])
@@ -101,12 +104,16 @@ def collect_fets(src: Path, out: Path, partitions: Path | None = None):
     if not Path(partitions).is_file():
         raise ImportErrorForUser(f"{partitions}: partitioning CSV not found")
     site = {}
-    with Path(partitions).open(newline="") as fh:
+    with Path(partitions).open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         if not {"Subject_ID", "Partition_ID"} <= set(reader.fieldnames or []):
             raise ImportErrorForUser(f"{partitions}: header must be Subject_ID,Partition_ID")
         for r in reader:
-            site[r["Subject_ID"].strip()] = f"fets-{int(r['Partition_ID']):02d}"
+            part = (r["Partition_ID"] or "").strip()
+            if not part.isdigit():
+                raise ImportErrorForUser(
+                    f"{partitions}:{reader.line_num}: Partition_ID {part!r} is not a number")
+            site[(r["Subject_ID"] or "").strip()] = f"fets-{int(part):02d}"
     kept = []
     for r in rows:
         if r["case_id"] in site:

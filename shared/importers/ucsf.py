@@ -24,7 +24,10 @@ def read_grades(src: Path) -> dict[str, str]:
         raise ImportErrorForUser(f"{src}: UCSF-PDGM-metadata_v*.csv not found (it carries the grade)")
     out = {}
     with files[-1].open(newline="", encoding="utf-8-sig") as fh:
-        for r in csv.DictReader(fh):
+        reader = csv.DictReader(fh)
+        if not {"ID", "WHO CNS Grade"} <= set(reader.fieldnames or []):
+            raise ImportErrorForUser(f"{files[-1]}: header lacks ID and WHO CNS Grade")
+        for r in reader:
             g = (r.get("WHO CNS Grade") or "").strip()
             if g in ("2", "3"):
                 out[_pad(r["ID"])] = "LGG"
