@@ -212,6 +212,15 @@ def _check_chunk(items: list[tuple[str, str]]) -> list[ImageInfo]:
     return [check_image(p, c) for p, c in items]
 
 
+def _pool_context():
+    """fork when this process has one thread (fast); spawn otherwise (forking threads, e.g. gRPC's
+    or torch's, can deadlock the children)."""
+    import multiprocessing
+    import threading
+
+    return multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
+
+
 def _run_image_checks(items: list[tuple[str, str]], workers: int, progress: bool) -> list[ImageInfo]:
     """Check every (path, column) in chunks over a process pool, with a progress bar when asked."""
     from contextlib import nullcontext
@@ -225,7 +234,8 @@ def _run_image_checks(items: list[tuple[str, str]], workers: int, progress: bool
     infos: list[ImageInfo] = []
     with bar:
         task = bar.add_task("checking images", total=len(items)) if progress else None
-        pool = ProcessPoolExecutor(workers) if workers > 1 and len(items) > 40 else None
+        pool = (ProcessPoolExecutor(workers, mp_context=_pool_context())
+                if workers > 1 and len(items) > 40 else None)
         try:
             results = pool.map(_check_chunk, chunks) if pool else map(_check_chunk, chunks)
             for res in results:

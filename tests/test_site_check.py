@@ -152,3 +152,21 @@ def test_parallel_and_serial_agree(broken_site: Path) -> None:
     a = sorted(map(str, check_site(broken_site, workers=1).problems))
     b = sorted(map(str, check_site(broken_site, workers=2).problems))
     assert a == b
+
+
+def test_pool_spawns_when_threads_are_running(broken_site: Path) -> None:
+    """A caller with live threads (the client daemon's gRPC) gets spawned workers, same findings."""
+    import threading
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, daemon=True)
+    t.start()
+    try:
+        from client.site_check import _pool_context
+
+        assert _pool_context().get_start_method() == "spawn"
+        a = sorted(map(str, check_site(broken_site, workers=2).problems))
+    finally:
+        stop.set()
+        t.join()
+    assert a == sorted(map(str, check_site(broken_site, workers=1).problems))
