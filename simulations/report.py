@@ -58,7 +58,7 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
         for i, (name, r) in enumerate(sorted(base["local"].items())):
             ax.axhline(_num(r["final"].get(key)), ls=":", lw=1, color=f"C{3 + i % 6}",
                        label=f"local-only {name} (final)")
-    ax.set(xlabel="round (= local epochs x round for baselines)", ylabel=f"{key} on pooled test set",
+    ax.set(xlabel="round (baselines: after the same number of local epochs)", ylabel=f"{key} on pooled test set",
            title="Learning curves")
     ax.set_xticks(xs)
     ax.legend(fontsize=7, loc="lower right")
@@ -83,7 +83,9 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
     if sites:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         for s in sites:
-            ax.plot(xs, [_num(r["sites"].get(s, {}).get(key)) for r in rounds], "o-", label=s)
+            ys = [_num(r["sites"].get(s, {}).get(key)) for r in rounds]
+            note = "" if any(math.isfinite(y) for y in ys) else f" (no {key}: one class in its test split)"
+            ax.plot(xs, ys, "o-", label=s + note)
         ax.set(xlabel="round", ylabel=f"{key} on the site's own test split",
                title="Global model per site")
         ax.set_xticks(xs); ax.grid(alpha=0.3); ax.legend(fontsize=7)

@@ -29,9 +29,9 @@ class SimulationSpec:
     rounds: int = 3
     out: Path = Path("runs/demo")
     strategy: str = "fedavg"
-    local_epochs: int = 2
+    local_epochs: int = 3
     size: int = 32
-    cases: int = 120
+    cases: int = 160
     seed: int = 0
     network: str = "small_cnn"
     lr: float = 1e-3

@@ -21,9 +21,9 @@ def simulate(
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox, fedadam, fedyogi, fedavgm, "
                                           "fedmedian, fedtrimmedavg, krum, multikrum, bulyan.")] = "fedavg",
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 2,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 3,
     size: Annotated[int, typer.Option(help="Cubic input size (and synthetic volume size).")] = 32,
-    cases: Annotated[int, typer.Option(help="Synthetic cohort size (without --cohort).")] = 120,
+    cases: Annotated[int, typer.Option(help="Synthetic cohort size (without --cohort).")] = 160,
     network: Annotated[str, typer.Option(help="Network ('' = the task's default).")] = "small_cnn",
     lr: Annotated[float, typer.Option(help="Local learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 8,
