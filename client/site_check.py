@@ -230,21 +230,24 @@ def _run_image_checks(items: list[tuple[str, str]], workers: int, progress: bool
 
     n_chunks = max(1, len(items) // 25) if workers <= 1 else max(workers * 4, len(items) // 25)
     chunks = [c for c in (items[i::n_chunks] for i in range(n_chunks)) if c]
+    pool = None
+    if workers > 1 and len(items) > 40:
+        # Start the workers before the progress bar's refresh thread exists (fork is then safe).
+        pool = ProcessPoolExecutor(workers, mp_context=_pool_context())
+        list(pool.map(int, range(workers)))
     bar = (Progress(console=Console(stderr=True), transient=True) if progress else nullcontext())
     infos: list[ImageInfo] = []
-    with bar:
-        task = bar.add_task("checking images", total=len(items)) if progress else None
-        pool = (ProcessPoolExecutor(workers, mp_context=_pool_context())
-                if workers > 1 and len(items) > 40 else None)
-        try:
+    try:
+        with bar:
+            task = bar.add_task("checking images", total=len(items)) if progress else None
             results = pool.map(_check_chunk, chunks) if pool else map(_check_chunk, chunks)
             for res in results:
                 infos.extend(res)
                 if progress:
                     bar.advance(task, len(res))
-        finally:
-            if pool:
-                pool.shutdown()
+    finally:
+        if pool:
+            pool.shutdown()
     return infos
 
 
