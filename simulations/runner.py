@@ -39,6 +39,7 @@ class SimulationSpec:
     cpus_per_client: int = 1
     gpus_per_client: float = 0.0  # used only when CUDA is present
     baselines: bool = True
+    ray_address: str = ""  # "" = start a local Ray; "auto" or HOST:PORT = join an existing cluster
     extra: dict[str, Any] = field(default_factory=dict)  # more run-config keys (kebab-case)
 
 
@@ -98,7 +99,8 @@ def run_federation(spec: SimulationSpec, raw: dict[str, Any], num_sites: int) ->
         num_supernodes=num_sites,
         backend_config={
             "client_resources": {"num_cpus": spec.cpus_per_client, "num_gpus": gpus},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": True},
+            "init_args": {"logging_level": "ERROR", "log_to_driver": True,
+                          **({"address": spec.ray_address} if spec.ray_address else {})},
         },
     )
 

@@ -35,6 +35,10 @@ def simulate(
     no_baselines: Annotated[
         bool, typer.Option("--no-baselines", help="Skip centralised and local-only baselines.")
     ] = False,
+    ray_address: Annotated[
+        str, typer.Option(help="Join an existing Ray cluster ('auto' or HOST:PORT); sites-root and "
+                               "the cohort must be on a filesystem every node sees.")
+    ] = "",
     prepare_only: Annotated[
         bool, typer.Option("--prepare-only", help="Only write the site folders and print the "
                                                   "`flwr run` command that trains on them.")
@@ -61,6 +65,7 @@ def simulate(
         strategy=strategy, local_epochs=local_epochs, size=size, cases=cases, seed=seed,
         network=network, lr=lr, batch_size=batch_size, cpus_per_client=cpus_per_client,
         gpus_per_client=gpus_per_client, baselines=not no_baselines, extra=extra,
+        ray_address=ray_address,
     )
     try:
         if prepare_only:
