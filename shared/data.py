@@ -223,6 +223,7 @@ class TaskDataset(Dataset):
         use_optional: bool = False,
         subtraction: bool = False,
         with_seg: bool = False,
+        clinical: Sequence[str] = (),
         seed: int = 0,
     ) -> None:
         self.samples = list(samples)
@@ -233,6 +234,7 @@ class TaskDataset(Dataset):
         self.use_optional = use_optional
         self.subtraction = subtraction
         self.with_seg = with_seg
+        self.clinical = tuple(clinical)
         self.gen = torch.Generator().manual_seed(seed)
         self.class_index = {c: i for i, c in enumerate(spec.classes)}
 
@@ -256,16 +258,30 @@ class TaskDataset(Dataset):
             xs.append(xs[1] - xs[0])
         return torch.cat(xs, dim=0), seg
 
-    def __getitem__(self, i: int):
+    def clinical_values(self, i: int) -> torch.Tensor:
+        """The follow-up session's clinical columns as floats (NaN when missing or not a number)."""
+        extra = self.samples[i].case.extra
+        vals = []
+        for col in self.clinical:
+            try:
+                vals.append(float(extra.get(col, "") or "nan"))
+            except ValueError:
+                vals.append(float("nan"))
+        return torch.tensor(vals, dtype=torch.float32)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        """A dict batch item: ``x``, ``y`` and, when configured, ``seg`` and ``clinical``."""
         x, seg = self.load(i)
         if self.augment:
             x, seg = augment(x, seg, self.gen)
         y = self.class_index[self.samples[i].label] if self.samples[i].label is not None else -1
+        item: dict[str, torch.Tensor | int] = {"x": x, "y": y}
         if self.with_seg:
-            if seg is None:
-                seg = torch.full(x.shape[1:], -100, dtype=torch.int64)  # ignored by the loss
-            return x, y, seg
-        return x, y
+            # a missing mask is all -100: ignored by the segmentation loss
+            item["seg"] = seg if seg is not None else torch.full(x.shape[1:], -100, dtype=torch.int64)
+        if self.clinical:
+            item["clinical"] = self.clinical_values(i)
+        return item
 
 
 def augment(

@@ -131,11 +131,58 @@ class UNetEncoderClassifier(nn.Module):
         return logits
 
 
+class ClinicalFusion(nn.Module):
+    """Late fusion of clinical covariates: image logits + a linear map of (standardised values, missing).
+
+    ``mean``/``std`` are buffers set from the first training set seen (saved with the weights); a
+    missing value (NaN) contributes through its indicator only.
+    """
+
+    def __init__(self, backbone: nn.Module, n_clinical: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.clinical = nn.Linear(2 * n_clinical, num_classes)
+        self.register_buffer("mean", torch.zeros(n_clinical))
+        self.register_buffer("std", torch.ones(n_clinical))
+        self.register_buffer("fitted", torch.zeros(()))
+
+    def fit_clinical_stats(self, values: torch.Tensor) -> None:
+        if bool(self.fitted):
+            return
+        finite = torch.isfinite(values)
+        v = torch.where(finite, values, torch.zeros_like(values))
+        n = finite.sum(0).clamp(min=1)
+        mean = v.sum(0) / n
+        var = (torch.where(finite, values - mean, torch.zeros_like(values)) ** 2).sum(0) / n
+        self.mean.copy_(mean)
+        self.std.copy_(var.sqrt().clamp(min=1e-6))
+        self.fitted.fill_(1.0)
+
+    def forward(self, x: torch.Tensor, clinical: torch.Tensor | None = None):
+        out = self.backbone(x)
+        logits = out[0] if isinstance(out, tuple) else out
+        if clinical is None:
+            clinical = torch.full((x.shape[0], self.mean.numel()), float("nan"), device=x.device)
+        missing = ~torch.isfinite(clinical)
+        z = torch.where(missing, torch.zeros_like(clinical), (clinical - self.mean) / self.std)
+        logits = logits + self.clinical(torch.cat([z, missing.float()], 1))
+        return (logits, out[1]) if isinstance(out, tuple) else logits
+
+
 def build_model(
     name: str, in_channels: int, num_classes: int, *, dp_compatible: bool = False,
-    stem_stride: int = 2, seg_classes: int = 0,
+    stem_stride: int = 2, seg_classes: int = 0, clinical: int = 0,
 ) -> nn.Module:
-    """Build a network by name; see ``NETWORKS``. ``stem_stride=1`` gives MONAI's default ResNet stem."""
+    """Build a network by name (see ``NETWORKS``); ``clinical > 0`` adds late clinical fusion.
+
+    ``stem_stride=1`` gives MONAI's default ResNet stem (7^3, stride 1: slow).
+    """
+    net = _build_backbone(name, in_channels, num_classes, dp_compatible, stem_stride, seg_classes)
+    return ClinicalFusion(net, clinical, num_classes) if clinical else net
+
+
+def _build_backbone(name: str, in_channels: int, num_classes: int, dp_compatible: bool,
+                    stem_stride: int, seg_classes: int) -> nn.Module:
     from monai.networks import nets
 
     if name == "small_cnn":

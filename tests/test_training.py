@@ -156,3 +156,23 @@ def test_cli_train_predict_evaluate_explain(site: Path, tmp_path: Path) -> None:
     assert list((tmp_path / "x").glob("*_explain.png"))
     res = r.invoke(app, ["train", "--task", "nope", "--cohort", str(site), "--out", str(model)])
     assert res.exit_code == 2 and "unknown task 'nope'" in res.output
+
+
+def test_rano_with_subtraction_and_clinical_inputs(site: Path, tmp_path: Path) -> None:
+    from shared.training import build_task_model
+
+    spec = TASKS["rano"]
+    samples, _ = select_samples(spec, read_cohort(site))
+    # `spd_mm2` is a numeric extra column the synthetic cohort writes; any numeric column works
+    cfg = TrainConfig(task="rano", network="small_cnn", input_size=(16, 16, 16), subtraction=True,
+                      clinical=("spd_mm2", "not_a_column"), cache_dir=str(tmp_path / "c"))
+    model = build_task_model(spec, cfg)
+    assert model.backbone.features[0].in_channels == 9  # 3 sequences x (baseline, follow-up, diff)
+    train_epochs(model, samples, spec, cfg, epochs=1)
+    assert float(model.fitted) == 1.0 and float(model.std[0]) > 0
+    ev = evaluate_model(model, samples, spec, cfg)
+    assert np.isfinite(ev.probs).all()
+    out = export_bundle(model, spec, cfg, tmp_path / "m", {"mode": "test"})
+    loaded, meta = load_bundle(out)
+    assert meta["network"]["clinical"] == ["spd_mm2", "not_a_column"]
+    torch.testing.assert_close(loaded.mean, model.mean)

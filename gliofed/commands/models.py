@@ -42,6 +42,8 @@ def train(
     device: str = "auto",
     patience: int = 5,
     cache_dir: Annotated[str, typer.Option(help="Preprocessing cache (default ~/.cache/gliofed).")] = "",
+    subtraction: Annotated[bool, typer.Option(help="rano: add the follow-up minus baseline image.")] = False,
+    clinical: Annotated[str, typer.Option(help="Comma-separated numeric cohort columns to fuse (e.g. age).")] = "",
 ) -> None:
     """Train a task centrally (the pooled baseline) and export MODEL_DIR with test metrics and plots."""
     from shared.tasks import get_task, select_samples
@@ -62,7 +64,8 @@ def train(
     typer.echo(f"{task}: {len(tr)} train / {len(va)} val / {len(te)} test cases")
     cfg = TrainConfig(task=task, network=network or None, input_size=(size,) * 3 if size else None,
                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                      patience=patience, cache_dir=cache_dir or None).resolved()
+                      patience=patience, cache_dir=cache_dir or None, subtraction=subtraction,
+                      clinical=tuple(c for c in clinical.split(",") if c)).resolved()
     model, history = fit(spec, cfg, tr, va, progress=True, log=typer.echo)
     ev = evaluate_model(model, te, spec, cfg) if te else None
     prov = {"mode": "centralised", "cohort": str(cohort.resolve()), "train_cases": len(tr),
@@ -94,7 +97,8 @@ def _eligible(model_dir: Path, cohort: Path, require_label: bool = True):
     cfg = TrainConfig(task=spec.name, network=meta["network"]["name"],
                       input_size=tuple(tc["input_size"]), batch_size=tc.get("batch_size", 4),
                       subtraction=tc.get("subtraction", False), augment=False,
-                      stem_stride=meta["network"].get("stem_stride", 2))
+                      stem_stride=meta["network"].get("stem_stride", 2),
+                      clinical=tuple(meta["network"].get("clinical", [])))
     return model, meta, spec, cfg, samples, skipped
 
 
@@ -161,7 +165,7 @@ def explain(
     for i, s in enumerate(chosen):
         x, seg = ds.load(i)
         with torch.no_grad():
-            logits = net(x[None])
+            logits = net(x[None])  # clinical covariates (if any) count as missing here
         logits = logits[0] if isinstance(logits, tuple) else logits
         pred = int(logits.argmax(1))
         cam = grad_cam(net, x[None], pred)

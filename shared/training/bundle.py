@@ -59,7 +59,8 @@ def export_bundle(model: nn.Module, spec: TaskSpec, cfg, out_dir: str | Path,
         "inputs": inputs,
         "timepoints": spec.timepoints,
         "network": {"name": cfg.network, "in_channels": ch, "num_classes": spec.num_classes,
-                    "dp_compatible": cfg.dp_compatible, "stem_stride": cfg.stem_stride},
+                    "dp_compatible": cfg.dp_compatible, "stem_stride": cfg.stem_stride,
+                    "clinical": list(cfg.clinical)},
         "preprocessing": {"orientation": "RAS", "crop": "tumour box (x2) if seg else brain box",
                           "resample_to": list(cfg.input_size), "normalisation": "z-score in brain",
                           "subtraction": cfg.subtraction},
@@ -102,7 +103,8 @@ def load_bundle(model_dir: str | Path, map_location: str = "cpu") -> tuple[nn.Mo
     seg = 4 if net["name"] == "unet_encoder" else 0
     model = build_model(net["name"], net["in_channels"], spec.num_classes,
                         dp_compatible=net.get("dp_compatible", False),
-                        stem_stride=net.get("stem_stride", 2), seg_classes=seg)
+                        stem_stride=net.get("stem_stride", 2), seg_classes=seg,
+                        clinical=len(net.get("clinical", [])))
     state = torch.load(d / "models" / "model.pt", map_location=map_location, weights_only=True)
     model.load_state_dict(state)
     model.eval()

@@ -45,6 +45,7 @@ class TrainConfig:
     subtraction: bool = False  # rano: add the follow-up minus baseline image
     seg_weight: float = 0.5  # unet_encoder: weight of the joint segmentation loss
     stem_stride: int = 2
+    clinical: tuple[str, ...] = ()  # numeric cohort columns fused with the image features (rano)
 
     def resolved(self) -> TrainConfig:
         spec = get_task(self.task)
@@ -93,7 +94,7 @@ def build_task_model(spec: TaskSpec, cfg: TrainConfig, in_channels: int | None =
     ch = in_channels or input_channels(spec, False, cfg.subtraction)
     seg = 4 if cfg.network == "unet_encoder" else 0
     return build_model(cfg.network, ch, spec.num_classes, dp_compatible=cfg.dp_compatible,
-                       stem_stride=cfg.stem_stride, seg_classes=seg)
+                       stem_stride=cfg.stem_stride, seg_classes=seg, clinical=len(cfg.clinical))
 
 
 def _dataset(samples, spec, cfg, *, train: bool, in_channels: int) -> TaskDataset:
@@ -101,7 +102,7 @@ def _dataset(samples, spec, cfg, *, train: bool, in_channels: int) -> TaskDatase
     return TaskDataset(samples, spec, cfg.input_size, SessionCache(cfg.cache_dir),
                        augment=train and cfg.augment, use_optional=use_opt,
                        subtraction=cfg.subtraction, with_seg=cfg.network == "unet_encoder",
-                       seed=cfg.seed)
+                       clinical=cfg.clinical, seed=cfg.seed)
 
 
 def _first_conv_in_channels(model: nn.Module) -> int:
@@ -140,6 +141,8 @@ def train_epochs(
     loader = DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=True,
                         num_workers=cfg.num_workers, drop_last=False,
                         generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.clinical and hasattr(model, "fit_clinical_stats"):
+        model.fit_clinical_stats(torch.stack([ds.clinical_values(i) for i in range(len(ds))]))
     model.to(dev)
     if dev.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last_3d)
@@ -162,16 +165,16 @@ def train_epochs(
     bar = _progress(progress, total_steps, f"train {spec.name}")
     for _ in range(epochs):
         for batch in loader:
-            x, y = batch[0].to(dev), batch[1].to(dev)
+            x, y = batch["x"].to(dev), batch["y"].to(dev)
             if dev.type == "cuda" and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             opt.zero_grad(set_to_none=True)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda"):
-                out = model(x)
+                out = model(x, batch["clinical"].to(dev)) if "clinical" in batch else model(x)
                 if isinstance(out, tuple):
                     logits, seg_logits = out
                     loss = ce(logits.float(), y) + cfg.seg_weight * seg_ce(
-                        seg_logits.float(), batch[2].to(dev))
+                        seg_logits.float(), batch["seg"].to(dev))
                 else:
                     logits = out
                     loss = ce(logits.float(), y)
@@ -218,9 +221,9 @@ def predict_probs(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSpe
     model.to(dev).eval()
     out = []
     for batch in loader:
-        x = batch[0].to(dev)
+        x = batch["x"].to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda"):
-            logits = model(x)
+            logits = model(x, batch["clinical"].to(dev)) if "clinical" in batch else model(x)
         if isinstance(logits, tuple):
             logits = logits[0]
         out.append(torch.softmax(logits.float(), 1).cpu().numpy())
