@@ -30,7 +30,7 @@ def reply(
         run = RunConfig.from_flower({**defaults, **dict(ctx.run_config)})
         node = NodeConfig.from_flower(ctx.node_config, run)
         return Message(handler(msg.content, run, node), reply_to=msg)
-    except Exception as err:  # noqa: BLE001 - every failure must become a reply
+    except Exception as err:
         log.warning("site handler failed: %s", err, exc_info=True)
         return Message(Error(code=SITE_ERROR_CODE, reason=safe_reason(err)), reply_to=msg)
 

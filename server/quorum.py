@@ -81,5 +81,5 @@ class SubsetGrid:
     def get_node_ids(self) -> list[int]:
         return list(self._nodes)
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - delegate create_message, run, ...
+    def __getattr__(self, name: str):
         return getattr(self._grid, name)

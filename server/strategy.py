@@ -38,16 +38,16 @@ STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
 def build_strategy(run: RunConfig) -> S.Strategy:
     """The Flower strategy named by ``run.strategy``, configured from the run config."""
-    common: dict[str, Any] = dict(
-        fraction_train=run.fraction_train,
-        fraction_evaluate=run.fraction_evaluate,
-        min_train_nodes=run.min_train_nodes,
-        min_evaluate_nodes=run.min_evaluate_nodes,
-        min_available_nodes=0,  # the quorum is waited for (with a deadline) in server.quorum
-        weighted_by_key=R.NUM_EXAMPLES,
-        arrayrecord_key=R.ARRAYS,
-        configrecord_key=R.CONFIG,
-    )
+    common: dict[str, Any] = {
+        "fraction_train": run.fraction_train,
+        "fraction_evaluate": run.fraction_evaluate,
+        "min_train_nodes": run.min_train_nodes,
+        "min_evaluate_nodes": run.min_evaluate_nodes,
+        "min_available_nodes": 0,  # the quorum is waited for (with a deadline) in server.quorum
+        "weighted_by_key": R.NUM_EXAMPLES,
+        "arrayrecord_key": R.ARRAYS,
+        "configrecord_key": R.CONFIG,
+    }
     name = run.strategy.lower()
     if name == "fedavg":
         return S.FedAvg(**common)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fl_helpers import LocalGrid, run_config, write_tiny_cohort
+
 from server.quorum import QuorumError, wait_for_quorum
 from server.rounds import run_rounds
 from server.strategy import STRATEGIES, build_strategy

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from fl_helpers import write_tiny_cohort
 from typer.testing import CliRunner
 
-from fl_helpers import write_tiny_cohort
 from gliofed.cli import app
 
 
