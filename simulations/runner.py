@@ -118,8 +118,9 @@ def simulate(spec: SimulationSpec, echo: Any = print) -> Path:
     table = class_table(cohort, get_task(spec.task), part)
     echo_table(table, echo)
     raw = run_config_for(spec, sites_root)
-    for stale in ("rounds.jsonl", "checkpoints/last.pt"):
-        (spec.out / stale).unlink(missing_ok=True)
+    if not RunConfig.from_flower(raw).resume:  # a fresh run must not pick up an old checkpoint
+        for stale in ("rounds.jsonl", "checkpoints/last.pt"):
+            (spec.out / stale).unlink(missing_ok=True)
     t_fl = time.perf_counter()
     run_federation(spec, raw, len(part.sites))
     fl_seconds = time.perf_counter() - t_fl
