@@ -1,9 +1,41 @@
-"""`gliofed` sub-commands: deploy (owner fills in; heavy imports stay inside the functions)."""
+"""`gliofed deploy certs`: the federation's CA, the SuperLink TLS certificate and site auth keys."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+deploy_app = typer.Typer(help="Deployment helpers for the aggregation server and hospital sites.",
+                         no_args_is_help=True)
+
+
+@deploy_app.command("certs")
+def certs(
+    out: Annotated[Path, typer.Option("--out", help="Folder for ca.crt, server.pem/key, sites/.")],
+    host: Annotated[list[str], typer.Option("--host", help="Server name or IP sites connect to "
+                                                           "(repeat; all go into the certificate).")],
+    site: Annotated[list[str], typer.Option("--site", help="Site name to create a key pair for "
+                                                           "(repeat).")] = [],  # noqa: B006
+    days: int = 825,
+    overwrite: Annotated[bool, typer.Option(help="Re-issue everything, including the CA.")] = False,
+) -> None:
+    """Create (or extend) the private CA, the SuperLink certificate and site EC key pairs."""
+    from server.pki import make_deploy_keys
+
+    try:
+        keys = make_deploy_keys(out, host, site, days=days, overwrite=overwrite)
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"CA certificate (give to every site): {keys.ca_cert}")
+    typer.echo(f"SuperLink certificate/key: {keys.server_cert} {keys.server_key}")
+    for name, (priv, pub) in keys.site_keys.items():
+        typer.echo(f"site {name}: private key {priv} (stays at the site), public key {pub} "
+                   f"(register: flwr supernode register {pub} <federation>)")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the top-level app."""
+    """Add `deploy certs`."""
+    app.add_typer(deploy_app, name="deploy")

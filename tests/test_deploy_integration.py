@@ -1,0 +1,182 @@
+"""Real deployment on 127.0.0.1: a TLS SuperLink with node authentication and two SuperNode sites.
+
+Marked ``integration`` (run by ``make test-integration`` and CI). Every process is started in its own
+session and killed by its process-group id at the end, even when an assertion fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server.pki import make_deploy_keys
+from tests.fl_helpers import write_tiny_cohort
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Procs:
+    """Start processes in their own sessions; stop them all by their ids."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "FLWR_HOME": str(tmp / "flwr-home"), "GLIOFED_CACHE": str(tmp / "cache")}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = (self.tmp / f"{name}.log").open("w")
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp, env=self.env,
+                             start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def stop(self, name: str) -> None:
+        p = self.procs.pop(name, None)
+        if p is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=self.tmp, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(pred, timeout: float, what: str) -> None:
+    t = time.time()
+    while time.time() - t < timeout:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture()
+def federation(tmp_path: Path):
+    procs = Procs(tmp_path)
+    keys = make_deploy_keys(tmp_path / "pki", ["localhost", "127.0.0.1"], ["hosp-a", "hosp-b", "rogue"])
+    port = free_port()
+    (tmp_path / "flwr-home").mkdir()
+    (tmp_path / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "hospital-net"\n\n[superlink.hospital-net]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{keys.ca_cert}"\n')
+    app = tmp_path / "app"  # `flwr run` packs (and may rewrite) the app dir: never the repo itself
+    shutil.copytree(REPO, app, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "tests", "benchmarks", "__pycache__", "*.egg-info", "docs", "deploy"))
+    try:
+        procs.start("superlink", [
+            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(keys.ca_cert),
+            "--ssl-certfile", str(keys.server_cert), "--ssl-keyfile", str(keys.server_key),
+            "--enable-supernode-auth", "--database", str(tmp_path / "state.db"),
+            "--disable-runtime-dependency-installation", "--port", str(port)])
+        wait_for(lambda: "Application startup complete" in procs.log("superlink"), 60, "SuperLink")
+        for site in ("hosp-a", "hosp-b"):
+            r = procs.flwr("supernode", "register", str(keys.site_keys[site][1]), "hospital-net")
+            assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout + r.stderr
+        sites = {s: write_tiny_cohort(tmp_path / "data" / s, n_cases=16, seed=i, site=s)
+                 for i, s in enumerate(("hosp-a", "hosp-b"))}
+
+        def start_site(site: str, key: str | None = None, ca: bool = True, retries: int = 0):
+            args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+                    "--auth-supernode-private-key", str(keys.site_keys[key or site][0]),
+                    "--node-config", f'data-path="{sites.get(site, tmp_path)}" site-id="{site}"',
+                    "--port", str(free_port())]
+            if ca:
+                args += ["--root-certificates", str(keys.ca_cert)]
+            if retries:
+                args += ["--max-retries", str(retries)]
+            return procs.start(site, args)
+
+        yield procs, app, keys, start_site
+    finally:
+        procs.stop_all()
+
+
+def _run(procs: Procs, app: Path, run_dir: Path, rounds: int, extra: str = "") -> subprocess.CompletedProcess:
+    cfg = (f"num-server-rounds={rounds} run-dir='{run_dir}' input-size=16 network='small_cnn' "
+           f"min-available-nodes=2 quorum-timeout=20 round-timeout=120 batch-size=4 {extra}")
+    return procs.flwr("run", str(app), "hospital-net", "--stream", "-c", cfg, timeout=420)
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    p = run_dir / "rounds.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def test_tls_federation_with_authenticated_sites(federation, tmp_path: Path) -> None:
+    procs, app, keys, start_site = federation
+    start_site("hosp-a")
+    start_site("hosp-b")
+    # An unregistered key is refused, and so is a client that does not trust our CA.
+    rogue = start_site("rogue", retries=1)
+    noca = start_site("noca", key="hosp-a", ca=False, retries=1)
+    rogue.wait(timeout=120)
+    noca.wait(timeout=120)
+    assert "Failed to activate SuperNode" in procs.log("rogue")
+    assert "CERTIFICATE_VERIFY_FAILED" in procs.log("noca")
+    nodes = procs.flwr("supernode", "list", "hospital-net")
+    assert nodes.stdout.count("online") == 2, nodes.stdout
+
+    run_dir = tmp_path / "run"
+    r = _run(procs, app, run_dir, rounds=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _rounds(run_dir)
+    assert [x["round"] for x in rows] == [1, 2] and all(x["replied"] == 2 for x in rows)
+    meta = json.loads((run_dir / "model" / "configs" / "metadata.json").read_text())
+    assert meta["task"] == "grading" and meta["provenance"]["rounds"] == 2
+
+    # Restarting the ServerApp with resume continues after the last completed round.
+    r = _run(procs, app, run_dir, rounds=3, extra="resume=true")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [x["round"] for x in _rounds(run_dir)] == [1, 2, 3]
+
+    # Killing one site mid-run: the run finishes with the other (quorum deadline + round timeout).
+    run2 = tmp_path / "run2"
+    cfg = (f"num-server-rounds=3 run-dir='{run2}' input-size=16 network='small_cnn' "
+           "min-available-nodes=2 quorum-timeout=5 round-timeout=60 batch-size=4")
+    runner = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "hospital-net", "--stream", "-c", cfg],
+                              cwd=tmp_path, env=procs.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    procs.procs["run2"] = runner
+    wait_for(lambda: len(_rounds(run2)) >= 1, 300, "round 1 of the second run")
+    procs.stop("hosp-b")
+    out, _ = runner.communicate(timeout=400)
+    assert runner.returncode == 0, out[-3000:]
+    rows = _rounds(run2)
+    assert [x["round"] for x in rows] == [1, 2, 3]
+    assert rows[-1]["replied"] == 1
+    assert (run2 / "model" / "models" / "model.pt").is_file()
