@@ -136,7 +136,7 @@ def run_rounds(
             out = list(strategy.configure_train(rnd, arrays, train_cfg, SubsetGrid(grid, trainers)))
             replies = list(grid.send_and_receive(out, timeout=run.round_timeout))
             t_train = time.perf_counter() - t0
-            good = accepted_replies(replies, run, "train")
+            good = accepted_replies(replies, run, "train", global_arrays=arrays)
             new_arrays, train_agg = strategy.aggregate_train(rnd, good) if good else (None, None)
             if new_arrays is not None:
                 arrays = new_arrays

@@ -114,7 +114,8 @@ def site_of(msg: Message) -> str:
         return f"node-{msg.metadata.src_node_id}"
 
 
-def accepted_replies(replies: Iterable[Message], run: RunConfig, phase: str) -> list[Message]:
+def accepted_replies(replies: Iterable[Message], run: RunConfig, phase: str,
+                     global_arrays: Any = None) -> list[Message]:
     """THE place replies are filtered before aggregation (``phase`` is "train" or "evaluate").
 
     Drops error replies (logged), runs update validation when ``validate-updates`` is on, and sorts by
@@ -130,7 +131,7 @@ def accepted_replies(replies: Iterable[Message], run: RunConfig, phase: str) -> 
     if run.validate_updates and phase == "train" and ok:
         from server.validation import validate_replies  # update validation (security work)
 
-        ok = list(validate_replies(ok, run))
+        ok = list(validate_replies(ok, run, global_arrays))
     return sorted(ok, key=site_of)
 
 
