@@ -205,3 +205,17 @@ def test_serve_evaluates_centrally_logs_rounds_and_exports_a_bundle_with_provena
     meta = json.loads((model_dir / "configs" / "metadata.json").read_text())
     prov = json.dumps(meta)
     assert '"strategy": "fedprox"' in prov and '"site-0"' in prov and '"dp": "none"' in prov
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_runs_a_round_and_changes_the_weights(tmp_path, sites_root, strategy):
+    from server.rounds import initial_arrays
+
+    cfg = run_config(tmp_path / "run", sites_root, **{"num-server-rounds": 1, "strategy": strategy})
+    run = RunConfig.from_flower(cfg)
+    result = run_rounds(_grid(cfg), run)
+    assert result.rounds[0]["replied"] == 3
+    before, after = initial_arrays(run).to_torch_state_dict(), result.arrays.to_torch_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert 0.0 <= result.rounds[0]["pooled"]["accuracy"] <= 1.0
