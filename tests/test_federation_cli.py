@@ -46,5 +46,5 @@ def test_full_ray_simulation_writes_rounds_model_and_report(tmp_path):
     assert 0.0 <= rows[-1]["pooled"]["accuracy"] <= 1.0
     assert (out / "report.html").is_file() and (out / "learning_curves.png").is_file()
     assert (out / "model" / "models" / "model.pt").is_file()
-    meta = json.loads(next((out / "model").rglob("*.json")).read_text())
+    meta = json.loads((out / "model" / "configs" / "metadata.json").read_text())
     assert "federated" in json.dumps(meta)
