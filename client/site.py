@@ -105,19 +105,27 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordD
     model = core.build_model(site.spec, cfg)
     state = state_from_arrays(content[R.ARRAYS])
     model.load_state_dict(state)
+    train = site.train
+    if run.dp == "opacus":
+        from client.privacy import one_sample_per_patient
+
+        train = one_sample_per_patient(train)  # patient-level DP: one record per patient
+    privatizer = obtain_privatizer(run, node, len(train))
     t0 = time.perf_counter()
     res = core.train(
         model,
-        site.train,
+        train,
         site.spec,
         cfg,
         epochs=epochs,
         proximal_mu=mu,
         global_state=state if mu > 0 else None,
-        privatize=obtain_privatizer(run, node, len(site.train)),
+        privatize=privatizer,
         progress=False,
     )
     metrics = {f"train-{k}": float(v) for k, v in res.metrics.items() if _is_number(v)}
+    if privatizer is not None:
+        metrics.update(privatizer.metrics())
     metrics[R.NUM_EXAMPLES] = int(res.num_examples)
     metrics[R.TRAIN_LOSS] = float(res.loss)
     metrics[R.TRAIN_SECONDS] = float(time.perf_counter() - t0)

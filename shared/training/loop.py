@@ -165,6 +165,8 @@ def train_epochs(
     bar = _progress(progress, total_steps, f"train {spec.name}")
     for _ in range(epochs):
         for batch in loader:
+            if not isinstance(batch, dict) or len(batch["y"]) == 0:
+                continue  # an empty Poisson-sampled batch (opacus): nothing to learn from
             x, y = batch["x"].to(dev), batch["y"].to(dev)
             if dev.type == "cuda" and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
