@@ -35,12 +35,23 @@ def reply(
         return Message(Error(code=SITE_ERROR_CODE, reason=safe_reason(err)), reply_to=msg)
 
 
+def central_dp_clipping_mod(msg: Message, ctx: Context, call_next: Callable) -> Message:
+    """Flower's ``fixedclipping_mod`` when the server asks for central DP (it sends a clipping norm)."""
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    config = msg.content.config_records
+    if any(KEY_CLIPPING_NORM in rec for rec in config.values()):
+        return fixedclipping_mod(msg, ctx, call_next)
+    return call_next(msg, ctx)
+
+
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose run config falls back to ``defaults`` (flat kebab-case keys)."""
     base = dict(defaults or {})
     client_app = ClientApp()
 
-    @client_app.train()
+    @client_app.train(mods=[central_dp_clipping_mod])
     def train(msg: Message, ctx: Context) -> Message:
         return reply(msg, ctx, train_site, base)
 

@@ -31,7 +31,7 @@ def serve(grid: Grid, raw_config: Mapping[str, Any]) -> Path:
         result.arrays,
         run,
         model_dir,
-        federation_provenance(run, result.sites, len(result.rounds)),
+        federation_provenance(run, result.sites, len(result.rounds), last.get("train")),
         {"pooled": last.get("pooled", {}), "central": last.get("central", {})},
     )
     log.info("global model exported to %s", model_dir)

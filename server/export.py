@@ -11,7 +11,20 @@ from flwr.app import ArrayRecord
 from shared.config import RunConfig, learning_core, train_config_for
 
 
-def federation_provenance(run: RunConfig, sites: list[str], rounds_done: int) -> dict[str, Any]:
+def _epsilon(run: RunConfig, rounds_done: int, last_train: dict[str, Any]) -> float | None:
+    """Spent epsilon: site-level (central DP, accounted here) or the sites' reported mean (opacus)."""
+    if run.dp == "central":
+        from server.privacy import central_epsilon
+
+        return central_epsilon(run, rounds_done)
+    if run.dp == "opacus":
+        value = last_train.get("dp-epsilon")
+        return float(value) if value is not None else None
+    return None
+
+
+def federation_provenance(run: RunConfig, sites: list[str], rounds_done: int,
+                          last_train: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a model card needs to know about how the model was trained."""
     return {
         "kind": "federated",
@@ -28,6 +41,7 @@ def federation_provenance(run: RunConfig, sites: list[str], rounds_done: int) ->
             "target_delta": run.target_delta if run.dp != "none" else None,
             "max_grad_norm": run.max_grad_norm if run.dp != "none" else None,
             "secagg": run.secagg,
+            "epsilon": _epsilon(run, rounds_done, last_train or {}),
         },
         "seed": run.seed,
     }

@@ -131,6 +131,8 @@ def run_rounds(
             if not trainers:
                 raise RuntimeError(f"round {rnd}: no connected site has eligible data for {run.task}")
             strategy.min_train_nodes = min(run.min_train_nodes, len(trainers))
+            if hasattr(strategy, "num_sampled_clients"):  # central DP: noise scales with sites
+                strategy.num_sampled_clients = len(trainers)
             strategy.min_evaluate_nodes = min(run.min_evaluate_nodes, max(len(testers), 1))
             train_cfg = ConfigRecord({"local-epochs": run.local_epochs, R.TASK: run.task})
             out = list(strategy.configure_train(rnd, arrays, train_cfg, SubsetGrid(grid, trainers)))
@@ -170,6 +172,12 @@ def run_rounds(
                           if isinstance(v, (int, float))},
                 **fed,
             }
+            if run.dp == "central":
+                from server.privacy import central_epsilon
+
+                dp_rounds = sum(1 for r in history if r.get("replied")) + 1
+                row["dp"] = {"epsilon": central_epsilon(run, dp_rounds), "delta": run.target_delta,
+                             "mechanism": "site-level, client-side fixed clipping"}
             if central is not None:
                 row["central"] = central(arrays)
             history.append(row)

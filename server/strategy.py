@@ -37,7 +37,16 @@ STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
 
 def build_strategy(run: RunConfig) -> S.Strategy:
-    """The Flower strategy named by ``run.strategy``, configured from the run config."""
+    """The Flower strategy named by ``run.strategy`` (wrapped for central DP when ``dp = "central"``)."""
+    base = _build_base_strategy(run)
+    if run.dp == "central":
+        from server.privacy import wrap_central_dp
+
+        return wrap_central_dp(base, run)
+    return base
+
+
+def _build_base_strategy(run: RunConfig) -> S.Strategy:
     common: dict[str, Any] = {
         "fraction_train": run.fraction_train,
         "fraction_evaluate": run.fraction_evaluate,
@@ -77,6 +86,7 @@ def build_strategy(run: RunConfig) -> S.Strategy:
 def strategy_state(strategy: S.Strategy) -> dict[str, Any]:
     """The strategy's server-optimiser state as plain numpy (for checkpoints)."""
     state: dict[str, Any] = {}
+    strategy = getattr(strategy, "strategy", strategy)  # a DP wrapper holds the real strategy
     for attr in STATE_ATTRS:
         value = getattr(strategy, attr, None)
         if value is None:
@@ -96,6 +106,7 @@ def restore_strategy_state(strategy: S.Strategy, state: dict[str, Any]) -> None:
     """Put checkpointed optimiser state back into a freshly built strategy."""
     from flwr.app import Array, ArrayRecord
 
+    strategy = getattr(strategy, "strategy", strategy)  # a DP wrapper holds the real strategy
     for attr, value in state.items():
         current = getattr(strategy, attr, "missing")
         if current == "missing":
