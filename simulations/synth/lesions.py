@@ -13,18 +13,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from shared.cohort import LABEL_VALUES
 from simulations.synth.anatomy import CPA_MM, IAC_FUNDUS_MM, SELLA_MM, TemplateAnatomy
 from simulations.synth.shapes import Blob, make_blob
 
-CLASSES: tuple[str, ...] = (
-    "hgg",
-    "lgg",
-    "metastasis",
-    "meningioma",
-    "pituitary_adenoma",
-    "acoustic_neuroma",
-    "healthy",
-)
+CLASSES: tuple[str, ...] = LABEL_VALUES["tumor_type"]  # the cohort contract's tumour classes
 
 # (T1, T1ce, T2, FLAIR) of normal tissue and normally enhancing structures.
 TISSUE_LOOKS: dict[str, tuple[float, float, float, float]] = {
