@@ -128,6 +128,8 @@ def simulate(spec: SimulationSpec, echo: Any = print) -> Path:
     if len(rounds) < spec.rounds:
         raise RuntimeError(f"{spec.out}/rounds.jsonl: the federation finished only {len(rounds)} of "
                            f"{spec.rounds} rounds (see the log above)")
+    echo(f"federated ({spec.strategy}, {len(rounds)} rounds, pooled test set): "
+         f"{_fmt(rounds[-1].get('pooled', {}))}")
     baselines: dict[str, Any] = {}
     if spec.baselines:
         run = RunConfig.from_flower(raw)
