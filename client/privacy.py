@@ -121,5 +121,8 @@ class Privatizer:
 
 def make_privatizer(run: RunConfig, node: NodeConfig, num_samples: int) -> Privatizer:
     """The opacus hook for this site and run (``dp = "opacus"``)."""
-    return Privatizer(run=run, node=node, num_samples=num_samples,
-                      ledger=ledger_path(node.site_id or "site"))
+    if node.partition_id >= 0:  # a simulated site: its ledger belongs to this run, not the machine
+        ledger = Path(run.run_dir) / "privacy" / f"site-{node.partition_id}.json"
+    else:
+        ledger = ledger_path(node.site_id or "site")
+    return Privatizer(run=run, node=node, num_samples=num_samples, ledger=ledger)
