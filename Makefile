@@ -21,9 +21,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# the long set: real Flower processes, Ray simulations and slow tests (CI runs it after `make test`);
 # exit code 5 = no tests collected, which is fine for an optional marker set
 test-integration: $(STAMP)
-	$(BIN)/python -m pytest -q -m "integration and not gpu" || test $$? -eq 5
+	$(BIN)/python -m pytest -q -m "(integration or slow) and not gpu" || test $$? -eq 5
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu"
