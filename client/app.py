@@ -3,7 +3,9 @@
 Thin wiring only: parse the configs, call ``client.site``, and turn any failure into an error reply so
 one broken site never crashes the federation. ``make_client_app(defaults)`` exists because
 ``flwr.simulation.run_simulation`` hands apps an empty run config: the simulation runner bakes its run
-config in as defaults, which ``flwr run`` / ``-c`` values still override.
+config in as defaults, which ``flwr run`` / ``-c`` values still override. With ``secagg = true`` the
+train messages of Flower's SecAgg+ protocol go to the legacy app of ``client/secagg.py`` (same trainer),
+and a plain train request is refused so the site never sends a lone update.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import evaluate_site, query_site, safe_reason, train_site
+from client.secagg import is_secagg_message, make_secagg_client_app, train_unmasked
+from client.site import evaluate_site, query_site, safe_reason
 from shared.config import NodeConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,15 @@ def reply(
         run = RunConfig.from_flower({**defaults, **dict(ctx.run_config)})
         node = NodeConfig.from_flower(ctx.node_config, run)
         return Message(handler(msg.content, run, node), reply_to=msg)
+    except Exception as err:
+        log.warning("site handler failed: %s", err, exc_info=True)
+        return Message(Error(code=SITE_ERROR_CODE, reason=safe_reason(err)), reply_to=msg)
+
+
+def delegate(app: ClientApp, msg: Message, ctx: Context) -> Message:
+    """Run ``msg`` through another ClientApp; a raised exception becomes an error reply."""
+    try:
+        return app(msg, ctx)
     except Exception as err:
         log.warning("site handler failed: %s", err, exc_info=True)
         return Message(Error(code=SITE_ERROR_CODE, reason=safe_reason(err)), reply_to=msg)
@@ -50,10 +62,13 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose run config falls back to ``defaults`` (flat kebab-case keys)."""
     base = dict(defaults or {})
     client_app = ClientApp()
+    secagg_app = make_secagg_client_app(base)
 
     @client_app.train(mods=[central_dp_clipping_mod])
     def train(msg: Message, ctx: Context) -> Message:
-        return reply(msg, ctx, train_site, base)
+        if is_secagg_message(msg):
+            return delegate(secagg_app, msg, ctx)
+        return reply(msg, ctx, train_unmasked, base)
 
     @client_app.evaluate()
     def evaluate(msg: Message, ctx: Context) -> Message:

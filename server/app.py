@@ -1,7 +1,8 @@
 """Flower ServerApp: parse the run config, run the round loop, export the global model.
 
 ``make_server_app(defaults)`` bakes a run config in (``run_simulation`` passes an empty one); values
-from ``flwr run`` / ``-c`` still override the defaults.
+from ``flwr run`` / ``-c`` still override the defaults. ``secagg = true`` runs the rounds of
+``server/secagg.py`` (Flower's SecAgg+ workflow) instead of ``server/rounds.py``; the export is the same.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ def serve(grid: Grid, raw_config: Mapping[str, Any]) -> Path:
     from shared.config import RunConfig
 
     run = RunConfig.from_flower(raw_config)
-    result = run_rounds(grid, run)
+    if run.secagg:
+        from server.secagg import run_secagg
+
+        result = run_secagg(grid, run)
+    else:
+        result = run_rounds(grid, run)
     last = result.rounds[-1] if result.rounds else {}
     model_dir = Path(run.run_dir) / "model"
     export_global_model(

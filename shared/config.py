@@ -53,7 +53,9 @@ class RunConfig:
     target_epsilon: float = 0.0  # 0 = use noise-multiplier as given
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
-    secagg: bool = False
+    secagg: bool = False  # SecAgg+: the server learns only the sum of the sites' updates
+    secagg_num_shares: int = 0  # key shares per site: 0 = every sampled site, else odd >= 3
+    secagg_reconstruction_threshold: int = 0  # shares needed to unmask: 0 = a majority of them
     validate_updates: bool = False
 
     @classmethod
@@ -64,6 +66,7 @@ class RunConfig:
             raise ValueError(f"run config: dp={cfg.dp!r} is not one of {', '.join(DP_MODES)}")
         if cfg.quorum_action not in ("proceed", "stop"):
             raise ValueError(f"run config: quorum-action={cfg.quorum_action!r} is not proceed|stop")
+        check_secagg(cfg)
         return cfg
 
     def to_flower(self) -> dict[str, Any]:
@@ -72,6 +75,40 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+SECAGG_STRATEGIES = ("fedavg", "fedprox")  # the aggregations that are a weighted mean
+
+
+def check_secagg(cfg: RunConfig) -> None:
+    """SecAgg+ settings and the options it cannot run with: a ValueError naming the option."""
+    shares, threshold = cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold
+    if shares != 0 and (shares < 3 or shares % 2 == 0):
+        raise ValueError(f"run config: secagg-num-shares={shares} must be 0 (every sampled site) "
+                         "or an odd number >= 3")
+    if threshold != 0 and threshold < 2:
+        raise ValueError(f"run config: secagg-reconstruction-threshold={threshold} must be 0 "
+                         "(a majority of the shares) or >= 2")
+    if shares and threshold > shares:
+        raise ValueError(f"run config: secagg-reconstruction-threshold={threshold} is larger than "
+                         f"secagg-num-shares={shares}")
+    if not cfg.secagg:
+        return
+    if cfg.strategy.lower() not in SECAGG_STRATEGIES:
+        raise ValueError(
+            f"run config: secagg = true works with strategy fedavg or fedprox, not "
+            f"strategy={cfg.strategy!r}: the server sees only the sum of the updates, which robust "
+            "aggregation (median, trimmed mean, Krum, Bulyan) cannot use, and the server optimisers "
+            "(fedadam, fedyogi, fedavgm) are not wired to the SecAgg+ path")
+    if cfg.dp == "central":
+        raise ValueError(
+            'run config: secagg = true cannot be combined with dp = "central" (Flower\'s central-DP '
+            "wrappers need the Message-API strategies, SecAgg+ runs only on the legacy one); "
+            'use dp = "opacus": local DP-SGD at each site, before masking')
+    if cfg.validate_updates:
+        raise ValueError(
+            "run config: secagg = true cannot be combined with validate-updates = true: the server "
+            "sees only the sum of the updates, so it cannot validate one site's update")
 
 
 @dataclass(frozen=True)

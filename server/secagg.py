@@ -1,0 +1,285 @@
+"""Rounds with secure aggregation (SecAgg+): the server learns only the weighted mean of the updates.
+
+Flower 1.41 ships SecAgg+ only for its legacy API: ``SecAggPlusWorkflow`` needs a ``LegacyContext``
+with a legacy ``flwr.server.strategy`` strategy (``flwr/server/workflow/secure_aggregation``), and the
+sites answer through ``secaggplus_mod`` (``client/secagg.py``). This loop keeps what
+``server/rounds.py`` gives a plain run (quorum deadline, eligibility query, seeded sampling, federated
+and central evaluation, ``rounds.jsonl``, checkpoints and resume) and runs the training half of each
+round as one SecAgg+ workflow call (4 message exchanges: keys, key shares, masked updates, unmasking).
+
+Each site uploads ``n_i * (local_i - global)``, quantised and masked; the server unmasks only the sum
+and adds the example-weighted mean update to the global model (FedAvg; FedProx adds the proximal term
+at the sites). Sites that drop out after sharing their keys are unmasked from their neighbours' shares
+as long as ``secagg-reconstruction-threshold`` shares survive. What is *not* masked: each site's example
+count and its training metrics (loss, seconds, DP epsilon), which the legacy fit reply carries in
+plain text, and the evaluation replies (metrics only, as in a plain run).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from server.checkpoint import Checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from server.pooled import round_metrics
+from server.quorum import SubsetGrid, query_eligibility, wait_for_quorum
+from server.rounds import (
+    FederationResult,
+    arrays_from_numpy,
+    central_evaluator,
+    initial_arrays,
+    numpy_from_arrays,
+)
+from server.runlog import RunLog
+from server.strategy import accepted_replies, build_strategy, payload_bytes, site_of
+from shared import records as R
+from shared.config import RunConfig, check_secagg
+
+log = logging.getLogger(__name__)
+
+CLIPPING_RANGE = 8.0  # SecAgg+ clips each weighted update entry to +-8 before quantising (Flower default)
+
+
+def secagg_plan(run: RunConfig, num_sites: int) -> tuple[int, int]:
+    """(key shares per site, shares needed to unmask) for a round with ``num_sites`` sampled sites."""
+    if num_sites < 2:
+        raise RuntimeError(f"SecAgg+ needs at least 2 sites in a round; {num_sites} can train")
+    shares = num_sites if run.secagg_num_shares == 0 else min(run.secagg_num_shares, num_sites)
+    threshold = run.secagg_reconstruction_threshold or max(2, shares // 2 + 1)
+    if threshold > shares:
+        raise RuntimeError(
+            f"secagg-reconstruction-threshold={threshold} needs at least {threshold} sites sharing "
+            f"keys; this round has {shares} (raise min-available-nodes or lower the threshold)")
+    return shares, threshold
+
+
+def secagg_workflow(run: RunConfig, num_sites: int, max_weight: float) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ workflow for one round (its int/float conventions handled here)."""
+    shares, threshold = secagg_plan(run, num_sites)
+    return SecAggPlusWorkflow(
+        # a float is a share of the sampled sites / of the shares: 1.0 = all of them
+        num_shares=1.0 if shares == num_sites else shares,
+        reconstruction_threshold=1.0 if threshold == shares else threshold,
+        max_weight=max_weight,
+        clipping_range=CLIPPING_RANGE,
+        timeout=run.round_timeout,
+    )
+
+
+def _weighted_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
+    """Example-weighted mean of the sites' numeric train metrics (what FedAvg reports)."""
+    total = sum(n for n, _ in results)
+    keys = {k for _, m in results for k, v in m.items() if _is_number(v)}
+    return {k: sum(n * float(m.get(k, 0.0)) for n, m in results) / total for k in sorted(keys)} \
+        if total > 0 else {}
+
+
+class MeanUpdateFedAvg(FedAvg):
+    """Legacy FedAvg for SecAgg+: every result holds the same unmasked mean update; add it to the global."""
+
+    def __init__(self, run: RunConfig, num_sites: int) -> None:
+        super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=num_sites,
+                         min_evaluate_clients=0, min_available_clients=num_sites,
+                         on_fit_config_fn=self._fit_config)
+        self.run = run
+        self.global_ndarrays: list[np.ndarray] = []
+        self.new_ndarrays: list[np.ndarray] | None = None
+        self.site_results: list[tuple[int, int, dict[str, Any]]] = []  # (node, n, metrics)
+        self.num_failures = 0
+        self.metrics: dict[str, float] = {}
+
+    def _fit_config(self, server_round: int) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"local-epochs": self.run.local_epochs, R.TASK: self.run.task,
+                               R.SERVER_ROUND: server_round}
+        if self.run.strategy.lower() == "fedprox":
+            cfg[R.PROXIMAL_MU] = self.run.proximal_mu
+        return cfg
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        self.global_ndarrays = parameters_to_ndarrays(parameters)
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.site_results = [(p.node_id, int(r.num_examples), dict(r.metrics)) for p, r in results]
+        self.num_failures = len(failures)
+        if not results:
+            return None, {}
+        mean_update = parameters_to_ndarrays(results[0][1].parameters)  # same sum in every result
+        new = []
+        for g, u in zip(self.global_ndarrays, mean_update, strict=True):
+            value = g.astype(np.float64) + u
+            new.append((np.rint(value) if np.issubdtype(g.dtype, np.integer) else value).astype(g.dtype))
+        self.new_ndarrays = new
+        self.metrics = _weighted_metrics([(n, m) for _, n, m in self.site_results])
+        return ndarrays_to_parameters(new), dict(self.metrics)
+
+
+class CountingGrid:
+    """A Grid view that adds up the bytes of the records sent and received (SecAgg+ overhead)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.sent = self.received = 0
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.sent += _bytes(messages)
+        self.received += _bytes(replies)
+        return replies
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def _bytes(messages: list[Any]) -> int:
+    """``payload_bytes``, minus Flower 1.41's IndexError on a ConfigRecord holding an empty list."""
+    total = 0
+    for msg in messages:
+        if msg.has_error():
+            continue
+        for record in msg.content.values():
+            try:
+                total += int(record.count_bytes())
+            except IndexError:
+                total += int(ConfigRecord({k: v for k, v in record.items()
+                                           if not (isinstance(v, list) and not v)}).count_bytes())
+    return total
+
+
+def secagg_train(grid: Grid, run: RunConfig, rnd: int, arrays: ArrayRecord, nodes: list[int],
+                 max_weight: float) -> tuple[MeanUpdateFedAvg, CountingGrid]:
+    """One SecAgg+ training round over ``nodes``; the strategy holds the new weights (or None)."""
+    from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+    counting = CountingGrid(grid)
+    strategy = MeanUpdateFedAvg(run, len(nodes))
+    clients = SimpleClientManager()
+    for nid in nodes:
+        clients.register(GridClientProxy(node_id=nid, grid=counting, run_id=0))
+    ctx = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
+                                run_config={}),
+                        config=ServerConfig(num_rounds=run.num_server_rounds),
+                        strategy=strategy, client_manager=clients)
+    params: Parameters = ndarrays_to_parameters([a.numpy() for a in arrays.values()])
+    ctx.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(params, True)
+    ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {Key.CURRENT_ROUND: rnd, Key.START_TIME: time.time()})
+    secagg_workflow(run, len(nodes), max_weight)(counting, ctx)
+    return strategy, counting
+
+
+def run_secagg(
+    grid: Grid,
+    run: RunConfig,
+    on_round_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> FederationResult:
+    """Run (or resume) ``num-server-rounds`` SecAgg+ rounds; same result and run log as ``run_rounds``."""
+    check_secagg(run)
+    run_dir = Path(run.run_dir)
+    evaluator = build_strategy(run)  # the Message-API strategy, only to send evaluate messages
+    random.seed(run.seed)
+    np.random.seed(run.seed)
+    arrays = initial_arrays(run)
+    keys = list(arrays.keys())
+    history: list[dict[str, Any]] = []
+    first = 1
+    ckpt = load_checkpoint(run_dir) if run.resume else None
+    if ckpt is not None:
+        arrays = arrays_from_numpy(ckpt.weights)
+        restore_rng(ckpt.rng_state)
+        history = list(ckpt.history)
+        first = ckpt.round + 1
+        log.info("resuming after round %d from %s", ckpt.round, run_dir / "checkpoints")
+    runlog = RunLog(run_dir, first_round=first)
+    central = central_evaluator(run)
+    eligible: dict[int, dict[str, int]] = {}
+    sites_seen: set[str] = {s for row in history for s in row.get("sites", {})}
+    try:
+        for rnd in range(first, run.num_server_rounds + 1):
+            t0 = time.perf_counter()
+            nodes = wait_for_quorum(grid, run)
+            new = [n for n in nodes if n not in eligible]
+            q_sent = q_recv = 0
+            if new:
+                found, q_sent, q_recv = query_eligibility(grid, new, run)
+                eligible.update(found)
+            trainers = [n for n in nodes if eligible.get(n, {}).get(R.ELIGIBLE_TOTAL, 0) > 0]
+            testers = [n for n in nodes
+                       if any(k.startswith(f"{R.ELIGIBLE_PREFIX}test-") for k in eligible.get(n, {}))]
+            k = max(int(len(trainers) * run.fraction_train), min(run.min_train_nodes, len(trainers)))
+            sampled = sorted(random.sample(trainers, min(k, len(trainers))))
+            shares, threshold = secagg_plan(run, len(sampled))
+            # weights n_i / max_weight <= 1 keep the quantisation fine (Flower's default is 1000)
+            max_weight = float(max(eligible[n][R.ELIGIBLE_TOTAL] for n in sampled))
+            strategy, counting = secagg_train(grid, run, rnd, arrays, sampled, max_weight)
+            if strategy.new_ndarrays is not None:
+                arrays = arrays_from_numpy(dict(zip(keys, strategy.new_ndarrays, strict=True)))
+            else:
+                log.warning("round %d: secure aggregation halted (too few sites left to unmask); "
+                            "the global model is unchanged", rnd)
+            t_train = time.perf_counter() - t0
+            trained = {str(m.get(R.SITE_ID, f"node-{nid}")): m for nid, _, m in strategy.site_results}
+            e_out = e_replies = []
+            if testers and run.fraction_evaluate > 0:
+                evaluator.min_evaluate_nodes = min(run.min_evaluate_nodes, len(testers))
+                e_out = list(evaluator.configure_evaluate(rnd, arrays, ConfigRecord(),
+                                                          SubsetGrid(grid, testers)))
+                e_replies = list(grid.send_and_receive(e_out, timeout=run.round_timeout))
+            site_eval = {site_of(m): dict(m.content[R.METRICS]) for m in
+                         accepted_replies(e_replies, run, "evaluate")}
+            fed = round_metrics(site_eval)
+            sites_seen.update(trained)
+            row: dict[str, Any] = {
+                "round": rnd,
+                "time": time.time(),
+                "seconds": time.perf_counter() - t0,
+                "train_seconds": t_train,
+                "site_train_seconds": {s: float(m[R.TRAIN_SECONDS]) for s, m in trained.items()
+                                       if R.TRAIN_SECONDS in m},
+                "sampled": len(sampled),
+                "replied": len(trained),
+                "failed": len(sampled) - len(trained),
+                "bytes_sent": counting.sent + payload_bytes(e_out) + q_sent,
+                "bytes_received": counting.received + payload_bytes(e_replies) + q_recv,
+                "bytes": {"train_sent": counting.sent, "train_received": counting.received,
+                          "eval_sent": payload_bytes(e_out), "eval_received": payload_bytes(e_replies),
+                          "query_sent": q_sent, "query_received": q_recv,
+                          "model": int(arrays.count_bytes())},
+                "train": dict(strategy.metrics),
+                "secagg": {"num_shares": shares, "reconstruction_threshold": threshold,
+                           "max_weight": max_weight, "unmasked": strategy.new_ndarrays is not None},
+                **fed,
+            }
+            if central is not None:
+                row["central"] = central(arrays)
+            history.append(row)
+            save_checkpoint(run_dir, Checkpoint(rnd, numpy_from_arrays(arrays), {}, rng_state(),
+                                                history))
+            runlog.write(row)
+            log.info("round %d (SecAgg+): %d/%d sites, pooled %s", rnd, len(trained), len(sampled),
+                     fed["pooled"])
+            if on_round_end is not None:
+                on_round_end(rnd, row)
+    finally:
+        runlog.close()
+    return FederationResult(arrays=arrays, rounds=history, sites=sorted(sites_seen))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
