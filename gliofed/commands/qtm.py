@@ -1,8 +1,7 @@
 """`gliofed qtm ...`: DCE-MRI kinetic fitting (``fit``) and QTMnet (simulate/train/predict/grade).
 
 ``qtm_app`` is the group; each command keeps heavy imports (torch, nibabel) inside its function so
-``gliofed --help`` stays fast. ``fit`` is owned by the DCE physics work (shared.dce); the QTMnet
-commands are added to the same group by the QTM work.
+``gliofed --help`` stays fast. ``fit`` lives here; the QTMnet commands live in ``qtmnet.py``.
 """
 
 from __future__ import annotations
@@ -113,5 +112,7 @@ def fit_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``qtm`` group to the top-level app."""
+    """Add the ``qtm`` group (fit here; simulate/train/predict/grade in ``qtmnet``) to the app."""
+    import gliofed.commands.qtmnet  # noqa: F401  (registers its commands on qtm_app)
+
     app.add_typer(qtm_app, name="qtm")

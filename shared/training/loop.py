@@ -65,8 +65,8 @@ class TrainResult:
 class EvalResult:
     num_examples: int
     metrics: dict[str, float]
-    confusion: np.ndarray
-    score_hist: np.ndarray
+    confusion: np.ndarray | None  # None for regression (qtm)
+    score_hist: np.ndarray | None
     probs: np.ndarray
     labels: np.ndarray
     case_ids: list[str] = field(default_factory=list)
@@ -91,6 +91,10 @@ def build_task_model(spec: TaskSpec, cfg: TrainConfig, in_channels: int | None =
     """The task's network; ``in_channels`` defaults to the required inputs (optional ones excluded)."""
     cfg = cfg.resolved()
     torch.manual_seed(cfg.seed)
+    if spec.name == "qtm":
+        from shared.qtm.net import build_qtmnet
+
+        return build_qtmnet()
     ch = in_channels or input_channels(spec, False, cfg.subtraction)
     seg = 4 if cfg.network == "unet_encoder" else 0
     return build_model(cfg.network, ch, spec.num_classes, dp_compatible=cfg.dp_compatible,
@@ -134,6 +138,8 @@ def train_epochs(
     if not samples:
         raise ValueError(f"no eligible {spec.name} training samples")
     cfg = cfg.resolved()
+    if spec.name == "qtm":
+        return _train_qtm(model, samples, cfg, epochs, proximal_mu, global_state, privatize)
     t0 = time.perf_counter()
     dev = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -236,6 +242,8 @@ def predict_probs(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSpe
 def evaluate_model(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSpec,
                    cfg: TrainConfig) -> EvalResult:
     """Metrics, confusion matrix and score histograms of ``model`` on labelled ``samples``."""
+    if spec.name == "qtm":
+        return _evaluate_qtm(model, samples, cfg)
     probs = predict_probs(model, samples, spec, cfg)
     idx = {c: i for i, c in enumerate(spec.classes)}
     labels = np.array([idx[s.label] for s in samples], dtype=np.int64)
@@ -288,3 +296,25 @@ def write_history(history: list[dict], path: Path) -> None:
     import json
 
     path.write_text("\n".join(json.dumps(r) for r in history) + "\n")
+
+
+def _train_qtm(model, samples, cfg, epochs, proximal_mu, global_state, privatize) -> TrainResult:
+    """QTMnet (regression to perfusion maps) through the same federation interface."""
+    from shared.qtm.train import examples_from_samples, train_qtmnet
+
+    if privatize is not None:
+        raise ValueError("dp = opacus is not supported for the qtm task (no per-patient classifier "
+                         "records to clip); use dp = none or central")
+    out = train_qtmnet(model, examples_from_samples(samples), epochs, lr=cfg.lr,
+                       batch_size=cfg.batch_size, device=str(resolve_device(cfg.device)),
+                       seed=cfg.seed, proximal_mu=proximal_mu, global_state=global_state)
+    return TrainResult(num_examples=len(samples), loss=out["loss"], metrics={"loss": out["loss"]},
+                       seconds=out["seconds"])
+
+
+def _evaluate_qtm(model, samples, cfg) -> EvalResult:
+    from shared.qtm.train import evaluate_qtmnet, examples_from_samples
+
+    metrics = evaluate_qtmnet(model, examples_from_samples(samples), str(resolve_device(cfg.device)))
+    return EvalResult(len(samples), metrics, None, None, np.zeros((0, 0)), np.zeros(0, np.int64),
+                      [s.case_id for s in samples])

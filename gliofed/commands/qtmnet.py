@@ -1,0 +1,225 @@
+"""`gliofed qtm simulate|train|predict|grade`: the transport simulator, QTMnet and the grading experiment.
+
+Registered on the ``qtm`` group of :mod:`gliofed.commands.qtm`; heavy imports stay inside commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gliofed.commands.qtm import qtm_app
+
+
+def _progress(console, total: int, label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=console)
+    task = bar.add_task(label, total=total)
+    return bar, lambda n=1: bar.advance(task, n)
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        dims = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--shape {text!r}: expected X,Y,Z (e.g. 32,32,16)") from None
+    if len(dims) != 3 or min(dims) < 8:
+        raise typer.BadParameter(f"--shape {text!r}: three sides, each >= 8 voxels")
+    return dims  # type: ignore[return-value]
+
+
+@qtm_app.command("simulate")
+def simulate_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Site folder to write (cohort.csv + NIfTI).")],
+    cases: Annotated[int, typer.Option(help="Cases, alternating LGG/HGG (one patient each).")] = 30,
+    sites: Annotated[int, typer.Option(help="Sites; each has its own acquisition protocol.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed (use another one for a held-out cohort).")] = 0,
+    shape: Annotated[str, typer.Option(help="Block size X,Y,Z in 2 mm voxels.")] = "32,32,16",
+) -> None:
+    """Simulate DCE-MRI cases with the fluid-mechanics transport model; write them as a site."""
+    from rich.console import Console
+
+    from simulations.qtm_cohort import generate_qtm_cohort
+
+    console = Console()
+    dims = _shape(shape)
+    bar, step = _progress(console, cases, "simulating")
+    with bar:
+        try:
+            path = generate_qtm_cohort(out, cases, sites=sites, seed=seed, shape=dims, progress=step)
+        except ValueError as err:
+            console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(2) from None
+    console.print(f"{cases} cases ({sites} site(s)) written; cohort: {path}")
+
+
+@qtm_app.command("train")
+def train_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="MODEL_DIR to write.")],
+    data: Annotated[list[Path] | None, typer.Option(
+        help="Site folder(s) from `qtm simulate` (repeatable); default: simulate --cases in memory.")] = None,
+    cases: Annotated[int, typer.Option(help="Training cases to simulate when no --data is given.")] = 160,
+    val_cases: Annotated[int, typer.Option(help="Held-out simulated cases for the error report.")] = 16,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Blocks per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine decay).")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="Seed for simulation and training.")] = 0,
+    workers: Annotated[int, typer.Option(help="Processes simulating cases.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Train QTMnet on simulated DCE-MRI only (no AIF), then report map errors on held-out cases."""
+    import torch
+    from rich.console import Console
+
+    from shared.qtm.bundle import save_qtmnet
+    from shared.qtm.net import build_qtmnet
+    from shared.qtm.train import evaluate_qtmnet, simulate_examples, train_qtmnet
+    from simulations.qtm_cohort import SITE_PROTOCOLS
+
+    console = Console()
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    torch.manual_seed(seed)
+    if data:
+        from shared.cohort import CohortError, read_cohort
+        from shared.qtm.train import examples_from_samples
+        from shared.tasks import select_samples
+
+        train, val = [], []
+        try:
+            for d in data:
+                samples, _ = select_samples("qtm", read_cohort(d, seed=seed))
+                train += examples_from_samples([s for s in samples if s.split != "test"])
+                val += examples_from_samples([s for s in samples if s.split == "test"])
+        except (CohortError, ValueError, FileNotFoundError) as err:
+            console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(2) from None
+        source = {"data": [str(d) for d in data]}
+    else:
+        bar, step = _progress(console, cases + val_cases, "simulating")
+        with bar:
+            train = simulate_examples(cases, seed, SITE_PROTOCOLS[:1], workers=workers, progress=step)
+            val = simulate_examples(val_cases, seed + 7919, SITE_PROTOCOLS[:1], workers=workers, progress=step)
+        source = {"simulated_cases": cases, "protocol": "site-0 (5 s frames, 300 s)", "seed": seed}
+    if not train:
+        console.print("[red]error:[/red] no training cases")
+        raise typer.Exit(2)
+    model = build_qtmnet()
+    bar, step = _progress(console, epochs, "training QTMnet")
+    history = []
+    with bar:
+        res = train_qtmnet(model, train, epochs, lr=lr, batch_size=batch_size, device=dev, seed=seed,
+                           progress=lambda e, loss: (history.append(loss), step()))
+    metrics = evaluate_qtmnet(model, val, dev) if val else {}
+    provenance = {"trained": "centralised", **source, "epochs": epochs, "train_cases": len(train),
+                  "seconds": round(res["seconds"], 1), "device": dev}
+    save_qtmnet(model, out, provenance, metrics)
+    (out / "history.json").write_text(json.dumps({"loss": history}))
+    console.print(f"QTMnet trained on {len(train)} cases in {res['seconds']:.0f} s; model: {out}")
+    for k in ("param_mae", "fp-mre-tumour", "vp-mre-tumour", "ve-mre-tumour", "ps-mre-tumour"):
+        if k in metrics:
+            console.print(f"  held-out {k}: {metrics[k]:.3f}")
+
+
+@qtm_app.command("predict")
+def predict_command(
+    model_dir: Annotated[Path, typer.Argument(help="QTMnet MODEL_DIR (from `gliofed qtm train`).")],
+    dce: Annotated[Path, typer.Argument(help="4D DCE NIfTI with its JSON sidecar.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the parameter-map NIfTIs.")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Write QTMnet parameter maps (Fp, vp, ve, PS, Ktrans, |u|) for one DCE series; no AIF needed."""
+    import time
+
+    import numpy as np
+    import torch
+    from rich.console import Console
+
+    from shared.dce.io import read_dce
+    from shared.dce.maps import plot_maps, write_maps
+    from shared.qtm.bundle import load_qtmnet
+    from shared.qtm.net import predict_volume, resample_curves
+
+    console = Console()
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    try:
+        model, _ = load_qtmnet(model_dir, dev)
+        series = read_dce(dce)
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    t0 = time.perf_counter()
+    maps = predict_volume(model, resample_curves(series.concentration(), series.times_s), dev)
+    seconds = time.perf_counter() - t0
+    prefix = dce.name.removesuffix(".gz").removesuffix(".nii") + "_qtmnet"
+    written = write_maps(maps, series.affine, out, prefix)
+    written.append(plot_maps(maps, np.ones(series.data.shape[:3], bool), out / f"{prefix}_maps.png",
+                             f"{dce.name}: QTMnet"))
+    console.print(f"QTMnet maps in {seconds:.2f} s; {len(written)} files in {out}")
+
+
+@qtm_app.command("grade")
+def grade_command(
+    model_dir: Annotated[Path, typer.Argument(help="QTMnet MODEL_DIR.")],
+    data: Annotated[Path, typer.Option(help="Held-out site folder from `qtm simulate` (another seed).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the table, JSON and ROC plot.")],
+    repeats: Annotated[int, typer.Option(help="Cross-validation repeats.")] = 20,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 2000,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for CV folds and bootstrap.")] = 0,
+) -> None:
+    """LGG vs HGG from tumour-ROI features: QTMnet maps vs 2CXM (population AIF), AUC with 95% CIs."""
+    import numpy as np
+    import torch
+    from rich.console import Console
+
+    from shared.cohort import CohortError, read_cohort
+    from shared.qtm.bundle import load_qtmnet
+    from shared.qtm.grade import CaseMaps, fit_2cxm_roi, plot_grading_roc, run_grading
+    from shared.qtm.train import example_from_files
+
+    console = Console()
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    try:
+        model, _ = load_qtmnet(model_dir, dev)
+        cohort = read_cohort(data, seed=seed)
+    except (FileNotFoundError, ValueError, CohortError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    rows = [c for c in cohort.cases if "dce" in c.images and "seg" in c.images and c.labels.get("grade")]
+    if len(rows) < 4:
+        console.print(f"[red]error:[/red] {data}: needs >= 4 cases with dce, seg and grade; has {len(rows)}")
+        raise typer.Exit(2)
+    cases = []
+    bar, step = _progress(console, len(rows), "QTMnet + 2CXM per case")
+    with bar:
+        for c in rows:
+            import nibabel as nib
+
+            from shared.dce.io import read_dce
+            from shared.qtm.net import predict_volume
+
+            series = read_dce(c.images["dce"])
+            roi = np.asarray(nib.load(str(c.images["seg"])).dataobj) > 0
+            conc = series.concentration()
+            try:
+                truth = example_from_files(c.images["dce"], c.images["seg"]).maps
+            except ValueError:
+                truth = {}
+            from shared.qtm.net import resample_curves
+
+            qtm = predict_volume(model, resample_curves(conc, series.times_s), dev)
+            cxm = fit_2cxm_roi(conc, series.times_s, roi, device=dev, hct=series.hct)
+            cases.append(CaseMaps(c.case_id, c.patient_id, c.labels["grade"], roi, qtm, cxm, truth))
+            step()
+    result = run_grading(cases, repeats=repeats, n_boot=n_boot, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grading.json").write_text(json.dumps(result.to_json(), indent=2))
+    (out / "grading.md").write_text(result.table() + "\n")
+    plot_grading_roc(result, out / "grading_roc.png")
+    console.print(result.table())
+    console.print(f"written: {out / 'grading.md'}, grading.json, grading_roc.png")
