@@ -64,7 +64,15 @@ def prepare_sites(spec: SimulationSpec, echo: Any = print) -> tuple[Path, Any, A
 
     spec.out.mkdir(parents=True, exist_ok=True)
     cohort_dir = spec.cohort
-    if cohort_dir is None:
+    if cohort_dir is None and spec.task == "qtm":
+        from simulations.qtm_cohort import generate_qtm_cohort
+
+        cohort_dir = spec.out / "cohort"
+        if not (cohort_dir / "cohort.csv").is_file():
+            echo(f"simulating a DCE cohort: {spec.cases} cases, one acquisition protocol per site, "
+                 f"in {cohort_dir}")
+            generate_qtm_cohort(cohort_dir, spec.cases, sites=spec.sites, seed=spec.seed)
+    elif cohort_dir is None:
         from simulations.synth import generate_cohort
 
         cohort_dir = spec.out / "cohort"
@@ -76,7 +84,10 @@ def prepare_sites(spec: SimulationSpec, echo: Any = print) -> tuple[Path, Any, A
     if cohort.errors:
         raise ValueError(f"{cohort_dir}/cohort.csv: {cohort.errors[0]}")
     task = get_task(spec.task)
-    part = partition_cohort(cohort, task, spec.sites, spec.partition, seed=spec.seed)
+    scheme = spec.partition
+    if spec.task == "qtm" and scheme == SimulationSpec.partition:
+        scheme = "site"  # DCE sites differ by acquisition protocol: keep each protocol at its site
+    part = partition_cohort(cohort, task, spec.sites, scheme, seed=spec.seed)
     sites_root = spec.out / "sites"
     write_partition(cohort, part, sites_root)
     return sites_root, cohort, part
