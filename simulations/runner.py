@@ -132,6 +132,9 @@ def simulate(spec: SimulationSpec, echo: Any = print) -> Path:
     if not RunConfig.from_flower(raw).resume:  # a fresh run must not pick up an old checkpoint
         for stale in ("rounds.jsonl", "checkpoints/last.pt"):
             (spec.out / stale).unlink(missing_ok=True)
+        # simulated sites' privacy ledgers belong to the run: a fresh run starts with none spent
+        for ledger in (spec.out / "privacy").glob("site-*.json"):
+            ledger.unlink()
     t_fl = time.perf_counter()
     run_federation(spec, raw, len(part.sites))
     fl_seconds = time.perf_counter() - t_fl
