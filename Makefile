@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: run test test-integration test-all bench lint clean
+.PHONY: run test test-integration test-all test-gpu bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-integration: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+# on a CUDA machine: GPU-vs-CPU agreement, AMP training, opacus on CUDA (skipped without a GPU)
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
