@@ -51,4 +51,7 @@ def round_metrics(site_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
         keys = set.intersection(*(set(m) for m in sites.values())) - {R.NUM_EXAMPLES}
         for key in sorted(keys):
             weighted[key] = float(sum(sites[s][key] * weights[s] for s in sites) / total)
-    return {"sites": sites, "weighted": weighted, "pooled": metrics_from_sums(confusion, hist)}
+    pooled = metrics_from_sums(confusion, hist)
+    if confusion is None and weighted:  # regression (qtm): per-case means pool exactly by weighting
+        pooled = {**weighted, "num_examples": float(total)}
+    return {"sites": sites, "weighted": weighted, "pooled": pooled}

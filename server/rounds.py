@@ -61,6 +61,10 @@ def initial_arrays(run: RunConfig) -> ArrayRecord:
 
     torch.manual_seed(run.seed)
     model = learning_core().build_model(get_task(run.task), train_config_for(run, device="cpu"))
+    if run.init_model:
+        from shared.training.bundle import load_initial_weights
+
+        load_initial_weights(model, run.init_model)
     return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 

@@ -41,6 +41,7 @@ class RunConfig:
     batch_size: int = 8
     input_size: int = 0  # cubic crop/pad side; 0 = the task's default
     network: str = ""  # "" = the task's default network
+    init_model: str = ""  # MODEL_DIR whose weights start the federation ("" = fresh, seeded)
     seed: int = 0
     device: str = "auto"
     run_dir: str = "runs/flwr"

@@ -33,7 +33,12 @@ def _fresh_model(run: RunConfig, spec: Any, cfg: Any) -> Any:
     import torch
 
     torch.manual_seed(run.seed)  # same initial weights as the federation (server.rounds)
-    return learning_core().build_model(spec, cfg)
+    model = learning_core().build_model(spec, cfg)
+    if run.init_model:
+        from shared.training.bundle import load_initial_weights
+
+        load_initial_weights(model, run.init_model)
+    return model
 
 
 def _scalars(ev: Any, spec: Any) -> dict[str, float]:
@@ -44,6 +49,8 @@ def _scalars(ev: Any, spec: Any) -> dict[str, float]:
     out = {k: float(v) for k, v in ev.metrics.items() if isinstance(v, (int, float))}
     if "auc" in out:
         out["auc_exact"] = out["auc"]
+    if ev.confusion is None:  # regression (qtm): its own metrics are the comparison
+        return out
     pooled = metrics_from_pooled(ev.confusion, ev.score_hist, list(spec.classes))
     out.update({k: float(v) for k, v in pooled.items()})
     return out

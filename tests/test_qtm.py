@@ -216,3 +216,29 @@ def test_site_trains_and_evaluates_qtm_for_the_federation(qtm_site):
     assert 0 < ev[R.METRICS]["param_mae"] < 5
     with pytest.raises(ValueError, match="not supported for the qtm task"):
         train_site(RecordDict({R.ARRAYS: arrays}), run.replace(dp="opacus"), node)
+
+
+def test_init_model_starts_the_federation_from_given_weights(tmp_path):
+    from server.rounds import initial_arrays
+    from shared.config import RunConfig
+    from shared.qtm.bundle import save_qtmnet
+    from shared.qtm.net import build_qtmnet
+
+    torch.manual_seed(5)
+    model = build_qtmnet()
+    save_qtmnet(model, tmp_path / "m", {"trained": "test"})
+    arrays = initial_arrays(RunConfig(task="qtm", init_model=str(tmp_path / "m")))
+    state = arrays.to_torch_state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v)
+    with pytest.raises(ValueError, match="do not fit this task's network"):
+        initial_arrays(RunConfig(task="grading", network="small_cnn", init_model=str(tmp_path / "m")))
+
+
+def test_regression_rounds_pool_by_example_weighting():
+    from server.pooled import round_metrics
+
+    out = round_metrics({"a": {"param_mae": 0.2, "num-examples": 1},
+                         "b": {"param_mae": 0.5, "num-examples": 3}})
+    assert out["pooled"]["param_mae"] == pytest.approx((0.2 + 1.5) / 4)
+    assert out["pooled"]["num_examples"] == 4

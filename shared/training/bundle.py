@@ -109,3 +109,23 @@ def load_bundle(model_dir: str | Path, map_location: str = "cpu") -> tuple[nn.Mo
     model.load_state_dict(state)
     model.eval()
     return model, meta
+
+
+def load_initial_weights(model: nn.Module, model_dir: str | Path) -> nn.Module:
+    """Start from a MODEL_DIR's ``models/model.pt`` (run config ``init-model``: fine-tuning).
+
+    The keys and shapes must match the task's network exactly; a mismatch is an error that names them.
+    """
+    path = Path(model_dir) / "models" / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"init-model {model_dir}: no models/model.pt there")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shapes:
+        raise ValueError(f"init-model {model_dir}: weights do not fit this task's network "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]}, other shape {shapes[:3]})")
+    model.load_state_dict(state)
+    return model
