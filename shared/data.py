@@ -151,12 +151,22 @@ class SessionCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.memory = memory
         self._ram: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._keys: dict[tuple, str] = {}
 
     def key(self, paths: Sequence[Path], seg: Path | None, cfg: PreprocessConfig) -> str:
-        h = hashlib.sha1(cfg.key().encode())
-        for p in [*paths, *([seg] if seg is not None else [])]:
-            h.update(file_fingerprint(p).encode())
-        return h.hexdigest()
+        """Content key of the inputs; re-hashed only when a file's size or mtime changes."""
+        files = [*paths, *([seg] if seg is not None else [])]
+        stats = []
+        for p in files:
+            st = Path(p).stat()
+            stats.append((str(p), st.st_size, st.st_mtime_ns))
+        memo = (cfg.key(), tuple(stats))
+        if memo not in self._keys:
+            h = hashlib.sha1(cfg.key().encode())
+            for p in files:
+                h.update(file_fingerprint(p).encode())
+            self._keys[memo] = h.hexdigest()
+        return self._keys[memo]
 
     def get(
         self, paths: Sequence[Path], seg: Path | None, cfg: PreprocessConfig
@@ -282,6 +292,35 @@ class TaskDataset(Dataset):
         if self.clinical:
             item["clinical"] = self.clinical_values(i)
         return item
+
+
+def augment_batch(
+    x: torch.Tensor, seg: torch.Tensor | None, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`augment` for a whole batch [B, C, D, H, W] on its own device (the GPU path).
+
+    Random numbers come from the CPU generator ``gen`` (reproducible); the resampling runs where
+    ``x`` is, in one batched ``grid_sample``, so the GPU is not left waiting for CPU augmentation.
+    """
+    b = x.shape[0]
+    flips = torch.rand(b, 3, generator=gen) < 0.5
+    angles = (torch.rand(b, generator=gen) - 0.5) * 2 * float(np.deg2rad(10))
+    scale = 1 + 0.1 * (torch.rand(b, x.shape[1], 1, 1, 1, generator=gen) - 0.5) * 2
+    shift = 0.1 * (torch.rand(b, x.shape[1], 1, 1, 1, generator=gen) - 0.5) * 2
+    c, s = torch.cos(angles), torch.sin(angles)
+    theta = torch.zeros(b, 3, 4)
+    theta[:, 0, 0] = 1
+    theta[:, 1, 1], theta[:, 1, 2], theta[:, 2, 1], theta[:, 2, 2] = c, -s, s, c
+    # a flip is a sign change of the matching sampling axis (grid order is x=W, y=H, z=D)
+    for axis in range(3):
+        theta[:, 2 - axis, :3] *= torch.where(flips[:, axis], -1.0, 1.0)[:, None]
+    theta = theta.to(x.device)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", align_corners=False)
+    if seg is not None:
+        seg = F.grid_sample(seg[:, None].float(), grid, mode="nearest",
+                            align_corners=False)[:, 0].round().long()
+    return out * scale.to(x.device) + shift.to(x.device), seg
 
 
 def augment(

@@ -176,3 +176,30 @@ def test_rano_with_subtraction_and_clinical_inputs(site: Path, tmp_path: Path) -
     loaded, meta = load_bundle(out)
     assert meta["network"]["clinical"] == ["spd_mm2", "not_a_column"]
     torch.testing.assert_close(loaded.mean, model.mean)
+
+
+def test_batch_augmentation_is_reproducible_and_keeps_labels():
+    """The GPU path's batched augmentation (run here on the CPU): same seed, same batch; labels kept."""
+    x = torch.rand(3, 2, 12, 12, 12)
+    seg = torch.randint(0, 3, (3, 12, 12, 12)) * 2  # labels 0, 2, 4
+    a, sa = data.augment_batch(x, seg, torch.Generator().manual_seed(0))
+    b, sb = data.augment_batch(x, seg, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and torch.equal(sa, sb)
+    assert a.shape == x.shape and sa.shape == seg.shape
+    assert set(sa.unique().tolist()) <= {0, 2, 4}
+    c, _ = data.augment_batch(x, None, torch.Generator().manual_seed(1))
+    assert not torch.equal(a, c) and a.isfinite().all()
+
+
+def test_cache_key_is_memoised_until_the_file_changes(tmp_path):
+    import os
+
+    f = tmp_path / "a.nii.gz"
+    f.write_bytes(b"x" * 100)
+    cache = data.SessionCache(tmp_path / "c")
+    cfg = data.PreprocessConfig(size=(8, 8, 8))
+    k1 = cache.key([f], None, cfg)
+    assert cache.key([f], None, cfg) == k1
+    f.write_bytes(b"y" * 101)
+    os.utime(f, ns=(1, 1))
+    assert cache.key([f], None, cfg) != k1

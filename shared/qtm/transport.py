@@ -216,15 +216,22 @@ def transport(
     f = 0
     while f < len(frames) and frame_at_step[f] < 0:  # frames at t = 0
         f += 1
+    inflow_steps = np.ascontiguousarray((src_q[:, None] * c_in).T)  # [steps, n_sources]
+    inv_cap, inv_ees = 1.0 / cap, 1.0 / ees
+    exchange = np.empty_like(cp)
     for n, dt in enumerate(step_len):
-        exchange = exch * (cp - ce)
-        d_cap = move @ cp - exchange
-        inflow = src_q * c_in[:, n]
+        np.subtract(cp, ce, out=exchange)
+        exchange *= exch
+        d_cap = move @ cp
+        d_cap -= exchange
+        inflow = inflow_steps[n]
         d_cap[src_flat] += inflow
         tracer_in += dt * float(inflow.sum())
         tracer_out += dt * float(drain @ cp)
-        cp = cp + dt * d_cap / cap
-        ce = ce + dt * exchange / ees
+        d_cap *= dt * inv_cap
+        cp += d_cap
+        exchange *= dt * inv_ees
+        ce += exchange
         while f < len(frames) and frame_at_step[f] == n:
             tissue[..., f] = (vp_flat * cp + ve_flat * ce).reshape(vp.shape)
             plasma[..., f] = cp.reshape(vp.shape)

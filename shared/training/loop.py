@@ -13,7 +13,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from shared.data import SessionCache, TaskDataset, input_channels, optional_inputs_available
+from shared.data import (
+    SessionCache,
+    TaskDataset,
+    augment_batch,
+    input_channels,
+    optional_inputs_available,
+)
 from shared.models import build_model
 from shared.tasks import TaskSample, TaskSpec, get_task
 from shared.training.metrics import classification_metrics, score_histograms
@@ -101,10 +107,15 @@ def build_task_model(spec: TaskSpec, cfg: TrainConfig, in_channels: int | None =
                        stem_stride=cfg.stem_stride, seg_classes=seg, clinical=len(cfg.clinical))
 
 
+def _device_augment(cfg: TrainConfig) -> bool:
+    """Augment whole batches on the GPU (CPU augmentation starves a GPU); per sample on the CPU."""
+    return cfg.augment and resolve_device(cfg.device).type == "cuda"
+
+
 def _dataset(samples, spec, cfg, *, train: bool, in_channels: int) -> TaskDataset:
     use_opt = input_channels(spec, True, cfg.subtraction) == in_channels and bool(spec.optional_inputs)
     return TaskDataset(samples, spec, cfg.input_size, SessionCache(cfg.cache_dir),
-                       augment=train and cfg.augment, use_optional=use_opt,
+                       augment=train and cfg.augment and not _device_augment(cfg), use_optional=use_opt,
                        subtraction=cfg.subtraction, with_seg=cfg.network == "unet_encoder",
                        clinical=cfg.clinical, seed=cfg.seed)
 
@@ -166,6 +177,8 @@ def train_epochs(
     if hasattr(core, "return_seg"):
         core.return_seg = True
     model.train()
+    device_aug = _device_augment(cfg)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses, correct, seen = [], 0, 0
     total_steps = epochs * len(loader)
     bar = _progress(progress, total_steps, f"train {spec.name}")
@@ -173,7 +186,12 @@ def train_epochs(
         for batch in loader:
             if not isinstance(batch, dict) or len(batch["y"]) == 0:
                 continue  # an empty Poisson-sampled batch (opacus): nothing to learn from
-            x, y = batch["x"].to(dev), batch["y"].to(dev)
+            x, y = batch["x"].to(dev, non_blocking=True), batch["y"].to(dev)
+            if device_aug:
+                seg_b = batch["seg"].to(dev) if "seg" in batch else None
+                x, seg_b = augment_batch(x, seg_b, aug_gen)
+                if seg_b is not None:
+                    batch["seg"] = seg_b
             if dev.type == "cuda" and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             opt.zero_grad(set_to_none=True)
