@@ -34,7 +34,7 @@ def attacked_client_app(raw: dict, scale: float):
             w = out.content["arrays"]
             out.content["arrays"] = ArrayRecord({
                 k: Array(np.ascontiguousarray(g[k].numpy() - scale * (w[k].numpy() - g[k].numpy())))
-                for k in w.keys()})
+                for k in w})
         return out
 
     @app.evaluate()

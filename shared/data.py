@@ -75,7 +75,7 @@ def _centre_box(
     out = []
     for c, n, s in zip(centre, size, shape, strict=True):
         n = min(n, s)
-        lo = int(round(c - n / 2))
+        lo = round(c - n / 2)
         lo = min(max(lo, 0), s - n)
         out.append(slice(lo, lo + n))
     return tuple(out)

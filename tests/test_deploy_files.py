@@ -45,7 +45,7 @@ def test_openssl_verifies_the_server_certificate(tmp_path: Path) -> None:
     keys = make_deploy_keys(tmp_path, ["localhost"], [])
     try:
         r = subprocess.run(["openssl", "verify", "-CAfile", str(keys.ca_cert), str(keys.server_cert)],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
     except FileNotFoundError:
         pytest.skip("openssl not installed")
     assert r.returncode == 0 and ": OK" in r.stdout
@@ -83,5 +83,5 @@ def test_compose_and_dockerfiles_are_consistent() -> None:
     site = compose["services"]["site"]
     assert any(v.endswith(":/data:ro") for v in site["volumes"])
     assert "--disable-runtime-dependency-installation" in (DEPLOY / "Dockerfile.server").read_text()
-    r = subprocess.run(["sh", "-n", str(DEPLOY / "site-entrypoint.sh")], capture_output=True)
+    r = subprocess.run(["sh", "-n", str(DEPLOY / "site-entrypoint.sh")], capture_output=True, check=False)
     assert r.returncode == 0

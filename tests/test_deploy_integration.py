@@ -73,7 +73,7 @@ class Procs:
 
     def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], cwd=self.tmp, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def wait_for(pred, timeout: float, what: str) -> None:
@@ -138,7 +138,7 @@ def _rounds(run_dir: Path) -> list[dict]:
 
 
 def test_tls_federation_with_authenticated_sites(federation, tmp_path: Path) -> None:
-    procs, app, keys, start_site = federation
+    procs, app, _keys, start_site = federation
     start_site("hosp-a")
     start_site("hosp-b")
     # An unregistered key is refused, and so is a client that does not trust our CA.

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.privacy import PrivacyBudgetExceeded, epsilon_of, make_privatizer, one_sample_per_patient
+from client.privacy import (
+    PrivacyBudgetExceeded,
+    epsilon_of,
+    make_privatizer,
+    one_sample_per_patient,
+)
 from shared.cohort import read_cohort
 from shared.config import NodeConfig, RunConfig
 from shared.tasks import TASKS, select_samples

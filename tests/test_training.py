@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import shared.data as data
+from shared import data
 from shared.cohort import read_cohort
 from shared.models import build_model
 from shared.tasks import TASKS, select_samples

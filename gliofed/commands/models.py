@@ -111,7 +111,7 @@ def predict(
 
     from shared.training import predict_probs
 
-    net, meta, spec, cfg, samples, skipped = _eligible(model, cohort, require_label=False)
+    net, _meta, spec, cfg, samples, skipped = _eligible(model, cohort, require_label=False)
     probs = predict_probs(net, samples, spec, cfg) if samples else []
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as fh:
@@ -133,7 +133,7 @@ def evaluate(
     from shared.training import evaluate_model
     from shared.training.report import write_eval_outputs
 
-    net, meta, spec, cfg, samples, _ = _eligible(model, cohort)
+    net, _meta, spec, cfg, samples, _ = _eligible(model, cohort)
     if split != "all":
         samples = [s for s in samples if s.split == split]
     if not samples:
@@ -155,7 +155,7 @@ def explain(
     from shared.training.explain import grad_cam, plot_explanations, saliency
     from shared.training.loop import _dataset, _first_conv_in_channels
 
-    net, meta, spec, cfg, samples, _ = _eligible(model, cohort)
+    net, _meta, spec, cfg, samples, _ = _eligible(model, cohort)
     chosen = [s for s in samples if s.case_id in case] if case else [
         s for s in samples if s.split == "test"][:4]
     if not chosen:

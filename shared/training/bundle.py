@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -52,7 +52,7 @@ def export_bundle(model: nn.Module, spec: TaskSpec, cfg, out_dir: str | Path,
     meta = {
         "format": BUNDLE_FORMAT,
         "version": "0.1.0",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "task": spec.name,
         "classes": list(spec.classes),
         "label_column": spec.label_column,
