@@ -27,16 +27,20 @@ step() { # name limit_s command...
 {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-step dce_fit 240 $PY benchmarks/dce_fit.py --voxels 1000000 --frames 60 --device cuda \
+[ -n "${SKIP_DCE:-}" ] || step dce_fit 240 $PY benchmarks/dce_fit.py --voxels 1000000 --frames 60 --device cuda \
   --chunk-size 250000 --scipy-sample 200 --json "$OUT/dce_fit.json"
-step qtm_inference 120 $PY benchmarks/qtm_inference.py --device cuda --repeats 20 \
+[ -n "${SKIP_QTM:-}" ] || step qtm_inference 120 $PY benchmarks/qtm_inference.py --device cuda --repeats 20 \
   --json "$OUT/qtm_inference.json"
 if [ -f runs/qtmnet/configs/metadata.json ]; then
   step qtm_inference_trained 120 $PY benchmarks/qtm_inference.py --device cuda --repeats 20 \
     --model runs/qtmnet --json "$OUT/qtm_inference_trained.json"
 fi
-step dp_step_cost 240 $PY benchmarks/dp_step_cost.py --size 64 --batch 8 --steps 20 --device cuda
+step dp_step_cost 300 $PY benchmarks/dp_step_cost.py --size 64 --batch 8 --steps 20 --device cuda \
+  --modes ${DP_MODES:-hooks,functorch,ew,ghost}
 step gpu_tests 180 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts=""
-step train_throughput 240 $PY benchmarks/train_throughput.py --network resnet10 --size 64 --batch 8 \
-  --cases 24 --steps 20 --device cuda --amp --channels-last --json "$OUT/train_throughput.json"
+step train_throughput_64 240 $PY benchmarks/train_throughput.py --network resnet10 --size 64 --batch 8 \
+  --cases 24 --steps 20 --device cuda --amp --channels-last --json "$OUT/train_throughput_64.json"
+step train_throughput_128 300 $PY benchmarks/train_throughput.py --network resnet10 --size 128 --batch 16 \
+  --cases 32 --cohort-shape 64 --steps 20 --device cuda --amp --channels-last \
+  --json "$OUT/train_throughput_128.json"
 } 2>&1 | tee "$OUT/gpu_suite.log"

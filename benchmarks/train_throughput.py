@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--amp", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--cohort", type=Path, default=None)
+    ap.add_argument("--cohort-shape", type=int, default=0,
+                    help="side of the generated volumes (default: --size); inputs are cropped/padded")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
 
@@ -71,7 +73,7 @@ def main() -> None:
 
     dev = resolve_device(a.device)
     tmp = Path(tempfile.mkdtemp(prefix="gliofed-bench-"))
-    cohort = a.cohort or generate_cohort(tmp / "site", cases=a.cases, sites=2, shape=max(a.size, 32),
+    cohort = a.cohort or generate_cohort(tmp / "site", cases=a.cases, sites=2, shape=a.cohort_shape or max(a.size, 32),
                                          tasks=("grading",), seed=0, progress=False)
     spec = TASKS["grading"]
     samples, _ = select_samples(spec, read_cohort(cohort))

@@ -235,6 +235,7 @@ class TaskDataset(Dataset):
         with_seg: bool = False,
         clinical: Sequence[str] = (),
         seed: int = 0,
+        half: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.spec = spec
@@ -246,6 +247,7 @@ class TaskDataset(Dataset):
         self.with_seg = with_seg
         self.clinical = tuple(clinical)
         self.gen = torch.Generator().manual_seed(seed)
+        self.half = half and not augment  # float16 items (the GPU path converts on the device)
         self.class_index = {c: i for i, c in enumerate(spec.classes)}
 
     def __len__(self) -> int:
@@ -261,7 +263,7 @@ class TaskDataset(Dataset):
             sess = (s.baseline if tp == 0 and self.spec.timepoints == 2 else s.case)
             segp = sess.images.get("seg") if sess is not None else None
             x, y = self.cache.get(paths, segp, self.cfg)
-            xs.append(torch.from_numpy(x.astype(np.float32)))
+            xs.append(torch.from_numpy(x.astype(np.float16 if self.half else np.float32)))
             if sess is s.case and y is not None:
                 seg = torch.from_numpy(y.astype(np.int64))
         if self.spec.timepoints == 2 and self.subtraction:

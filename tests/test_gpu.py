@@ -101,3 +101,22 @@ def test_opacus_dp_step_on_cuda():
     assert all(g.shape[0] == 4 for g in per_sample)
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_training_loop_on_cuda_learns_with_device_augmentation(tmp_path):
+    """The real loop runs on CUDA: float16 items, loader workers, batched augmentation on the GPU."""
+    from shared.cohort import read_cohort
+    from shared.tasks import TASKS, select_samples
+    from shared.training import TrainConfig, build_task_model, evaluate_model, train_epochs
+    from tests.fl_helpers import write_tiny_cohort
+
+    write_tiny_cohort(tmp_path / "site", n_cases=24)
+    spec = TASKS["grading"]
+    samples, _ = select_samples(spec, read_cohort(tmp_path / "site"))
+    cfg = TrainConfig(task="grading", network="small_cnn", input_size=(16, 16, 16), batch_size=4,
+                      device="cuda", cache_dir=str(tmp_path / "cache"), lr=3e-3)
+    model = build_task_model(spec, cfg)
+    res = train_epochs(model, samples, spec, cfg, epochs=8)
+    assert np.isfinite(res.loss) and res.num_examples == len(samples)
+    ev = evaluate_model(model, samples, spec, cfg)
+    assert 0.0 <= ev.metrics["auc"] <= 1.0 and ev.num_examples == len(samples)

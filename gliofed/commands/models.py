@@ -164,6 +164,7 @@ def explain(
     ds = _dataset(chosen, spec, cfg.resolved(), train=False, in_channels=_first_conv_in_channels(net))
     for i, s in enumerate(chosen):
         x, seg = ds.load(i)
+        x = x.float()
         with torch.no_grad():
             logits = net(x[None])  # clinical covariates (if any) count as missing here
         logits = logits[0] if isinstance(logits, tuple) else logits

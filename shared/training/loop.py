@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -112,10 +113,18 @@ def _device_augment(cfg: TrainConfig) -> bool:
     return cfg.augment and resolve_device(cfg.device).type == "cuda"
 
 
+def _loader_workers(cfg: TrainConfig, dev: torch.device) -> int:
+    """Loader processes: as configured, or on CUDA a few (the GPU must not wait for the CPU)."""
+    if cfg.num_workers or dev.type != "cuda":
+        return cfg.num_workers
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 def _dataset(samples, spec, cfg, *, train: bool, in_channels: int) -> TaskDataset:
     use_opt = input_channels(spec, True, cfg.subtraction) == in_channels and bool(spec.optional_inputs)
     return TaskDataset(samples, spec, cfg.input_size, SessionCache(cfg.cache_dir),
                        augment=train and cfg.augment and not _device_augment(cfg), use_optional=use_opt,
+                       half=resolve_device(cfg.device).type == "cuda",
                        subtraction=cfg.subtraction, with_seg=cfg.network == "unet_encoder",
                        clinical=cfg.clinical, seed=cfg.seed)
 
@@ -155,8 +164,10 @@ def train_epochs(
     dev = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ds = _dataset(samples, spec, cfg, train=True, in_channels=_first_conv_in_channels(model))
+    workers = _loader_workers(cfg, dev)
     loader = DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=True,
-                        num_workers=cfg.num_workers, drop_last=False,
+                        num_workers=workers, drop_last=False, pin_memory=dev.type == "cuda",
+                        persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.clinical and hasattr(model, "fit_clinical_stats"):
         model.fit_clinical_stats(torch.stack([ds.clinical_values(i) for i in range(len(ds))]))
@@ -192,6 +203,7 @@ def train_epochs(
                 x, seg_b = augment_batch(x, seg_b, aug_gen)
                 if seg_b is not None:
                     batch["seg"] = seg_b
+            x = x.float()
             if dev.type == "cuda" and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             opt.zero_grad(set_to_none=True)
@@ -247,7 +259,7 @@ def predict_probs(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSpe
     model.to(dev).eval()
     out = []
     for batch in loader:
-        x = batch["x"].to(dev)
+        x = batch["x"].to(dev).float()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda"):
             logits = model(x, batch["clinical"].to(dev)) if "clinical" in batch else model(x)
         if isinstance(logits, tuple):
