@@ -203,3 +203,19 @@ def test_cache_key_is_memoised_until_the_file_changes(tmp_path):
     f.write_bytes(b"y" * 101)
     os.utime(f, ns=(1, 1))
     assert cache.key([f], None, cfg) != k1
+
+
+def test_resident_batches_cover_the_set_once_per_epoch(tmp_path):
+    """The GPU-resident batch source (exercised on the CPU here): every item once per epoch."""
+    from shared.tasks import TASKS, select_samples
+    from tests.fl_helpers import write_tiny_cohort
+
+    write_tiny_cohort(tmp_path / "site", n_cases=10)
+    spec = TASKS["grading"]
+    samples, _ = select_samples(spec, read_cohort(tmp_path / "site"))
+    ds = data.TaskDataset(samples, spec, (16, 16, 16), data.SessionCache(tmp_path / "c"))
+    rb = data.ResidentBatches(ds, 4, torch.device("cpu"), seed=0)
+    assert len(rb) == 3
+    ys = torch.cat([b["y"] for b in rb])
+    assert sorted(ys.tolist()) == sorted(ds.labels())
+    assert not data.ResidentBatches.fits(ds, torch.device("cpu"))  # only ever used on CUDA

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from shared.data import (
+    ResidentBatches,
     SessionCache,
     TaskDataset,
     augment_batch,
@@ -113,13 +113,6 @@ def _device_augment(cfg: TrainConfig) -> bool:
     return cfg.augment and resolve_device(cfg.device).type == "cuda"
 
 
-def _loader_workers(cfg: TrainConfig, dev: torch.device) -> int:
-    """Loader processes: as configured, or on CUDA a few (the GPU must not wait for the CPU)."""
-    if cfg.num_workers or dev.type != "cuda":
-        return cfg.num_workers
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
 def _dataset(samples, spec, cfg, *, train: bool, in_channels: int) -> TaskDataset:
     use_opt = input_channels(spec, True, cfg.subtraction) == in_channels and bool(spec.optional_inputs)
     return TaskDataset(samples, spec, cfg.input_size, SessionCache(cfg.cache_dir),
@@ -164,11 +157,14 @@ def train_epochs(
     dev = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ds = _dataset(samples, spec, cfg, train=True, in_channels=_first_conv_in_channels(model))
-    workers = _loader_workers(cfg, dev)
-    loader = DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=True,
-                        num_workers=workers, drop_last=False, pin_memory=dev.type == "cuda",
-                        persistent_workers=workers > 0,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    batch = min(cfg.batch_size, len(ds))
+    if privatize is None and not ds.augment and ResidentBatches.fits(ds, dev):
+        loader = ResidentBatches(ds, batch, dev, cfg.seed)  # GPU: the whole set on the device
+    else:  # loader workers measured slower than none for 3D volumes (IPC of large tensors)
+        loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=cfg.num_workers,
+                            drop_last=False, pin_memory=dev.type == "cuda",
+                            persistent_workers=cfg.num_workers > 0,
+                            generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.clinical and hasattr(model, "fit_clinical_stats"):
         model.fit_clinical_stats(torch.stack([ds.clinical_values(i) for i in range(len(ds))]))
     model.to(dev)
