@@ -46,11 +46,29 @@ def _write_case(site_dir: Path, case_id: str, case) -> dict[str, str]:
     return {"dce": f"{case_id}_dce.nii.gz", "seg": f"{case_id}_seg.nii.gz"}
 
 
+def _simulate_job(job):
+    grade, case_seed, protocol, shape = job
+    return simulate_case(grade, case_seed, protocol, shape=shape)
+
+
+def _simulated(jobs, workers: int):
+    """Simulated cases in job order, from this process or a pool of ``workers``."""
+    if workers <= 1:
+        yield from map(_simulate_job, jobs)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_simulate_job, jobs)
+
+
 def generate_qtm_cohort(out: Path, cases: int, sites: int = 1, seed: int = 0,
                         protocols: tuple[Protocol, ...] | None = None,
                         shape: tuple[int, int, int] = (32, 32, 16), test_fraction: float = 0.25,
-                        progress: Callable[[int], None] | None = None) -> Path:
+                        progress: Callable[[int], None] | None = None, workers: int = 1) -> Path:
     """``cases`` cases (alternating LGG/HGG) spread over ``sites`` sites; returns cohort.csv's path.
+
+    ``workers`` > 1 simulates in that many processes (files are written by this one, in order).
 
     Site k uses ``protocols[k % len(protocols)]``; the split is drawn per patient (one case each)
     with a fixed seed, stratified by grade.
@@ -70,13 +88,14 @@ def generate_qtm_cohort(out: Path, cases: int, sites: int = 1, seed: int = 0,
         idx = [i for i, x in enumerate(grades) if x == g]
         k = round(test_fraction * len(idx))
         test.update(rng.choice(idx, size=k, replace=False).tolist() if k else [])
-    for i, grade in enumerate(grades):
+    jobs = [(grade, seed * 100003 + 50000 + i, protocols[(i % sites) % len(protocols)], tuple(shape))
+            for i, grade in enumerate(grades)]
+    for i, case in enumerate(_simulated(jobs, workers)):
         site = i % sites
         case_id = f"QTM-{seed:03d}-{i:04d}"
-        case = simulate_case(grade, seed * 100003 + 50000 + i, protocols[site % len(protocols)], shape=shape)
         files = _write_case(out, case_id, case)
         rows.append({"case_id": case_id, "patient_id": case_id, "timepoint": "", **files,
-                     "grade": grade, "site": f"site-{site}", "split": "test" if i in test else "train"})
+                     "grade": grades[i], "site": f"site-{site}", "split": "test" if i in test else "train"})
         if progress:
             progress(1)
     return write_cohort(out, rows)

@@ -71,7 +71,7 @@ def prepare_sites(spec: SimulationSpec, echo: Any = print) -> tuple[Path, Any, A
         if not (cohort_dir / "cohort.csv").is_file():
             echo(f"simulating a DCE cohort: {spec.cases} cases, one acquisition protocol per site, "
                  f"in {cohort_dir}")
-            generate_qtm_cohort(cohort_dir, spec.cases, sites=spec.sites, seed=spec.seed)
+            generate_qtm_cohort(cohort_dir, spec.cases, sites=spec.sites, seed=spec.seed, workers=2)
     elif cohort_dir is None:
         from simulations.synth import generate_cohort
 

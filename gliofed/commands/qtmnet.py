@@ -40,6 +40,7 @@ def simulate_command(
     sites: Annotated[int, typer.Option(help="Sites; each has its own acquisition protocol.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed (use another one for a held-out cohort).")] = 0,
     shape: Annotated[str, typer.Option(help="Block size X,Y,Z in 2 mm voxels.")] = "32,32,16",
+    workers: Annotated[int, typer.Option(help="Processes simulating cases.")] = 2,
 ) -> None:
     """Simulate DCE-MRI cases with the fluid-mechanics transport model; write them as a site."""
     from rich.console import Console
@@ -51,7 +52,8 @@ def simulate_command(
     bar, step = _progress(console, cases, "simulating")
     with bar:
         try:
-            path = generate_qtm_cohort(out, cases, sites=sites, seed=seed, shape=dims, progress=step)
+            path = generate_qtm_cohort(out, cases, sites=sites, seed=seed, shape=dims, progress=step,
+                                       workers=workers)
         except ValueError as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(2) from None
