@@ -161,7 +161,7 @@ def simulate(spec: SimulationSpec, echo: Any = print) -> Path:
 
 
 def _fmt(metrics: dict[str, Any]) -> str:
-    keys = ("auc", "balanced_accuracy", "accuracy")
+    keys = ("auc", "balanced_accuracy", "accuracy", "param_mae", "vp-mre-tumour", "ps-mre-tumour")
     return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float))
 
 
