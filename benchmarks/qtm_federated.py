@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/qtm_federated.py --pretrained runs/qtmnet --out runs/bench_qtm_fed
 
+From scratch instead (``--scratch --cohort runs/bench_qtm_fed/cohort --rounds 8 --lr 2e-3``): the same
+comparison without pretraining.
+
 Three simulated sites, each with its own acquisition protocol (simulations/qtm_cohort.SITE_PROTOCOLS:
 site-0 5 s frames / 300 s / SNR 40 - the protocol the pretrained model saw; site-1 2.5 s / 240 s /
 SNR 25; site-2 7 s / 360 s / SNR 60). The federation (FedAvg, Flower simulation) fine-tunes the
@@ -42,6 +45,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scratch", action="store_true", help="start from fresh weights, not --pretrained")
+    ap.add_argument("--cohort", type=Path, default=None, help="reuse a DCE cohort (default: simulate)")
+    ap.add_argument("--lr", type=float, default=1e-3)
     a = ap.parse_args()
     import torch
 
@@ -50,8 +56,9 @@ def main() -> None:
     from simulations.runner import SimulationSpec, simulate
 
     spec = SimulationSpec(task="qtm", sites=a.sites, cases=a.cases, rounds=a.rounds,
-                          local_epochs=a.local_epochs, batch_size=4, lr=1e-3, seed=a.seed, out=a.out,
-                          network="", extra={"init-model": str(a.pretrained.resolve())})
+                          local_epochs=a.local_epochs, batch_size=4, lr=a.lr, seed=a.seed, out=a.out,
+                          network="", cohort=a.cohort, partition="site",
+                          extra={} if a.scratch else {"init-model": str(a.pretrained.resolve())})
     report = simulate(spec, echo=print)
     summary = json.loads((a.out / "summary.json").read_text())
     sites = sorted((a.out / "sites").glob("site-*"))

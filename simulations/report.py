@@ -13,6 +13,9 @@ def _num(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) and v is not None else math.nan
 
 
+LOWER_IS_BETTER = ("param_mae",)  # regression errors; every other headline metric is higher-better
+
+
 def headline(summary: dict[str, Any]) -> str:
     from shared.tasks import get_task
 
@@ -71,10 +74,14 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
     names = list(comp)
     colors = ["C0" if n == "federated" else "C2" if n == "centralised" else "C7" for n in names]
     bars = ax.barh(names, [comp[n] for n in names], color=colors)
+    lower_better = key in LOWER_IS_BETTER
     for b, v in zip(bars, comp.values()):
-        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {v:.3f}", va="center", fontsize=8)
-    ax.set(xlabel=f"final {key} on the same pooled test set", xlim=(0, 1.08),
-           title="Federated vs centralised vs local-only")
+        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {v:.4f}" if lower_better else f" {v:.3f}",
+                va="center", fontsize=8)
+    finite = [v for v in comp.values() if math.isfinite(v)]
+    right = max(finite, default=1.0) * 1.25 if lower_better else 1.08
+    ax.set(xlabel=f"final {key} on the same pooled test set" + (" (lower is better)" if lower_better else ""),
+           xlim=(0, right), title="Federated vs centralised vs local-only")
     ax.invert_yaxis()
     figs.append(("comparison.png", "Final comparison"))
     fig.tight_layout(); fig.savefig(run_dir / figs[-1][0], dpi=110); plt.close(fig)
