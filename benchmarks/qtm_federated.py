@@ -73,7 +73,8 @@ def main() -> None:
             **{f"local-only {k}": v["final"].get("param_mae") for k, v in base.get("local", {}).items()},
         },
         "per_site": {"pretrained (protocol of site-0 only)": per_site_scores(pretrained, sites, a.seed),
-                     "federated (fine-tuned on all sites)": per_site_scores(federated, sites, a.seed)},
+                     ("federated (from scratch)" if a.scratch else "federated (fine-tuned on all sites)"):
+                         per_site_scores(federated, sites, a.seed)},
         "report": str(report),
     }
     print(json.dumps(result, indent=1))
