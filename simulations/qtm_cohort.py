@@ -26,7 +26,7 @@ SITE_PROTOCOLS: tuple[Protocol, ...] = (
 )
 
 
-def _write_case(site_dir: Path, case_id: str, case) -> dict[str, str]:
+def _write_case(site_dir: Path, case_id: str, case, with_concentration: bool = False) -> dict[str, str]:
     import nibabel as nib
 
     from shared.dce.io import write_dce
@@ -39,10 +39,16 @@ def _write_case(site_dir: Path, case_id: str, case) -> dict[str, str]:
         nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), str(site_dir / fname))
         gt[name] = fname
     nib.save(nib.Nifti1Image(case.seg.astype(np.uint8), affine), str(site_dir / f"{case_id}_seg.nii.gz"))
+    extra = {}
+    if with_concentration:  # the noise-free 4D tissue concentration (mM), same frames as the signal
+        write_dce(site_dir / f"{case_id}_conc.nii.gz", case.concentration, case.times_s, affine,
+                  Quantity="concentration", Description="noise-free simulated tissue concentration")
+        extra["TrueConcentration"] = f"{case_id}_conc.nii.gz"
     write_dce(site_dir / f"{case_id}_dce.nii.gz", case.signal, case.times_s, affine,
               Quantity="signal", RepetitionTime=p.tr_s, FlipAngle=p.flip_deg, T10=p.t10_s,
               Relaxivity=p.r1, NumBaselineFrames=baseline_frames(case.params.bolus_arrival_s, p.frame_s),
-              Hematocrit=0.42, GroundTruth=gt, GroundTruthUnits=MAP_UNITS, Simulation=case_summary(case))
+              Hematocrit=0.42, GroundTruth=gt, GroundTruthUnits=MAP_UNITS, Simulation=case_summary(case),
+              **extra)
     return {"dce": f"{case_id}_dce.nii.gz", "seg": f"{case_id}_seg.nii.gz"}
 
 
@@ -65,10 +71,12 @@ def _simulated(jobs, workers: int):
 def generate_qtm_cohort(out: Path, cases: int, sites: int = 1, seed: int = 0,
                         protocols: tuple[Protocol, ...] | None = None,
                         shape: tuple[int, int, int] = (32, 32, 16), test_fraction: float = 0.25,
-                        progress: Callable[[int], None] | None = None, workers: int = 1) -> Path:
+                        progress: Callable[[int], None] | None = None, workers: int = 1,
+                        with_concentration: bool = False) -> Path:
     """``cases`` cases (alternating LGG/HGG) spread over ``sites`` sites; returns cohort.csv's path.
 
-    ``workers`` > 1 simulates in that many processes (files are written by this one, in order).
+    ``workers`` > 1 simulates in that many processes (files are written by this one, in order);
+    ``with_concentration`` also writes each case's noise-free 4D concentration (``<case>_conc.nii.gz``).
 
     Site k uses ``protocols[k % len(protocols)]``; the split is drawn per patient (one case each)
     with a fixed seed, stratified by grade.
@@ -93,7 +101,7 @@ def generate_qtm_cohort(out: Path, cases: int, sites: int = 1, seed: int = 0,
     for i, case in enumerate(_simulated(jobs, workers)):
         site = i % sites
         case_id = f"QTM-{seed:03d}-{i:04d}"
-        files = _write_case(out, case_id, case)
+        files = _write_case(out, case_id, case, with_concentration)
         rows.append({"case_id": case_id, "patient_id": case_id, "timepoint": "", **files,
                      "grade": grades[i], "site": f"site-{site}", "split": "test" if i in test else "train"})
         if progress:

@@ -147,7 +147,7 @@ def qtm_site(tmp_path_factory):
     from simulations.qtm_cohort import generate_qtm_cohort
 
     out = tmp_path_factory.mktemp("qtm") / "site"
-    generate_qtm_cohort(out, 8, sites=2, seed=3, shape=SMALL, test_fraction=0.5)
+    generate_qtm_cohort(out, 8, sites=2, seed=3, shape=SMALL, test_fraction=0.5, with_concentration=True)
     return out
 
 
@@ -167,6 +167,10 @@ def test_simulated_site_follows_the_cohort_contract(qtm_site):
     meta = json.loads(samples[1].case.images["dce"].with_name(
         samples[1].case.case_id + "_dce.json").read_text())
     assert set(meta["GroundTruth"]) == {"fp", "vp", "ve", "ps", "ktrans", "umag"}
+    true = read_dce(qtm_site / meta["TrueConcentration"])
+    noisy = series.concentration()
+    assert true.data.shape == noisy.shape and true.quantity == "concentration"
+    assert np.abs(noisy - true.data).mean() < 0.2 * true.data.max()  # signal -> conc recovers it
 
 
 def test_cli_train_predict_grade(qtm_site, tmp_path):

@@ -41,6 +41,8 @@ def simulate_command(
     seed: Annotated[int, typer.Option(help="Seed (use another one for a held-out cohort).")] = 0,
     shape: Annotated[str, typer.Option(help="Block size X,Y,Z in 2 mm voxels.")] = "32,32,16",
     workers: Annotated[int, typer.Option(help="Processes simulating cases.")] = 2,
+    with_concentration: Annotated[bool, typer.Option(
+        help="Also write the noise-free 4D concentration of each case.")] = False,
 ) -> None:
     """Simulate DCE-MRI cases with the fluid-mechanics transport model; write them as a site."""
     from rich.console import Console
@@ -53,7 +55,7 @@ def simulate_command(
     with bar:
         try:
             path = generate_qtm_cohort(out, cases, sites=sites, seed=seed, shape=dims, progress=step,
-                                       workers=workers)
+                                       workers=workers, with_concentration=with_concentration)
         except ValueError as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(2) from None
