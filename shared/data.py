@@ -316,11 +316,13 @@ def augment_batch(
     # a flip is a sign change of the matching sampling axis (grid order is x=W, y=H, z=D)
     for axis in range(3):
         theta[:, 2 - axis, :3] *= torch.where(flips[:, axis], -1.0, 1.0)[:, None]
-    theta = theta.to(x.device)
+    # on CUDA the resampling runs in the items' float16 (half the memory traffic); on the CPU in float32
+    work = x.dtype if x.is_cuda and x.dtype == torch.float16 else torch.float32
+    theta = theta.to(x.device, work)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x.float(), grid, mode="bilinear", align_corners=False)
+    out = F.grid_sample(x.to(work), grid, mode="bilinear", align_corners=False).float()
     if seg is not None:
-        seg = F.grid_sample(seg[:, None].float(), grid, mode="nearest",
+        seg = F.grid_sample(seg[:, None].float(), grid.float(), mode="nearest",
                             align_corners=False)[:, 0].round().long()
     return out * scale.to(x.device) + shift.to(x.device), seg
 

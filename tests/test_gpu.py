@@ -120,3 +120,15 @@ def test_training_loop_on_cuda_learns_with_device_augmentation(tmp_path):
     assert np.isfinite(res.loss) and res.num_examples == len(samples)
     ev = evaluate_model(model, samples, spec, cfg)
     assert 0.0 <= ev.metrics["auc"] <= 1.0 and ev.num_examples == len(samples)
+
+
+def test_batch_augmentation_on_cuda_in_half_precision():
+    from shared.data import augment_batch
+
+    x = torch.rand(2, 4, 32, 32, 32, device="cuda").half()
+    seg = (torch.randint(0, 3, (2, 32, 32, 32), device="cuda") * 2)
+    a, sa = augment_batch(x, seg, torch.Generator().manual_seed(0))
+    assert a.dtype == torch.float32 and a.shape == x.shape and torch.isfinite(a).all()
+    assert set(sa.unique().tolist()) <= {0, 2, 4}
+    ref, _ = augment_batch(x.float().cpu(), None, torch.Generator().manual_seed(0))
+    assert _rel(a.cpu(), ref) < 1e-2  # same transform as the float32 CPU path, to half precision

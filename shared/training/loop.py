@@ -216,8 +216,9 @@ def train_epochs(
                 loss = loss + proximal_mu / 2 * sum(((p - g) ** 2).sum() for p, g in anchor)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
-            correct += int((logits.argmax(1) == y).sum())
+            # kept on the device: no host sync per step, so the CPU queues the next step's kernels
+            losses.append(loss.detach())
+            correct = correct + (logits.argmax(1) == y).sum()
             seen += len(y)
             if bar is not None:
                 bar.update(1)
@@ -225,7 +226,8 @@ def train_epochs(
         bar.close()
     if hasattr(core, "return_seg"):
         core.return_seg = False
-    loss = float(np.mean(losses)) if losses else float("nan")
+    loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
+    correct = int(correct)
     return TrainResult(num_examples=len(samples), loss=loss,
                        metrics={"train_loss": loss, "train_accuracy": correct / max(seen, 1)},
                        seconds=time.perf_counter() - t0)
