@@ -161,8 +161,9 @@ def predict_command(
     seconds = time.perf_counter() - t0
     prefix = dce.name.removesuffix(".gz").removesuffix(".nii") + "_qtmnet"
     written = write_maps(maps, series.affine, out, prefix)
+    leaky_z = int(np.argmax(maps["ktrans"].sum(axis=(0, 1))))  # show the slice with the most leakage
     written.append(plot_maps(maps, np.ones(series.data.shape[:3], bool), out / f"{prefix}_maps.png",
-                             f"{dce.name}: QTMnet"))
+                             f"{dce.name}: QTMnet", z=leaky_z))
     console.print(f"QTMnet maps in {seconds:.2f} s; {len(written)} files in {out}")
 
 

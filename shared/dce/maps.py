@@ -22,6 +22,7 @@ MAP_UNITS = {
     "ve": "fraction",
     "vp": "fraction",
     "delay": "s",
+    "umag": "mm/s",
     "rss": "mM^2",
     "success": "0/1",
 }
@@ -121,15 +122,17 @@ def write_maps(
     return written
 
 
-def plot_maps(maps: dict[str, np.ndarray], mask: np.ndarray, path: Path, title: str) -> Path:
-    """Quick-look PNG: the fitted maps on the axial slice with the most fitted voxels."""
+def plot_maps(maps: dict[str, np.ndarray], mask: np.ndarray, path: Path, title: str,
+              z: int | None = None) -> Path:
+    """Quick-look PNG: the maps on axial slice ``z`` (default: the one with the most masked voxels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("fp", "ps", "ktrans", "ve", "vp", "delay") if n in maps]
-    z = int(np.argmax(mask.sum(axis=(0, 1)))) if mask.any() else mask.shape[2] // 2
+    names = [n for n in ("fp", "ps", "ktrans", "ve", "vp", "umag", "delay") if n in maps]
+    if z is None:
+        z = int(np.argmax(mask.sum(axis=(0, 1)))) if mask.any() else mask.shape[2] // 2
     fig, axes = plt.subplots(1, len(names), figsize=(3.1 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
         sl = np.where(mask[:, :, z], maps[name][:, :, z], np.nan).T
