@@ -198,14 +198,11 @@ def simulate_case(grade: str, seed: int, protocol: Protocol | None = None,
     tree = tree_flows(points, parent, term_of, term_q)
     # transit (flow-weighted) and dispersion per arterial source voxel
     src_flat = np.nonzero(src)[0]
-    node_voxel = np.ravel_multi_index(tuple(np.clip((points // spacing).astype(int), 0,
-                                                     np.array(shape) - 1).T), shape)
     tr_sum = np.zeros(n_vox)
     q_sum = np.zeros(n_vox)
     is_term = term_of >= 0
     np.add.at(tr_sum, np.asarray(term_idx)[term_of[is_term]], tree.transit[is_term] * tree.flow[is_term])
     np.add.at(q_sum, np.asarray(term_idx)[term_of[is_term]], tree.flow[is_term])
-    del node_voxel
     transit = tr_sum[src_flat] / np.maximum(q_sum[src_flat], 1e-30)
     disp = 0.3 + 0.5 * transit
 
