@@ -93,6 +93,68 @@ def central_evaluator(run: RunConfig) -> Callable[[ArrayRecord], dict[str, float
     return evaluate
 
 
+def start_state(run: RunConfig, run_dir: Path, strategy: Any = None) -> tuple[ArrayRecord, list, int]:
+    """Seeded initial weights, or the checkpoint's (weights, history, RNG, strategy state) on resume.
+
+    Returns (global weights, round rows so far, first round to run).
+    """
+    random.seed(run.seed)
+    np.random.seed(run.seed)
+    arrays = initial_arrays(run)
+    ckpt = load_checkpoint(run_dir) if run.resume else None
+    if ckpt is None:
+        return arrays, [], 1
+    if strategy is not None:
+        restore_strategy_state(strategy, ckpt.strategy_state)
+    restore_rng(ckpt.rng_state)
+    log.info("resuming after round %d from %s", ckpt.round, run_dir / "checkpoints")
+    return arrays_from_numpy(ckpt.weights), list(ckpt.history), ckpt.round + 1
+
+
+def participants(grid: Grid, run: RunConfig,
+                 eligible: dict[int, dict[str, int]]) -> tuple[list[int], list[int], int, int]:
+    """Wait for the quorum, ask new nodes what they hold (``eligible`` is updated in place).
+
+    Returns (nodes with training data, nodes with a test split, query bytes sent, received).
+    """
+    nodes = wait_for_quorum(grid, run)
+    new = [n for n in nodes if n not in eligible]
+    q_sent = q_recv = 0
+    if new:
+        found, q_sent, q_recv = query_eligibility(grid, new, run)
+        eligible.update(found)
+    trainers = [n for n in nodes if eligible.get(n, {}).get(R.ELIGIBLE_TOTAL, 0) > 0]
+    testers = [n for n in nodes
+               if any(k.startswith(f"{R.ELIGIBLE_PREFIX}test-") for k in eligible.get(n, {}))]
+    return trainers, testers, q_sent, q_recv
+
+
+def evaluate_round(grid: Grid, run: RunConfig, rnd: int, strategy: Any, arrays: ArrayRecord,
+                   testers: list[int]) -> tuple[list, list, dict[str, Any]]:
+    """Federated evaluation of ``arrays`` on the testers; (messages out, replies, round metrics)."""
+    e_out: list = []
+    e_replies: list = []
+    if testers and run.fraction_evaluate > 0:
+        strategy.min_evaluate_nodes = min(run.min_evaluate_nodes, len(testers))
+        e_out = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), SubsetGrid(grid, testers)))
+        e_replies = list(grid.send_and_receive(e_out, timeout=run.round_timeout))
+    site_eval = {site_of(m): dict(m.content[R.METRICS])
+                 for m in accepted_replies(e_replies, run, "evaluate")}
+    return e_out, e_replies, round_metrics(site_eval)
+
+
+def traffic(train_sent: int, train_recv: int, e_out: list, e_replies: list, q_sent: int, q_recv: int,
+            arrays: ArrayRecord) -> dict[str, Any]:
+    """The run log's byte counters for one round."""
+    e_sent, e_recv = payload_bytes(e_out), payload_bytes(e_replies)
+    return {"bytes_sent": train_sent + e_sent + q_sent,
+            "bytes_received": train_recv + e_recv + q_recv,
+            "bytes": {"train_sent": train_sent, "train_received": train_recv,
+                      "eval_sent": e_sent, "eval_received": e_recv,
+                      "query_sent": q_sent, "query_received": q_recv,
+                      "model": int(arrays.count_bytes())}}
+
+
 def run_rounds(
     grid: Grid,
     run: RunConfig,
@@ -101,19 +163,7 @@ def run_rounds(
     """Run (or resume) ``num-server-rounds`` rounds; returns the final global weights and round rows."""
     run_dir = Path(run.run_dir)
     strategy = build_strategy(run)
-    random.seed(run.seed)
-    np.random.seed(run.seed)
-    arrays = initial_arrays(run)
-    history: list[dict[str, Any]] = []
-    first = 1
-    ckpt = load_checkpoint(run_dir) if run.resume else None
-    if ckpt is not None:
-        arrays = arrays_from_numpy(ckpt.weights)
-        restore_strategy_state(strategy, ckpt.strategy_state)
-        restore_rng(ckpt.rng_state)
-        history = list(ckpt.history)
-        first = ckpt.round + 1
-        log.info("resuming after round %d from %s", ckpt.round, run_dir / "checkpoints")
+    arrays, history, first = start_state(run, run_dir, strategy)
     runlog = RunLog(run_dir, first_round=first)
     central = central_evaluator(run)
     eligible: dict[int, dict[str, int]] = {}
@@ -121,23 +171,12 @@ def run_rounds(
     try:
         for rnd in range(first, run.num_server_rounds + 1):
             t0 = time.perf_counter()
-            nodes = wait_for_quorum(grid, run)
-            new = [n for n in nodes if n not in eligible]
-            q_sent = q_recv = 0
-            if new:
-                found, q_sent, q_recv = query_eligibility(grid, new, run)
-                eligible.update(found)
-            trainers = [n for n in nodes if eligible.get(n, {}).get(R.ELIGIBLE_TOTAL, 0) > 0]
-            testers = [
-                n for n in nodes
-                if any(k.startswith(f"{R.ELIGIBLE_PREFIX}test-") for k in eligible.get(n, {}))
-            ]
+            trainers, testers, q_sent, q_recv = participants(grid, run, eligible)
             if not trainers:
                 raise RuntimeError(f"round {rnd}: no connected site has eligible data for {run.task}")
             strategy.min_train_nodes = min(run.min_train_nodes, len(trainers))
             if hasattr(strategy, "num_sampled_clients"):  # central DP: noise scales with sites
                 strategy.num_sampled_clients = len(trainers)
-            strategy.min_evaluate_nodes = min(run.min_evaluate_nodes, max(len(testers), 1))
             train_cfg = ConfigRecord({"local-epochs": run.local_epochs, R.TASK: run.task})
             out = list(strategy.configure_train(rnd, arrays, train_cfg, SubsetGrid(grid, trainers)))
             replies = list(grid.send_and_receive(out, timeout=run.round_timeout))
@@ -147,14 +186,7 @@ def run_rounds(
             if new_arrays is not None:
                 arrays = new_arrays
             train_sent, train_recv = payload_bytes(out), payload_bytes(replies)
-            e_out = e_replies = []
-            if testers and run.fraction_evaluate > 0:
-                e_out = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(),
-                                                         SubsetGrid(grid, testers)))
-                e_replies = list(grid.send_and_receive(e_out, timeout=run.round_timeout))
-            site_eval = {site_of(m): dict(m.content[R.METRICS]) for m in
-                         accepted_replies(e_replies, run, "evaluate")}
-            fed = round_metrics(site_eval)
+            e_out, e_replies, fed = evaluate_round(grid, run, rnd, strategy, arrays, testers)
             sites_seen.update(site_of(m) for m in good)
             row: dict[str, Any] = {
                 "round": rnd,
@@ -166,12 +198,7 @@ def run_rounds(
                 "sampled": len(out),
                 "replied": len(good),
                 "failed": len(replies) - len(good) + (len(out) - len(replies)),
-                "bytes_sent": train_sent + payload_bytes(e_out) + q_sent,
-                "bytes_received": train_recv + payload_bytes(e_replies) + q_recv,
-                "bytes": {"train_sent": train_sent, "train_received": train_recv,
-                          "eval_sent": payload_bytes(e_out), "eval_received": payload_bytes(e_replies),
-                          "query_sent": q_sent, "query_received": q_recv,
-                          "model": int(arrays.count_bytes())},
+                **traffic(train_sent, train_recv, e_out, e_replies, q_sent, q_recv, arrays),
                 "train": {k: float(v) for k, v in (train_agg or {}).items()
                           if isinstance(v, (int, float))},
                 **fed,

@@ -34,18 +34,19 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from server.checkpoint import Checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from server.pooled import round_metrics
-from server.quorum import SubsetGrid, query_eligibility, wait_for_quorum
+from server.checkpoint import Checkpoint, rng_state, save_checkpoint
 from server.rounds import (
     FederationResult,
     arrays_from_numpy,
     central_evaluator,
-    initial_arrays,
+    evaluate_round,
     numpy_from_arrays,
+    participants,
+    start_state,
+    traffic,
 )
 from server.runlog import RunLog
-from server.strategy import accepted_replies, build_strategy, payload_bytes, site_of
+from server.strategy import build_strategy, payload_bytes
 from shared import records as R
 from shared.config import RunConfig, check_secagg
 
@@ -138,27 +139,12 @@ class CountingGrid:
     def send_and_receive(self, messages, *, timeout: float | None = None):
         messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.sent += _bytes(messages)
-        self.received += _bytes(replies)
+        self.sent += payload_bytes(messages)
+        self.received += payload_bytes(replies)
         return replies
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
-
-
-def _bytes(messages: list[Any]) -> int:
-    """``payload_bytes``, minus Flower 1.41's IndexError on a ConfigRecord holding an empty list."""
-    total = 0
-    for msg in messages:
-        if msg.has_error():
-            continue
-        for record in msg.content.values():
-            try:
-                total += int(record.count_bytes())
-            except IndexError:
-                total += int(ConfigRecord({k: v for k, v in record.items()
-                                           if not (isinstance(v, list) and not v)}).count_bytes())
-    return total
 
 
 def secagg_train(grid: Grid, run: RunConfig, rnd: int, arrays: ArrayRecord, nodes: list[int],
@@ -193,19 +179,8 @@ def run_secagg(
     check_secagg(run)
     run_dir = Path(run.run_dir)
     evaluator = build_strategy(run)  # the Message-API strategy, only to send evaluate messages
-    random.seed(run.seed)
-    np.random.seed(run.seed)
-    arrays = initial_arrays(run)
+    arrays, history, first = start_state(run, run_dir)
     keys = list(arrays.keys())
-    history: list[dict[str, Any]] = []
-    first = 1
-    ckpt = load_checkpoint(run_dir) if run.resume else None
-    if ckpt is not None:
-        arrays = arrays_from_numpy(ckpt.weights)
-        restore_rng(ckpt.rng_state)
-        history = list(ckpt.history)
-        first = ckpt.round + 1
-        log.info("resuming after round %d from %s", ckpt.round, run_dir / "checkpoints")
     runlog = RunLog(run_dir, first_round=first)
     central = central_evaluator(run)
     eligible: dict[int, dict[str, int]] = {}
@@ -213,15 +188,7 @@ def run_secagg(
     try:
         for rnd in range(first, run.num_server_rounds + 1):
             t0 = time.perf_counter()
-            nodes = wait_for_quorum(grid, run)
-            new = [n for n in nodes if n not in eligible]
-            q_sent = q_recv = 0
-            if new:
-                found, q_sent, q_recv = query_eligibility(grid, new, run)
-                eligible.update(found)
-            trainers = [n for n in nodes if eligible.get(n, {}).get(R.ELIGIBLE_TOTAL, 0) > 0]
-            testers = [n for n in nodes
-                       if any(k.startswith(f"{R.ELIGIBLE_PREFIX}test-") for k in eligible.get(n, {}))]
+            trainers, testers, q_sent, q_recv = participants(grid, run, eligible)
             k = max(int(len(trainers) * run.fraction_train), min(run.min_train_nodes, len(trainers)))
             sampled = sorted(random.sample(trainers, min(k, len(trainers))))
             shares, threshold = secagg_plan(run, len(sampled))
@@ -235,15 +202,7 @@ def run_secagg(
                             "the global model is unchanged", rnd)
             t_train = time.perf_counter() - t0
             trained = {str(m.get(R.SITE_ID, f"node-{nid}")): m for nid, _, m in strategy.site_results}
-            e_out = e_replies = []
-            if testers and run.fraction_evaluate > 0:
-                evaluator.min_evaluate_nodes = min(run.min_evaluate_nodes, len(testers))
-                e_out = list(evaluator.configure_evaluate(rnd, arrays, ConfigRecord(),
-                                                          SubsetGrid(grid, testers)))
-                e_replies = list(grid.send_and_receive(e_out, timeout=run.round_timeout))
-            site_eval = {site_of(m): dict(m.content[R.METRICS]) for m in
-                         accepted_replies(e_replies, run, "evaluate")}
-            fed = round_metrics(site_eval)
+            e_out, e_replies, fed = evaluate_round(grid, run, rnd, evaluator, arrays, testers)
             sites_seen.update(trained)
             row: dict[str, Any] = {
                 "round": rnd,
@@ -255,12 +214,7 @@ def run_secagg(
                 "sampled": len(sampled),
                 "replied": len(trained),
                 "failed": len(sampled) - len(trained),
-                "bytes_sent": counting.sent + payload_bytes(e_out) + q_sent,
-                "bytes_received": counting.received + payload_bytes(e_replies) + q_recv,
-                "bytes": {"train_sent": counting.sent, "train_received": counting.received,
-                          "eval_sent": payload_bytes(e_out), "eval_received": payload_bytes(e_replies),
-                          "query_sent": q_sent, "query_received": q_recv,
-                          "model": int(arrays.count_bytes())},
+                **traffic(counting.sent, counting.received, e_out, e_replies, q_sent, q_recv, arrays),
                 "train": dict(strategy.metrics),
                 "secagg": {"num_shares": shares, "reconstruction_threshold": threshold,
                            "max_weight": max_weight, "unmasked": strategy.new_ndarrays is not None},

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import strategy as S
 
 from shared import records as R
@@ -153,5 +153,9 @@ def payload_bytes(messages: Iterable[Message]) -> int:
         if msg.has_error():
             continue
         for record in msg.content.values():
-            total += int(record.count_bytes())
+            try:
+                total += int(record.count_bytes())
+            except IndexError:  # Flower 1.41 fails on a ConfigRecord holding an empty list (SecAgg+)
+                total += int(ConfigRecord({k: v for k, v in record.items()
+                                           if not (isinstance(v, list) and not v)}).count_bytes())
     return total
