@@ -18,8 +18,9 @@ import time
 import torch
 
 
-def make_step(model, opt, x, y):
-    ce = torch.nn.CrossEntropyLoss()
+def make_step(model, opt, x, y, criterion=None):
+    """A timed SGD step; ``criterion`` defaults to cross-entropy (ghost clipping passes its own)."""
+    ce = criterion or torch.nn.CrossEntropyLoss()
 
     def one() -> float:
         t = time.perf_counter()
@@ -54,18 +55,7 @@ def dp_step(mode: str, model, x, y, batch: int):
                                           noise_multiplier=1.0, max_grad_norm=1.0,
                                           expected_batch_size=batch, loss_reduction="mean")
     crit = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(reduction="mean"), "mean")
-
-    def one() -> float:
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        out = gsm(x)
-        crit((out[0] if isinstance(out, tuple) else out).float(), y).backward()
-        opt.step()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    return one
+    return make_step(gsm, opt, x, y, crit)
 
 
 def interleaved_medians(a, b, steps: int) -> tuple[float, float]:

@@ -23,6 +23,16 @@ def _progress(console, total: int, label: str):
     return bar, lambda n=1: bar.advance(task, n)
 
 
+def _device(name: str) -> str:
+    """auto -> cuda when present, else cpu; an unavailable cuda is a clear error (shared.dce)."""
+    from shared.dce.fit import pick_device
+
+    try:
+        return str(pick_device(name))
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
 def _shape(text: str) -> tuple[int, int, int]:
     try:
         dims = tuple(int(x) for x in text.split(","))
@@ -86,7 +96,7 @@ def train_command(
     from simulations.qtm_cohort import SITE_PROTOCOLS
 
     console = Console()
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    dev = _device(device)
     torch.manual_seed(seed)
     if data:
         from shared.cohort import CohortError, read_cohort
@@ -140,7 +150,6 @@ def predict_command(
     import time
 
     import numpy as np
-    import torch
     from rich.console import Console
 
     from shared.dce.io import read_dce
@@ -149,7 +158,7 @@ def predict_command(
     from shared.qtm.net import predict_volume, resample_curves
 
     console = Console()
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    dev = _device(device)
     try:
         model, _ = load_qtmnet(model_dir, dev)
         series = read_dce(dce)
@@ -178,17 +187,14 @@ def grade_command(
     seed: Annotated[int, typer.Option(help="Seed for CV folds and bootstrap.")] = 0,
 ) -> None:
     """LGG vs HGG from tumour-ROI features: QTMnet maps vs 2CXM (population AIF), AUC with 95% CIs."""
-    import numpy as np
-    import torch
     from rich.console import Console
 
     from shared.cohort import CohortError, read_cohort
     from shared.qtm.bundle import load_qtmnet
-    from shared.qtm.grade import CaseMaps, fit_2cxm_roi, plot_grading_roc, run_grading
-    from shared.qtm.train import example_from_files
+    from shared.qtm.grade import case_maps, plot_grading_roc, run_grading
 
     console = Console()
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    dev = _device(device)
     try:
         model, _ = load_qtmnet(model_dir, dev)
         cohort = read_cohort(data, seed=seed)
@@ -203,23 +209,7 @@ def grade_command(
     bar, step = _progress(console, len(rows), "QTMnet + 2CXM per case")
     with bar:
         for c in rows:
-            import nibabel as nib
-
-            from shared.dce.io import read_dce
-            from shared.qtm.net import predict_volume
-
-            series = read_dce(c.images["dce"])
-            roi = np.asarray(nib.load(str(c.images["seg"])).dataobj) > 0
-            conc = series.concentration()
-            try:
-                truth = example_from_files(c.images["dce"], c.images["seg"]).maps
-            except ValueError:
-                truth = {}
-            from shared.qtm.net import resample_curves
-
-            qtm = predict_volume(model, resample_curves(conc, series.times_s), dev)
-            cxm = fit_2cxm_roi(conc, series.times_s, roi, device=dev, hct=series.hct)
-            cases.append(CaseMaps(c.case_id, c.patient_id, c.labels["grade"], roi, qtm, cxm, truth))
+            cases.append(case_maps(c, model, dev))
             step()
     result = run_grading(cases, repeats=repeats, n_boot=n_boot, seed=seed)
     out.mkdir(parents=True, exist_ok=True)

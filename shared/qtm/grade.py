@@ -42,6 +42,29 @@ def fit_2cxm_roi(conc: np.ndarray, times_s: np.ndarray, roi: np.ndarray, device:
     return maps
 
 
+def case_maps(case, model, device: str = "cpu") -> CaseMaps:
+    """QTMnet maps and the 2CXM fit in the tumour ROI for one cohort row (``dce``, ``seg``, ``grade``).
+
+    Ground truth comes from the DCE sidecar when it names maps (simulated cases), else it is empty.
+    """
+    import nibabel as nib
+
+    from shared.dce.io import read_dce
+    from shared.qtm.net import predict_volume, resample_curves
+    from shared.qtm.train import read_ground_truth
+
+    series = read_dce(case.images["dce"])
+    roi = np.asarray(nib.load(str(case.images["seg"])).dataobj) > 0
+    conc = series.concentration()
+    try:
+        truth = read_ground_truth(case.images["dce"])
+    except ValueError:
+        truth = {}
+    qtm = predict_volume(model, resample_curves(conc, series.times_s), device)
+    cxm = fit_2cxm_roi(conc, series.times_s, roi, device=device, hct=series.hct)
+    return CaseMaps(case.case_id, case.patient_id, case.labels["grade"], roi, qtm, cxm, truth)
+
+
 def roi_features(maps: dict[str, np.ndarray], roi: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     feats = {}
     for n in names:

@@ -141,7 +141,6 @@ class TransportResult:
 
     times_s: np.ndarray
     tissue: np.ndarray  # [X, Y, Z, T] vp cp + ve ce (mM), capillary and EES only
-    plasma: np.ndarray  # [X, Y, Z, T] cp (mM)
     tracer_in: float
     tracer_out: float
     tracer_inside: float
@@ -209,7 +208,6 @@ def transport(
     move = _plasma_operator(flow, d_face, drain)
     src_flat = np.ravel_multi_index(src_idx, vp.shape)
     tissue = np.zeros((*vp.shape, len(frames)), dtype=np.float32)
-    plasma = np.zeros_like(tissue)
     vp_flat, ve_flat = vp.ravel(), ve.ravel()
     tracer_in = tracer_out = 0.0
     frame_at_step = np.cumsum(counts) - 1  # the step after which each frame is taken
@@ -234,10 +232,9 @@ def transport(
         ce += exchange
         while f < len(frames) and frame_at_step[f] == n:
             tissue[..., f] = (vp_flat * cp + ve_flat * ce).reshape(vp.shape)
-            plasma[..., f] = cp.reshape(vp.shape)
             f += 1
     cp, ce = cp.reshape(vp.shape), ce.reshape(vp.shape)
     cap, ees = cap.reshape(vp.shape), ees.reshape(vp.shape)
     inside = float((cap * cp + ees * ce).sum())
-    return TransportResult(frames, tissue, plasma, tracer_in, tracer_out, inside,
+    return TransportResult(frames, tissue, tracer_in, tracer_out, inside,
                            float(step_len.max()) if len(step_len) else 0.0)
