@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.qtm.phantom import MAP_UNITS, Protocol, baseline_frames, case_summary, simulate_case
+from shared.qtm.phantom import MAP_UNITS, Protocol, baseline_frames, case_summary, simulate_cases
 
 SITE_PROTOCOLS: tuple[Protocol, ...] = (
     Protocol(frame_s=5.0, duration_s=300.0, flip_deg=15.0, snr=40.0),
@@ -52,22 +52,6 @@ def _write_case(site_dir: Path, case_id: str, case, with_concentration: bool = F
     return {"dce": f"{case_id}_dce.nii.gz", "seg": f"{case_id}_seg.nii.gz"}
 
 
-def _simulate_job(job):
-    grade, case_seed, protocol, shape = job
-    return simulate_case(grade, case_seed, protocol, shape=shape)
-
-
-def _simulated(jobs, workers: int):
-    """Simulated cases in job order, from this process or a pool of ``workers``."""
-    if workers <= 1:
-        yield from map(_simulate_job, jobs)
-        return
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(_simulate_job, jobs)
-
-
 def generate_qtm_cohort(out: Path, cases: int, sites: int = 1, seed: int = 0,
                         protocols: tuple[Protocol, ...] | None = None,
                         shape: tuple[int, int, int] = (32, 32, 16), test_fraction: float = 0.25,
@@ -98,7 +82,7 @@ def generate_qtm_cohort(out: Path, cases: int, sites: int = 1, seed: int = 0,
         test.update(rng.choice(idx, size=k, replace=False).tolist() if k else [])
     jobs = [(grade, seed * 100003 + 50000 + i, protocols[(i % sites) % len(protocols)], tuple(shape))
             for i, grade in enumerate(grades)]
-    for i, case in enumerate(_simulated(jobs, workers)):
+    for i, case in enumerate(simulate_cases(jobs, workers)):
         site = i % sites
         case_id = f"QTM-{seed:03d}-{i:04d}"
         files = _write_case(out, case_id, case, with_concentration)

@@ -232,6 +232,25 @@ def simulate_case(grade: str, seed: int, protocol: Protocol | None = None,
                          result.budget_error, tree)
 
 
+def _simulate_job(job: tuple) -> SimulatedCase:
+    grade, case_seed, protocol, shape = job
+    return simulate_case(grade, case_seed, protocol, shape=shape)
+
+
+def simulate_cases(jobs: list[tuple], workers: int = 1):
+    """Cases for ``(grade, seed, protocol, shape)`` jobs, in order, here or in ``workers`` processes.
+
+    A generator: with spawn-started workers, the calling script needs a ``__main__`` guard.
+    """
+    if workers <= 1:
+        yield from map(_simulate_job, jobs)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_simulate_job, jobs)
+
+
 def _ground_truth(flow: FlowField, fp, vp, ve, ps) -> dict[str, np.ndarray]:
     from shared.dce.models import ktrans_from_2cxm
 

@@ -83,33 +83,18 @@ def examples_from_samples(samples: Sequence) -> list[QtmExample]:
     return out
 
 
-def _simulate_one(args) -> QtmExample:
-    from shared.qtm.phantom import simulate_case
-
-    grade, seed, protocol, shape = args
-    return example_from_case(simulate_case(grade, seed, protocol, shape=shape))
-
-
 def simulate_examples(n: int, seed: int, protocols: Sequence, shape=(32, 32, 16), workers: int = 1,
                       progress: Callable[[int], None] | None = None) -> list[QtmExample]:
     """``n`` simulated training cases (half LGG, half HGG), protocols cycled, in ``workers`` processes."""
+    from shared.qtm.phantom import simulate_cases
+
     jobs = [("HGG" if i % 2 else "LGG", seed * 100003 + i, protocols[i % len(protocols)], tuple(shape))
             for i in range(n)]
-    if workers <= 1:
-        out = []
-        for j in jobs:
-            out.append(_simulate_one(j))
-            if progress:
-                progress(1)
-        return out
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(workers) as pool:
-        out = []
-        for ex in pool.imap(_simulate_one, jobs):
-            out.append(ex)
-            if progress:
-                progress(1)
+    out = []
+    for case in simulate_cases(jobs, workers):
+        out.append(example_from_case(case))
+        if progress:
+            progress(1)
     return out
 
 
