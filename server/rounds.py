@@ -213,7 +213,8 @@ def run_rounds(
                 row["central"] = central(arrays)
             history.append(row)
             save_checkpoint(run_dir, Checkpoint(rnd, numpy_from_arrays(arrays),
-                                                strategy_state(strategy), rng_state(), history))
+                                                strategy_state(strategy), rng_state(), history),
+                            keep_last=run.keep_checkpoints)
             runlog.write(row)
             log.info("round %d: %d/%d sites, pooled %s", rnd, len(good), len(out), fed["pooled"])
             if on_round_end is not None:

@@ -224,7 +224,7 @@ def run_secagg(
                 row["central"] = central(arrays)
             history.append(row)
             save_checkpoint(run_dir, Checkpoint(rnd, numpy_from_arrays(arrays), {}, rng_state(),
-                                                history))
+                                                history), keep_last=run.keep_checkpoints)
             runlog.write(row)
             log.info("round %d (SecAgg+): %d/%d sites, pooled %s", rnd, len(trained), len(sampled),
                      fed["pooled"])

@@ -46,6 +46,7 @@ class RunConfig:
     device: str = "auto"
     run_dir: str = "runs/flwr"
     resume: bool = False
+    keep_checkpoints: int = 2  # round checkpoints kept (the last N, plus a marked best); 0 = all
     server_cohort: str = ""  # site folder with a test split the server evaluates on ("" = none)
     sites_root: str = ""  # simulation: folder holding site-<partition-id>/cohort.csv
     cache_dir: str = ""

@@ -130,7 +130,7 @@ def simulate(spec: SimulationSpec, echo: Any = print) -> Path:
     echo_table(table, echo)
     raw = run_config_for(spec, sites_root)
     if not RunConfig.from_flower(raw).resume:  # a fresh run must not pick up an old checkpoint
-        for stale in ("rounds.jsonl", "checkpoints/last.pt"):
+        for stale in ("rounds.jsonl", "checkpoints/last.json", "checkpoints/last.pt"):
             (spec.out / stale).unlink(missing_ok=True)
         # simulated sites' privacy ledgers belong to the run: a fresh run starts with none spent
         for ledger in (spec.out / "privacy").glob("site-*.json"):

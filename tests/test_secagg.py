@@ -57,8 +57,10 @@ def _max_diff(a, b) -> float:
 
 def _round_weights(run_dir: Path, rnd: int) -> dict[str, torch.Tensor]:
     """The global weights after round ``rnd`` (from the run's per-round checkpoint)."""
-    data = torch.load(run_dir / "checkpoints" / f"round-{rnd:04d}.pt", weights_only=False)
-    return {k: torch.from_numpy(np.asarray(v)) for k, v in data["weights"].items()}
+    from server.checkpoint import read_round
+
+    weights = read_round(run_dir, rnd).weights
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
 
 
 @pytest.fixture(scope="module")
