@@ -17,21 +17,25 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.secagg import is_secagg_message, make_secagg_client_app, train_unmasked
+from client.secagg import (
+    is_secagg_message,
+    make_secagg_client_app,
+    parse_configs,
+    train_unmasked,
+)
 from client.site import evaluate_site, query_site, safe_reason
-from shared.config import NodeConfig, RunConfig
 
 log = logging.getLogger(__name__)
 SITE_ERROR_CODE = 4242  # an application error raised by the site's handler
 
 
 def reply(
-    msg: Message, ctx: Context, handler: Callable[..., RecordDict], defaults: Mapping[str, Any]
+    msg: Message, ctx: Context, handler: Callable[..., RecordDict], defaults: Mapping[str, Any],
+    node_defaults: Mapping[str, Any] | None = None,
 ) -> Message:
-    """Run ``handler`` on the message; a raised exception becomes an error reply without paths."""
+    """Run ``handler`` on the message; a raised exception becomes an error reply of fixed words."""
     try:
-        run = RunConfig.from_flower({**defaults, **dict(ctx.run_config)})
-        node = NodeConfig.from_flower(ctx.node_config, run)
+        run, node = parse_configs(ctx, defaults, node_defaults or {})
         return Message(handler(msg.content, run, node), reply_to=msg)
     except Exception as err:
         log.warning("site handler failed: %s", err, exc_info=True)
@@ -58,25 +62,26 @@ def central_dp_clipping_mod(msg: Message, ctx: Context, call_next: Callable) -> 
     return call_next(msg, ctx)
 
 
-def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose run config falls back to ``defaults`` (flat kebab-case keys)."""
-    base = dict(defaults or {})
+def make_client_app(defaults: Mapping[str, Any] | None = None,
+                    node_defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run and node configs fall back to ``defaults`` / ``node_defaults``."""
+    base, node_base = dict(defaults or {}), dict(node_defaults or {})
     client_app = ClientApp()
-    secagg_app = make_secagg_client_app(base)
+    secagg_app = make_secagg_client_app(base, node_base)
 
     @client_app.train(mods=[central_dp_clipping_mod])
     def train(msg: Message, ctx: Context) -> Message:
         if is_secagg_message(msg):
             return delegate(secagg_app, msg, ctx)
-        return reply(msg, ctx, train_unmasked, base)
+        return reply(msg, ctx, train_unmasked, base, node_base)
 
     @client_app.evaluate()
     def evaluate(msg: Message, ctx: Context) -> Message:
-        return reply(msg, ctx, evaluate_site, base)
+        return reply(msg, ctx, evaluate_site, base, node_base)
 
     @client_app.query()
     def query(msg: Message, ctx: Context) -> Message:
-        return reply(msg, ctx, query_site, base)
+        return reply(msg, ctx, query_site, base, node_base)
 
     return client_app
 

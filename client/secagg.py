@@ -38,8 +38,8 @@ def is_secagg_message(msg: Message) -> bool:
 def train_unmasked(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
     """A plain train request; refused when the run asks for SecAgg+ (never send a lone update)."""
     if run.secagg:
-        raise SiteError("run config sets secagg = true: this site sends its update only masked "
-                        "(SecAgg+), not in a plain train reply")
+        raise SiteError("secagg-required", "run config sets secagg = true: this site sends its "
+                        "update only masked (SecAgg+), not in a plain train reply")
     return train_site(content, run, node)
 
 
@@ -61,8 +61,8 @@ class SiteClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
         keys = model_keys(self.run)
         if len(keys) != len(parameters):
-            raise ValueError(f"received {len(parameters)} arrays, the {self.run.task} model has "
-                             f"{len(keys)}")
+            raise SiteError("model-mismatch", f"received {len(parameters)} arrays, the "
+                            f"{self.run.task} model has {len(keys)}", task=self.run.task)
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(p)) for k, p in zip(keys, parameters)})
         content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(dict(config))})
         out = train_site(content, self.run, self.node)
@@ -75,14 +75,25 @@ class SiteClient(NumPyClient):
         return update, int(metrics[R.NUM_EXAMPLES]), metrics
 
 
-def make_secagg_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
+def parse_configs(ctx: Context, defaults: Mapping[str, Any],
+                  node_defaults: Mapping[str, Any]) -> tuple[RunConfig, NodeConfig]:
+    """The run and node configs of ``ctx`` over the defaults; an invalid one is a ``bad-config``."""
+    try:
+        run = RunConfig.from_flower({**defaults, **dict(ctx.run_config)})
+        return run, NodeConfig.from_flower({**node_defaults, **dict(ctx.node_config)}, run)
+    except ValueError as err:
+        raise SiteError("bad-config", str(err)) from None
+
+
+def make_secagg_client_app(defaults: Mapping[str, Any] | None = None,
+                           node_defaults: Mapping[str, Any] | None = None) -> ClientApp:
     """A legacy ClientApp behind ``secaggplus_mod``; call it with (message, context)."""
     from flwr.client.mod import secaggplus_mod
 
-    base = dict(defaults or {})
+    base, node_base = dict(defaults or {}), dict(node_defaults or {})
 
     def client_fn(context: Context) -> Client:
-        run = RunConfig.from_flower({**base, **dict(context.run_config)})
-        return SiteClient(run, NodeConfig.from_flower(context.node_config, run)).to_client()
+        run, node = parse_configs(context, base, node_base)
+        return SiteClient(run, node).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])

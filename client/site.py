@@ -8,8 +8,8 @@ file paths or images.
 from __future__ import annotations
 
 import logging
-import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,40 +21,93 @@ from shared.config import NodeConfig, RunConfig, learning_core, train_config_for
 log = logging.getLogger(__name__)
 
 
+ERROR_KINDS: dict[str, str] = {  # the only words an error reply may carry (plus column/count/task)
+    "no-data-path": "node config sets no data-path",
+    "cohort-unreadable": "the site's cohort.csv cannot be read",
+    "no-training-cases": "no eligible training cases for the task",
+    "no-test-cases": "no eligible test cases for the task",
+    "no-usable-cases": "every eligible case has an unusable image",
+    "task-mismatch": "the message is for another task than the run's",
+    "model-mismatch": "the received weights do not fit the task's network",
+    "privacy-budget": "training would pass the site's max-epsilon",
+    "secagg-required": "the run asks for SecAgg+: no plain update is sent",
+    "bad-config": "the run or node config is invalid",
+    "internal-error": "the site failed (details in the site's log)",
+}
+
+
 class SiteError(RuntimeError):
-    """A site cannot take part (no data, no eligible cases, bad folder): becomes an error reply."""
+    """A site cannot take part: becomes an error reply built from :data:`ERROR_KINDS` only.
+
+    ``detail`` is the full local explanation (logged at the site, never sent); ``column`` (a cohort
+    column), ``count`` and ``task`` (a task name) may travel with the kind.
+    """
+
+    def __init__(self, kind: str, detail: str = "", *, column: str | None = None,
+                 count: int | None = None, task: str | None = None) -> None:
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown site error kind {kind!r}")
+        super().__init__(detail or ERROR_KINDS[kind])
+        self.kind, self.column, self.count, self.task = kind, column, count, task
 
 
 @dataclass
 class Site:
-    """A site's eligible samples for one task, split into train and test."""
+    """A site's usable samples for one task, split into train and test."""
 
     site_id: str
     spec: Any  # shared.tasks.TaskSpec
     train: list  # list[TaskSample]
     test: list
     counts: dict[str, int]  # eligible-<split>-<class> -> count
+    skipped: int = 0  # eligible cases left out because an image is unusable (reasons in the log)
 
 
-_SITES: dict[tuple[str, str, int], Site] = {}
+_SITES: dict[tuple, Site] = {}
+
+
+def _screen(samples: list, spec: Any, run: RunConfig, node: NodeConfig) -> tuple[list, list]:
+    """Usable samples and (case_id, reason) for the others; the reasons go to the site's log only."""
+    cfg = train_config_for(run, device=_device(run, node))
+    if not hasattr(cfg, "resolved"):  # a stand-in learning core: nothing to screen with
+        return samples, []
+    from shared.training.screen import screen_samples
+
+    ok, skipped = screen_samples(samples, spec, cfg)
+    for cid, reason in skipped:
+        log.warning("site %s: skipped case %s: %s", node.site_id, cid, reason)
+    return ok, skipped
 
 
 def load_site(run: RunConfig, node: NodeConfig) -> Site:
-    """Read the site's cohort once per process and select the task's eligible samples."""
-    key = (node.data_path, run.task, run.seed)
+    """Read the site's cohort once per process, select the task's samples, skip unusable cases."""
+    key = (node.data_path, node.allow_outside, node.max_image_mb, run.task, run.seed,
+           run.input_size, run.cache_dir)
     if key in _SITES:
         return _SITES[key]
+    import os
+
     from shared.cohort import CohortError, read_cohort
+    from shared.imageio import set_max_image_mb
     from shared.tasks import get_task, select_samples
 
     if not node.data_path:
-        raise SiteError("node config sets no data-path")
+        raise SiteError("no-data-path")
+    set_max_image_mb(node.max_image_mb)
     spec = get_task(run.task)
     try:
-        cohort = read_cohort(node.data_path, seed=run.seed)
+        cohort = read_cohort(node.data_path, seed=run.seed,
+                             allow_outside=[p for p in node.allow_outside.split(os.pathsep) if p])
     except CohortError as err:
-        raise SiteError(str(err)) from None
+        raise SiteError("cohort-unreadable", str(err)) from None
+    for problem in cohort.errors:
+        log.warning("site %s: %s", node.site_id, problem)
     samples, _ = select_samples(spec, cohort)
+    samples, skipped = _screen(samples, spec, run, node)
+    if skipped and not samples:
+        cols = Counter(reason.split(":")[0] for _, reason in skipped)
+        raise SiteError("no-usable-cases", f"every eligible case was skipped: {skipped[0][1]}, ...",
+                        column=cols.most_common(1)[0][0], count=len(skipped))
     train = [s for s in samples if s.split in ("train", "val")]
     test = [s for s in samples if s.split == "test"]
     counts: dict[str, int] = {}
@@ -62,7 +115,7 @@ def load_site(run: RunConfig, node: NodeConfig) -> Site:
         for s in group:
             k = f"{R.ELIGIBLE_PREFIX}{split}-{s.label if s.label is not None else 'all'}"
             counts[k] = counts.get(k, 0) + 1
-    site = Site(node.site_id, spec, train, test, counts)
+    site = Site(node.site_id, spec, train, test, counts, len(skipped))
     _SITES[key] = site
     return site
 
@@ -75,13 +128,32 @@ def arrays_from_model(model: Any) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
-def obtain_privatizer(run: RunConfig, node: NodeConfig, num_samples: int) -> Any:
-    """The ``privatize=`` hook for train_epochs: opacus when the run asks for local DP, else None."""
+def load_received(model: Any, arrays: ArrayRecord, run: RunConfig) -> dict:
+    """Put the server's weights into ``model``; weights of another network are a ``model-mismatch``."""
+    state = state_from_arrays(arrays)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise SiteError("model-mismatch", f"the received weights do not fit the {run.task} "
+                        f"network: {str(err).splitlines()[0][:200]}", task=run.task) from None
+    return state
+
+
+def check_task(config: ConfigRecord, run: RunConfig) -> None:
+    """A message that names another task than the run's is refused, naming both."""
+    asked = str(config.get(R.TASK, run.task))
+    if asked != run.task:
+        raise SiteError("task-mismatch", f"the message is for task {asked!r}, this run trains "
+                        f"{run.task!r}", task=run.task)
+
+
+def obtain_privatizer(run: RunConfig, node: NodeConfig, num_samples: int, epochs: int) -> Any:
+    """The ``privatize=`` hook for ``epochs`` epochs: opacus when the run asks for local DP, else None."""
     if run.dp != "opacus":
         return None
-    from client.privacy import make_privatizer  # written by the privacy work
+    from client.privacy import make_privatizer
 
-    return make_privatizer(run=run, node=node, num_samples=num_samples)
+    return make_privatizer(run=run, node=node, num_samples=num_samples, epochs=epochs)
 
 
 def _device(run: RunConfig, node: NodeConfig) -> str:
@@ -93,42 +165,43 @@ def _site_config(site: Site) -> ConfigRecord:
 
 
 def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
-    """Local training from the received global weights; reply weights, example count, train metrics."""
+    """Local training from the received global weights; reply weights, example count, train metrics.
+
+    The epochs trained are the message's ``local-epochs``; with local DP the ledger is charged for
+    exactly the DP steps taken, and a request that would pass ``max-epsilon`` is refused untrained.
+    """
     site = load_site(run, node)
     if not site.train:
-        raise SiteError(f"site {site.site_id} has no eligible training cases for {run.task}")
+        raise SiteError("no-training-cases", count=site.skipped, task=run.task)
     core = learning_core()
     config = content[R.CONFIG] if R.CONFIG in content else ConfigRecord()
+    check_task(config, run)
     mu = float(config.get(R.PROXIMAL_MU, 0.0))
     epochs = int(config.get("local-epochs", run.local_epochs))
     cfg = train_config_for(run, device=_device(run, node), epochs=epochs)
     model = core.build_model(site.spec, cfg)
-    state = state_from_arrays(content[R.ARRAYS])
-    model.load_state_dict(state)
+    state = load_received(model, content[R.ARRAYS], run)
     train = site.train
     if run.dp == "opacus":
         from client.privacy import one_sample_per_patient
 
         train = one_sample_per_patient(train)  # patient-level DP: one record per patient
-    privatizer = obtain_privatizer(run, node, len(train))
+    privatizer = obtain_privatizer(run, node, len(train), epochs)
     t0 = time.perf_counter()
-    res = core.train(
-        model,
-        train,
-        site.spec,
-        cfg,
-        epochs=epochs,
-        proximal_mu=mu,
-        global_state=state if mu > 0 else None,
-        privatize=privatizer,
-        progress=False,
-    )
+    try:
+        res = core.train(model, train, site.spec, cfg, epochs=epochs, proximal_mu=mu,
+                         global_state=state if mu > 0 else None, privatize=privatizer,
+                         progress=False)
+    finally:
+        if privatizer is not None:
+            privatizer.settle()  # the steps taken, also when training stopped half-way
     metrics = {f"train-{k}": float(v) for k, v in res.metrics.items() if _is_number(v)}
     if privatizer is not None:
         metrics.update(privatizer.metrics())
     metrics[R.NUM_EXAMPLES] = int(res.num_examples)
     metrics[R.TRAIN_LOSS] = float(res.loss)
     metrics[R.TRAIN_SECONDS] = float(time.perf_counter() - t0)
+    metrics[R.SKIPPED] = int(site.skipped)
     return RecordDict(
         {
             R.ARRAYS: arrays_from_model(model),
@@ -139,22 +212,40 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordD
 
 
 def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
-    """Metrics of the received model on the site's own test split, plus confusion and histograms."""
+    """Metrics of the received model on the site's own test split, plus confusion and histograms.
+
+    Below ``min-report-cases`` test cases the reply carries no metric at all (the federation counts
+    the site as absent); a score histogram is sent only when every non-empty bin holds that many.
+    """
+    from client.disclosure import enough_cases, k_anonymous_rows
+
     site = load_site(run, node)
     if not site.test:
-        raise SiteError(f"site {site.site_id} has no eligible test cases for {run.task}")
+        raise SiteError("no-test-cases", count=site.skipped, task=run.task)
+    k = node.min_report_cases
+    if not enough_cases(len(site.test), k):
+        log.warning("site %s: %d test case(s) < min-report-cases %d: no evaluation metrics sent",
+                    site.site_id, len(site.test), k)
+        return RecordDict({R.METRICS: MetricRecord({R.SKIPPED: int(site.skipped)}),
+                           R.CONFIG: _site_config(site)})
     core = learning_core()
     cfg = train_config_for(run, device=_device(run, node))
     model = core.build_model(site.spec, cfg)
-    model.load_state_dict(state_from_arrays(content[R.ARRAYS]))
+    load_received(model, content[R.ARRAYS], run)
     ev = core.evaluate(model, site.test, site.spec, cfg)
     metrics: dict[str, Any] = {k: float(v) for k, v in ev.metrics.items() if _is_number(v)}
     metrics[R.NUM_EXAMPLES] = int(ev.num_examples)
+    metrics[R.SKIPPED] = int(site.skipped)
     if getattr(ev, "confusion", None) is not None:
         metrics[R.CONFUSION] = [int(x) for x in ev.confusion.reshape(-1).tolist()]
         metrics[R.NUM_CLASSES] = int(ev.confusion.shape[0])
-    if getattr(ev, "score_hist", None) is not None:
-        metrics[R.SCORE_HIST] = [int(x) for x in ev.score_hist.reshape(-1).tolist()]
+    hist = getattr(ev, "score_hist", None)
+    hist = k_anonymous_rows(hist, k) if hist is not None else None
+    if hist is not None:
+        metrics[R.SCORE_HIST] = [int(x) for x in hist.reshape(-1).tolist()]
+    elif getattr(ev, "score_hist", None) is not None:
+        log.warning("site %s: a class has 1..%d test cases: score histogram not sent",
+                    site.site_id, k - 1)
     return RecordDict({R.METRICS: MetricRecord(metrics), R.CONFIG: _site_config(site)})
 
 
@@ -163,16 +254,33 @@ def query_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordD
     site = load_site(run, node)
     counts: dict[str, Any] = {k: int(v) for k, v in site.counts.items()}
     counts[R.ELIGIBLE_TOTAL] = len(site.train)
+    counts[R.SKIPPED] = int(site.skipped)
     return RecordDict({R.ELIGIBLE: MetricRecord(counts), R.CONFIG: _site_config(site)})
 
 
-_PATHLIKE = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s'\"]+")
-
-
 def safe_reason(err: BaseException) -> str:
-    """An error text fit to leave the site: the exception type and message with paths removed."""
-    text = _PATHLIKE.sub("<path>", str(err))
-    return f"{type(err).__name__}: {text}"[:300]
+    """The error text that leaves the site: ``kind [column=C] [count=N] [task=T]``, nothing else.
+
+    Built from :data:`ERROR_KINDS`, the cohort's column names and the task names only; the exception's
+    own text (paths, names, dates in folder names) stays in the site's log.
+    """
+    from client.privacy import PrivacyBudgetExceeded
+    from shared.cohort import COLUMNS
+    from shared.tasks import TASKS
+
+    if isinstance(err, SiteError):
+        parts = [err.kind]
+        column = (err.column or "").removeprefix("baseline ")
+        if column in COLUMNS:
+            parts.append(f"column={column}")
+        if isinstance(err.count, int):
+            parts.append(f"count={err.count}")
+        if err.task in TASKS:
+            parts.append(f"task={err.task}")
+        return " ".join(parts)
+    if isinstance(err, PrivacyBudgetExceeded):
+        return "privacy-budget"
+    return "internal-error"
 
 
 def _is_number(v: Any) -> bool:

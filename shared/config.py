@@ -123,6 +123,9 @@ class NodeConfig:
     device: str = "auto"
     partition_id: int = -1  # simulation only
     num_partitions: int = 0  # simulation only
+    min_report_cases: int = 10  # fewest test cases behind any metric or histogram bin the site sends
+    max_image_mb: float = 1024.0  # largest image (MiB once read as float32) the site will open
+    allow_outside: str = ""  # folders outside data-path that cohort.csv may reference (os.pathsep list)
 
     @classmethod
     def from_flower(cls, raw: Mapping[str, Any] | None, run: RunConfig) -> NodeConfig:

@@ -18,6 +18,7 @@ TASK = "task"
 SITE_ID = "site-id"  # a ConfigRecord entry naming the site (a hospital name, never a patient)
 TRAIN_SECONDS = "train-seconds"
 TRAIN_LOSS = "train-loss"
+SKIPPED = "skipped"  # eligible cases a site left out because an image was unusable
 
 CONFUSION = "confusion"  # flattened K x K int counts (row = true class)
 SCORE_HIST = "score-hist"  # flattened K x 2 x BINS int counts (positives / negatives of p_k)
