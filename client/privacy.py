@@ -52,13 +52,16 @@ def ledger_path(site_id: str) -> Path:
 
 def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float) -> float:
     """RDP epsilon of a composed history of (noise multiplier, sample rate, steps)."""
-    history = [h for h in history if h[2] > 0]
-    if not history:
+    steps: dict[tuple[float, float], int] = {}
+    for noise, rate, n in history:  # RDP is additive in steps: equal (noise, rate) entries merge
+        if n > 0:
+            steps[(float(noise), float(rate))] = steps.get((float(noise), float(rate)), 0) + int(n)
+    if not steps:
         return 0.0
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()
-    acc.history = list(history)
+    acc.history = [(noise, rate, n) for (noise, rate), n in steps.items()]
     return float(acc.get_epsilon(delta))
 
 
@@ -98,9 +101,8 @@ class Ledger:
     def epsilon(self, delta: float) -> float:
         return epsilon_of(self.history_of(self.entries()), delta)
 
-    def _write(self, entries: list[dict[str, Any]], delta: float) -> None:
-        body = json.dumps({"entries": entries, "delta": delta,
-                           "epsilon": epsilon_of(self.history_of(entries), delta)}, indent=1)
+    def _write(self, entries: list[dict[str, Any]], delta: float, epsilon: float) -> None:
+        body = json.dumps({"entries": entries, "delta": delta, "epsilon": epsilon}, indent=1)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as fh:
@@ -125,16 +127,16 @@ class Ledger:
         """
         with self.locked():
             entries = self.entries()
-            before = epsilon_of(self.history_of(entries), delta)
             after = epsilon_of([*self.history_of(entries), (noise, sample_rate, steps)], delta)
             if budget > 0 and after > budget:
+                before = epsilon_of(self.history_of(entries), delta)
                 raise PrivacyBudgetExceeded(
                     f"privacy budget: {steps} DP steps would bring site {site} to epsilon "
                     f"{after:.2f} > max-epsilon {budget:g} (spent {before:.2f}); the site declines "
                     "to train")
             entry = {"id": uuid.uuid4().hex, "noise": float(noise), "sample_rate": float(sample_rate),
                      "steps": int(steps), "state": "reserved", "time": time.time(), **info}
-            self._write([*entries, entry], delta)
+            self._write([*entries, entry], delta, after)
         return entry["id"], after
 
     def settle(self, entry_id: str, steps: int, delta: float) -> float:
@@ -144,8 +146,9 @@ class Ledger:
             for e in entries:
                 if e["id"] == entry_id:
                     e["steps"], e["state"] = int(steps), "charged"
-            self._write(entries, delta)
-            return epsilon_of(self.history_of(entries), delta)
+            eps = epsilon_of(self.history_of(entries), delta)
+            self._write(entries, delta, eps)
+            return eps
 
 
 class StepCounter:

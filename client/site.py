@@ -68,7 +68,7 @@ _SITES: dict[tuple, Site] = {}
 
 def _screen(samples: list, spec: Any, run: RunConfig, node: NodeConfig) -> tuple[list, list]:
     """Usable samples and (case_id, reason) for the others; the reasons go to the site's log only."""
-    cfg = train_config_for(run, device=_device(run, node))
+    cfg = train_config_for(run, device="cpu")  # opening the images needs no accelerator
     if not hasattr(cfg, "resolved"):  # a stand-in learning core: nothing to screen with
         return samples, []
     from shared.training.screen import screen_samples

@@ -41,6 +41,7 @@ class SimulationSpec:
     baselines: bool = True
     ray_address: str = ""  # "" = start a local Ray; "auto" or HOST:PORT = join an existing cluster
     extra: dict[str, Any] = field(default_factory=dict)  # more run-config keys (kebab-case)
+    min_report_cases: int = 1  # node config of every simulated site (synthetic patients)
 
 
 def run_config_for(spec: SimulationSpec, sites_root: Path) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def run_federation(spec: SimulationSpec, raw: dict[str, Any], num_sites: int) ->
     gpus = spec.gpus_per_client if torch.cuda.is_available() else 0.0
     run_simulation(
         server_app=make_server_app(raw),
-        client_app=make_client_app(raw),
+        client_app=make_client_app(raw, {"min-report-cases": spec.min_report_cases}),
         num_supernodes=num_sites,
         backend_config={
             "client_resources": {"num_cpus": spec.cpus_per_client, "num_gpus": gpus},

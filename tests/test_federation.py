@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fl_helpers import LocalGrid, run_config, write_tiny_cohort
+from fl_helpers import LocalGrid, fail_in_training, run_config, write_tiny_cohort
 
 from server.quorum import QuorumError, wait_for_quorum
 from server.rounds import run_rounds
@@ -73,18 +73,17 @@ def test_quorum_deadline_proceeds_or_stops_without_hanging(tmp_path, sites_root)
 
 def test_sites_without_data_or_that_raise_answer_errors_and_the_run_goes_on(tmp_path, sites_root):
     broken = write_tiny_cohort(tmp_path / "broken", n_cases=8, seed=5, site="B")
-    for f in broken.glob("*_t1ce.nii.gz"):
-        f.write_bytes(b"not a nifti file")
     cfg = run_config(tmp_path / "run", sites_root, **{"num-server-rounds": 1})
     grid = _grid(cfg, n=2, extra={7: {"data-path": str(tmp_path / "missing")},
                                   8: {"data-path": str(broken), "site-id": "broken"}})
+    fail_in_training(grid, broken)
     result = run_rounds(grid, RunConfig.from_flower(cfg))
     row = result.rounds[0]
     assert row["replied"] == 2 and row["failed"] == 1  # node 7 was never sampled: query failed
     assert sorted(result.sites) == ["site-0", "site-1"]
     errors = [r for r in grid.replies if r.has_error()]
-    assert len(errors) >= 2 and all("<path>" in e.error.reason or "no " in e.error.reason
-                                    for e in errors if "folder" in e.error.reason)
+    assert len(errors) >= 2 and {e.error.reason for e in errors} == {"cohort-unreadable",
+                                                                      "internal-error"}
     assert all(str(tmp_path) not in e.error.reason for e in errors)
 
 

@@ -19,11 +19,18 @@ def site_check(
     site_dir: Annotated[Path, typer.Argument(help="Site folder with cohort.csv.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead.")] = False,
     workers: Annotated[int, typer.Option(help="Processes for image checks (0: all cores).")] = 0,
+    allow_outside: Annotated[list[Path], typer.Option(
+        "--allow-outside", help="A folder outside the site that cohort.csv may reference "
+        "(repeatable; importers record theirs in allowed-roots.txt).")] = [],  # noqa: B006
+    max_image_mb: Annotated[float, typer.Option(
+        "--max-image-mb", help="Largest image to open, MiB as float32 (0: node config's default).")
+    ] = 0.0,
 ) -> None:
-    """Validate without modifying anything; report every problem; exit 1 on errors."""
+    """Validate without modifying anything; report every problem; exit 1 on errors (an empty site is one)."""
     from client.site_check import check_site, print_report
 
-    report = check_site(site_dir, workers=workers or None, progress=not as_json)
+    report = check_site(site_dir, workers=workers or None, progress=not as_json,
+                        allow_outside=allow_outside, max_image_mb=max_image_mb or None)
     if as_json:
         typer.echo(json.dumps({
             "site": str(report.site), "sessions": report.n_cases, "ok": report.ok,
