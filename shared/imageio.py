@@ -81,8 +81,10 @@ def open_image(path: str | Path, limit_mb: float | None = None) -> Any:
     return img
 
 
-def iter_slabs(img: Any, slab_bytes: int = SLAB_BYTES) -> Iterator[np.ndarray]:
-    """The (scaled) voxels of ``img`` in slabs along its last axis, ``slab_bytes`` at most each."""
+def iter_slabs(img: Any, slab_bytes: int | None = None) -> Iterator[np.ndarray]:
+    """The (scaled) voxels of ``img`` in slabs along its last axis, ``slab_bytes`` at most each
+    (default :data:`SLAB_BYTES`)."""
+    slab_bytes = slab_bytes or SLAB_BYTES
     shape = img.shape
     if len(shape) == 0:
         return
