@@ -17,8 +17,8 @@ from tests.test_image_safety import _bomb
 
 BAD = {  # case -> (file to break, how, the reason printed)
     "A-case001": ("t1", "missing", "skipped A-case001: t1: missing file"),
-    "A-case003": ("t2", "folder", "skipped A-case003: t2: not a file (a folder or device where an "
-                                  "image is expected)"),
+    "A-case003": ("t2", "folder", ("skipped A-case003: t2: not a file (a folder or device where "
+                                   "an image is expected)")),
     "A-case005": ("flair", "2d", "skipped A-case005: flair: not a 3D image (shape (16, 16))"),
     "A-case007": ("t1ce", "bomb", "skipped A-case007: t1ce: header claims 4096x4096x2048 voxels"),
 }

@@ -48,9 +48,9 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path: Path) -> None
     info = check_image(str(bomb), "t1")
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert [p.message for p in info.problems] == [
+    assert [p.message for p in info.problems] == [(
         "header claims 4096x4096x2048 voxels of float32: 128.00 GiB to read, over the 1024 MiB "
-        "per-image limit (node config max-image-mb, --max-image-mb)"]
+        "per-image limit (node config max-image-mb, --max-image-mb)")]
     assert peak < 20 << 20  # nothing near the promised size was allocated
     with pytest.raises(imageio.ImageTooLarge):
         imageio.load_canonical(bomb)  # the training / predict reader refuses it too

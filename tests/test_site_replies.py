@@ -129,8 +129,8 @@ def test_a_bad_file_is_skipped_and_counted_not_fatal(tmp_path: Path, caplog) -> 
     lines = [r.getMessage() for r in caplog.records if "skipped case" in r.getMessage()]
     assert sorted(lines) == [
         "site site: skipped case A-case002: t1: missing file",
-        "site site: skipped case A-case006: t2: not a file (a folder or device where an image is "
-        "expected)",
+        ("site site: skipped case A-case006: t2: not a file (a folder or device where an image is "
+         "expected)"),
         "site site: skipped case A-case008: flair: not a 3D image (shape (16, 16))",
     ]
     shutil.rmtree(d)
