@@ -17,12 +17,8 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.secagg import (
-    is_secagg_message,
-    make_secagg_client_app,
-    parse_configs,
-    train_unmasked,
-)
+from client.policy import enforced
+from client.secagg import is_secagg_message, make_secagg_client_app, train_unmasked
 from client.site import evaluate_site, query_site, safe_reason
 
 log = logging.getLogger(__name__)
@@ -33,19 +29,25 @@ def reply(
     msg: Message, ctx: Context, handler: Callable[..., RecordDict], defaults: Mapping[str, Any],
     node_defaults: Mapping[str, Any] | None = None,
 ) -> Message:
-    """Run ``handler`` on the message; a raised exception becomes an error reply of fixed words."""
+    """Run ``handler`` under the site policy (audited); an exception becomes an error reply of fixed
+    words."""
     try:
-        run, node = parse_configs(ctx, defaults, node_defaults or {})
-        return Message(handler(msg.content, run, node), reply_to=msg)
+        out = enforced(msg.metadata.message_type, msg, ctx,
+                       lambda run, node: handler(msg.content, run, node), defaults,
+                       node_defaults or {})
+        return Message(out, reply_to=msg)
     except Exception as err:
         log.warning("site handler failed: %s", err, exc_info=True)
         return Message(Error(code=SITE_ERROR_CODE, reason=safe_reason(err)), reply_to=msg)
 
 
-def delegate(app: ClientApp, msg: Message, ctx: Context) -> Message:
-    """Run ``msg`` through another ClientApp; a raised exception becomes an error reply."""
+def delegate(app: ClientApp, msg: Message, ctx: Context, defaults: Mapping[str, Any],
+             node_defaults: Mapping[str, Any]) -> Message:
+    """Run ``msg`` through another ClientApp under the site policy (audited); a raised exception
+    becomes an error reply."""
     try:
-        return app(msg, ctx)
+        return enforced("train", msg, ctx, lambda run, node: app(msg, ctx), defaults, node_defaults,
+                        secagg_message=True)
     except Exception as err:
         log.warning("site handler failed: %s", err, exc_info=True)
         return Message(Error(code=SITE_ERROR_CODE, reason=safe_reason(err)), reply_to=msg)
@@ -72,7 +74,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None,
     @client_app.train(mods=[central_dp_clipping_mod])
     def train(msg: Message, ctx: Context) -> Message:
         if is_secagg_message(msg):
-            return delegate(secagg_app, msg, ctx)
+            return delegate(secagg_app, msg, ctx, base, node_base)
         return reply(msg, ctx, train_unmasked, base, node_base)
 
     @client_app.evaluate()

@@ -120,13 +120,23 @@ class Ledger:
             os.close(dfd)
 
     def reserve(self, noise: float, sample_rate: float, steps: int, delta: float,
-                budget: float = 0.0, site: str = "site", **info: Any) -> tuple[str, float]:
+                budget: float = 0.0, site: str = "site", run_budget: float = 0.0,
+                **info: Any) -> tuple[str, float]:
         """Check ``budget`` (0 = none) and append a reserved entry atomically; (entry id, epsilon after).
 
-        Raises :class:`PrivacyBudgetExceeded` (and writes nothing) when the steps would pass the budget.
+        Raises :class:`PrivacyBudgetExceeded` (and writes nothing) when the steps would pass the budget;
+        ``run_budget`` (0 = none) bounds the entries of the same ``run`` (site policy, a PolicyRefused).
         """
         with self.locked():
             entries = self.entries()
+            if run_budget > 0:
+                mine = [e for e in entries if e.get("run") == info.get("run")]
+                run_eps = epsilon_of([*self.history_of(mine), (noise, sample_rate, steps)], delta)
+                if run_eps > run_budget:
+                    from client.policy import PolicyRefused
+
+                    raise PolicyRefused("max-epsilon-per-run", f"{steps} DP steps would bring this "
+                                        f"run to epsilon {run_eps:.2f} > {run_budget:g}")
             after = epsilon_of([*self.history_of(entries), (noise, sample_rate, steps)], delta)
             if budget > 0 and after > budget:
                 before = epsilon_of(self.history_of(entries), delta)
@@ -220,11 +230,18 @@ class Privatizer:
     def __call__(self, model, optimizer, loader):
         from opacus import PrivacyEngine
 
+        from client.policy import REQUEST, PolicyRefused, SitePolicy
+
         run = self.run
         noise, sample_rate, steps = self.plan(len(loader))
+        policy, run_id = REQUEST.get() or (SitePolicy(), "")
+        if noise < policy.min_noise_multiplier:
+            raise PolicyRefused("min-noise-multiplier", f"noise multiplier {noise:.3f} < "
+                                f"{policy.min_noise_multiplier:g}")
         self.entry_id, self.epsilon = Ledger(self.ledger).reserve(
             noise, sample_rate, steps, run.target_delta, budget=self.node.max_epsilon or 0.0,
-            site=self.node.site_id or "site", epochs=int(self.epochs))
+            site=self.node.site_id or "site", run_budget=policy.max_epsilon_per_run, run=run_id,
+            epochs=int(self.epochs))
         self.noise_multiplier, self.sample_rate = noise, sample_rate
         engine = PrivacyEngine(accountant="rdp")
         model_p, opt_p, loader_p = engine.make_private(

@@ -77,11 +77,15 @@ class SiteClient(NumPyClient):
 
 def parse_configs(ctx: Context, defaults: Mapping[str, Any],
                   node_defaults: Mapping[str, Any]) -> tuple[RunConfig, NodeConfig]:
-    """The run and node configs of ``ctx`` over the defaults; an invalid one is a ``bad-config``."""
+    """The run and node configs of ``ctx`` over the defaults, the node's tightened by the site policy
+    (``site-policy.toml``); an invalid config or policy is a ``bad-config``."""
+    from client.policy import PolicyError, effective_node, load_policy
+
     try:
         run = RunConfig.from_flower({**defaults, **dict(ctx.run_config)})
-        return run, NodeConfig.from_flower({**node_defaults, **dict(ctx.node_config)}, run)
-    except ValueError as err:
+        node = NodeConfig.from_flower({**node_defaults, **dict(ctx.node_config)}, run)
+        return run, effective_node(load_policy(node.data_path), node) if node.data_path else node
+    except (ValueError, PolicyError) as err:
         raise SiteError("bad-config", str(err)) from None
 
 

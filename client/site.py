@@ -31,7 +31,8 @@ ERROR_KINDS: dict[str, str] = {  # the only words an error reply may carry (plus
     "model-mismatch": "the received weights do not fit the task's network",
     "privacy-budget": "training would pass the site's max-epsilon",
     "secagg-required": "the run asks for SecAgg+: no plain update is sent",
-    "bad-config": "the run or node config is invalid",
+    "bad-config": "the run or node config (or the site policy file) is invalid",
+    "policy-refused": "the request breaks a rule of the site's policy (site-policy.toml)",
     "internal-error": "the site failed (details in the site's log)",
 }
 
@@ -259,7 +260,8 @@ def query_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordD
 
 
 def safe_reason(err: BaseException) -> str:
-    """The error text that leaves the site: ``kind [column=C] [count=N] [task=T]``, nothing else.
+    """The error text that leaves the site: ``kind [column=C] [count=N] [task=T]`` or
+    ``policy-refused rule=R``, nothing else.
 
     Built from :data:`ERROR_KINDS`, the cohort's column names and the task names only; the exception's
     own text (paths, names, dates in folder names) stays in the site's log.
@@ -280,6 +282,10 @@ def safe_reason(err: BaseException) -> str:
         return " ".join(parts)
     if isinstance(err, PrivacyBudgetExceeded):
         return "privacy-budget"
+    from client.policy import RULES, PolicyRefused
+
+    if isinstance(err, PolicyRefused):
+        return f"policy-refused rule={err.rule}" if err.rule in RULES else "policy-refused"
     return "internal-error"
 
 

@@ -313,6 +313,13 @@ def check_site(site_dir: str | Path, workers: int | None = None, progress: bool 
         report.problems.append(CohortProblem("error", where, msg or str(exc)))
         return report
     report = SiteReport(site=site, n_cases=len(cohort.cases), problems=list(cohort.problems))
+    from client.policy import POLICY_FILE, PolicyError, load_policy
+
+    try:
+        load_policy(site)
+    except PolicyError as exc:
+        report.problems.append(CohortProblem("error", str(cohort.root / POLICY_FILE),
+                                             str(exc).removeprefix(f"{POLICY_FILE}: ")))
     if not cohort.cases:
         report.problems.append(CohortProblem(
             "error", str(cohort.root / COHORT_FILE), "no usable rows: an empty site cannot take part"))

@@ -126,6 +126,7 @@ class NodeConfig:
     min_report_cases: int = 10  # fewest test cases behind any metric or histogram bin the site sends
     max_image_mb: float = 1024.0  # largest image (MiB once read as float32) the site will open
     allow_outside: str = ""  # folders outside data-path that cohort.csv may reference (os.pathsep list)
+    server_certificate: str = ""  # the server certificate the SuperNode trusts (site policy pinning)
 
     @classmethod
     def from_flower(cls, raw: Mapping[str, Any] | None, run: RunConfig) -> NodeConfig:

@@ -44,6 +44,67 @@ def site_check(
         raise typer.Exit(1)
 
 
+@site_app.command("policy")
+def site_policy(
+    site_dir: Annotated[Path, typer.Argument(help="Site folder (with site-policy.toml, if any).")],
+    node_config: Annotated[str, typer.Option(
+        help="The SuperNode's node config (KEY=VALUE ...), to show the limits in force.")] = "",
+) -> None:
+    """Print the effective site policy: the file's rules and the node config limits they tighten."""
+    import shlex
+
+    from client.policy import POLICY_FILE, PolicyError, effective_node, load_policy
+    from shared.config import NodeConfig, RunConfig
+
+    try:
+        policy = load_policy(site_dir)
+    except PolicyError as exc:
+        typer.secho(f"error: {site_dir}/{exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    raw = dict(item.partition("=")[::2] for item in shlex.split(node_config))
+    node = effective_node(policy, NodeConfig.from_flower({"data-path": str(site_dir), **raw},
+                                                         RunConfig()))
+    source = site_dir / POLICY_FILE
+    typer.echo(f"# {source if source.is_file() else 'no ' + POLICY_FILE + ': no rules'}")
+    for key, value in policy.as_toml_dict().items():
+        shown = json.dumps(list(value)) if isinstance(value, tuple) else json.dumps(value)
+        typer.echo(f"{key} = {shown}{'' if value else '  # no rule'}")
+    typer.echo(f"# in force with the node config: max-epsilon = {node.max_epsilon:g} (0 = none), "
+               f"min-report-cases = {node.min_report_cases}")
+
+
+@site_app.command("audit")
+def site_audit(
+    site_dir: Annotated[Path, typer.Argument(help="Site folder (its name is the default site-id).")],
+    site_id: Annotated[str, typer.Option(help="The site-id of the SuperNode (default: folder name).")
+                       ] = "",
+    log: Annotated[Path | None, typer.Option(help="An audit log file to read instead.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Summarise the site's audit log: requests served / refused / failed, rules, runs, bytes, epsilon."""
+    from client.audit import audit_path, read_log, summarise
+    from shared.config import NodeConfig, RunConfig
+
+    node = NodeConfig.from_flower({"data-path": str(site_dir), **({"site-id": site_id} if site_id
+                                                                   else {})}, RunConfig())
+    path = log or audit_path(node)
+    entries = read_log(path)
+    if not entries:
+        typer.secho(f"error: no audit log at {path}", fg="red", err=True)
+        raise typer.Exit(1)
+    summary = summarise(entries)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(f"{path}: {summary['requests']} request(s) {summary['first']} .. {summary['last']}, "
+               f"{len(summary['runs'])} run(s)")
+    for key, n in sorted(summary["by_kind_outcome"].items()):
+        typer.echo(f"  {key}: {n}")
+    for rule, n in sorted(summary["refused_by_rule"].items()):
+        typer.echo(f"  refused by {rule}: {n}")
+    typer.echo(f"  bytes sent: {summary['bytes_sent']}, epsilon spent: {summary['epsilon_spent']:.3f}")
+
+
 def _import(layout: str, src: Path, out: Path, **kw) -> None:
     from shared.importers import ImportErrorForUser, run_importer
 
