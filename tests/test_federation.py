@@ -210,7 +210,7 @@ def test_serve_evaluates_centrally_logs_rounds_and_exports_a_bundle_with_provena
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_runs_a_round_and_changes_the_weights(tmp_path, sites_root, strategy):
-    from server.rounds import initial_arrays
+    from server.model import initial_arrays
 
     cfg = run_config(tmp_path / "run", sites_root, **{"num-server-rounds": 1, "strategy": strategy})
     run = RunConfig.from_flower(cfg)

@@ -10,7 +10,7 @@ import torch
 from fl_helpers import LocalGrid, run_config
 
 from server.rounds import run_rounds
-from shared import records as R
+from shared.contract import TRAIN_LOSS
 from shared.cohort import read_cohort
 from shared.config import RunConfig
 from shared.tasks import get_task
@@ -40,4 +40,4 @@ def test_task_runs_federated(task: str, cohort_dir: Path, tmp_path: Path) -> Non
     assert all(r["replied"] == 2 for r in result.rounds)
     pooled = result.rounds[-1]["pooled"]
     assert 0.0 <= pooled["balanced_accuracy"] <= 1.0
-    assert math.isfinite(result.rounds[-1]["train"][R.TRAIN_LOSS])
+    assert math.isfinite(result.rounds[-1]["train"][TRAIN_LOSS])

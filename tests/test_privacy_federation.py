@@ -51,7 +51,8 @@ def test_central_dp_runs_and_accounts(tmp_path, sites_root):
     assert len(eps) == 2 and 0 < eps[0] < eps[1] < math.inf
 
 
-def test_central_dp_refuses_non_averaging_strategies():
-    run = RunConfig.from_flower({"task": "grading", "dp": "central", "strategy": "krum"})
+def test_central_dp_refuses_non_averaging_strategies_when_the_config_is_parsed():
     with pytest.raises(ValueError, match="dp='central' cannot be combined with strategy='krum'"):
-        build_strategy(run)
+        RunConfig.from_flower({"task": "grading", "dp": "central", "strategy": "krum"})
+    assert build_strategy(RunConfig(dp="central", strategy="fedadam")).strategy.__class__.__name__ \
+        == "FedAdam"

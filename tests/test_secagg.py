@@ -74,7 +74,7 @@ def plain_run(sites_root, tmp_path_factory):
 def test_secagg_run_equals_plain_fedavg_and_no_update_leaves_a_site_in_clear(
         tmp_path, sites_root, plain_run):
     from server.app import serve
-    from server.rounds import initial_arrays
+    from server.model import initial_arrays
     from server.runlog import read_rounds
 
     cfg = run_config(tmp_path / "run", sites_root, **{"min-available-nodes": 4, "secagg": True})
@@ -116,14 +116,14 @@ def test_secagg_run_equals_plain_fedavg_and_no_update_leaves_a_site_in_clear(
 
 def test_a_site_that_fails_while_training_is_unmasked_from_the_others_shares(tmp_path, sites_root,
                                                                             plain_run):
-    from server.secagg import run_secagg
+    from server.rounds import run_rounds
 
     broken = write_tiny_cohort(tmp_path / "broken", n_cases=8, seed=9, site="B")
     for f in broken.glob("*_t1ce.nii.gz"):
         f.write_bytes(b"not a nifti file")  # passes the eligibility query, fails in training
     cfg = run_config(tmp_path / "run", sites_root, **{"min-available-nodes": 5, "secagg": True})
     grid = _grid(cfg, extra={9: {"data-path": str(broken), "site-id": "broken"}})
-    result = run_secagg(grid, RunConfig.from_flower(cfg))
+    result = run_rounds(grid, RunConfig.from_flower(cfg))
 
     for row in result.rounds:
         assert (row["sampled"], row["replied"], row["failed"]) == (5, 4, 1)
@@ -136,7 +136,8 @@ def test_a_site_that_fails_while_training_is_unmasked_from_the_others_shares(tmp
 
 
 def test_round_plan_and_too_many_dropouts_halt_without_changing_the_model(tmp_path, sites_root):
-    from server.secagg import run_secagg, secagg_plan
+    from server.rounds import run_rounds
+    from server.secagg import secagg_plan
 
     run = RunConfig(secagg=True)
     assert secagg_plan(run, 2) == (2, 2)
@@ -149,27 +150,27 @@ def test_round_plan_and_too_many_dropouts_halt_without_changing_the_model(tmp_pa
         secagg_plan(run.replace(secagg_reconstruction_threshold=4), 3)
 
     # 2 sites, threshold 2: a site that fails in training leaves too few shares to unmask
-    from server.rounds import initial_arrays
+    from server.model import initial_arrays
 
     cfg = run_config(tmp_path / "run", sites_root, **{"secagg": True, "num-server-rounds": 1})
     grid = _grid(cfg, n=1, extra={9: {"data-path": str(tmp_path / "b"), "site-id": "b"}})
     write_tiny_cohort(tmp_path / "b", n_cases=4, seed=3, site="B")
     for f in (tmp_path / "b").glob("*_t1ce.nii.gz"):
         f.write_bytes(b"broken")
-    result = run_secagg(grid, RunConfig.from_flower(cfg))
+    result = run_rounds(grid, RunConfig.from_flower(cfg))
     row = result.rounds[0]
     assert (row["sampled"], row["replied"], row["secagg"]["unmasked"]) == (2, 0, False)
     assert _max_diff(result.arrays, initial_arrays(RunConfig.from_flower(cfg))) == 0.0
 
 
 def test_local_dp_and_fedprox_run_under_secagg(tmp_path, sites_root):
-    from server.secagg import run_secagg
+    from server.rounds import run_rounds
 
     cfg = run_config(tmp_path / "run", sites_root, **{
         "secagg": True, "dp": "opacus", "strategy": "fedprox", "num-server-rounds": 1,
         "min-available-nodes": 4})
     grid = _grid(cfg)
-    row = run_secagg(grid, RunConfig.from_flower(cfg)).rounds[0]
+    row = run_rounds(grid, RunConfig.from_flower(cfg)).rounds[0]
     assert row["replied"] == 4 and row["secagg"]["unmasked"]
     assert row["train"]["dp-epsilon"] > 0  # each site's DP-SGD accounting still reaches the server
     fit = [m.content.config_records["fitins.config"] for m in grid.sent
@@ -201,11 +202,11 @@ def test_allowed_combinations_and_a_site_refuses_an_unmasked_train_request(tmp_p
 
     from flwr.app import RecordDict
 
-    from client.secagg import train_unmasked
+    from client.app import train_plain
     from client.site import SiteError
 
     with pytest.raises(SiteError, match="secagg = true: this site sends its update only masked"):
-        train_unmasked(RecordDict(), RunConfig(secagg=True), None)
+        train_plain(RecordDict(), RunConfig(secagg=True), None)
 
 
 @pytest.mark.integration
