@@ -96,7 +96,7 @@ def test_no_import_circle_in_the_project():
 
 def test_layering_rules_hold():
     graph = import_graph()
-    top = lambda m: m.split(".")[0]  # noqa: E731
+    top = lambda m: m.split(".")[0]
     for mod, deps in graph.items():
         layers = {top(d) for d in deps}
         if top(mod) == "shared":

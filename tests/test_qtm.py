@@ -207,8 +207,8 @@ def test_site_trains_and_evaluates_qtm_for_the_federation(qtm_site):
 
     from client.site import evaluate_site, train_site
     from server.model import initial_arrays
-    from shared.contract import ARRAYS, METRICS, NUM_EXAMPLES
     from shared.config import NodeConfig, RunConfig
+    from shared.contract import ARRAYS, METRICS, NUM_EXAMPLES
 
     run = RunConfig(task="qtm", local_epochs=1, batch_size=2, device="cpu")
     node = NodeConfig(data_path=str(qtm_site), site_id="site")
