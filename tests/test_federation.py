@@ -183,6 +183,10 @@ def test_serve_evaluates_centrally_logs_rounds_and_exports_a_bundle_with_provena
     model_dir = serve(grid, cfg)
     train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert train_msgs and all(m.content["config"]["proximal-mu"] == 0.01 for m in train_msgs)
+    # what every site knows from the run config is not sent again (task, local-epochs)
+    assert not any({"task", "local-epochs"} & set(m.content["config"]) for m in train_msgs)
+    queries = [m for m in grid.sent if m.metadata.message_type == "query"]
+    assert len(queries) == 2 and all(len(m.content) == 0 for m in queries)
     row = json.loads((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[0])
     # central evaluation = the exported global model scored on site-0's test split
     from shared.cohort import read_cohort
