@@ -42,6 +42,7 @@ from shared.contract import (
     SERVER_ROUND,
     SITE_ID,
     is_number,
+    numpy_weights,
     payload_bytes,
     state_dict,
 )
@@ -154,7 +155,7 @@ def secagg_train(grid: Grid, run: RunConfig, rnd: int, arrays: ArrayRecord, node
                                 run_config={}),
                         config=ServerConfig(num_rounds=run.num_server_rounds),
                         strategy=strategy, client_manager=clients)
-    params: Parameters = ndarrays_to_parameters([a.numpy() for a in arrays.values()])
+    params: Parameters = ndarrays_to_parameters(list(numpy_weights(arrays).values()))
     ctx.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(params, True)
     ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
         {Key.CURRENT_ROUND: rnd, Key.START_TIME: time.time()})

@@ -13,13 +13,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import strategy as flwr_strategy
 
 from server.privacy import wrap_central_dp
 from server.validation import validate_replies
 from shared.config import STRATEGIES, RunConfig
-from shared.contract import ARRAYS, CONFIG, NUM_EXAMPLES, site_of
+from shared.contract import ARRAYS, CONFIG, NUM_EXAMPLES, numpy_weights, site_of, state_dict
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def strategy_state(strategy: flwr_strategy.Strategy) -> dict[str, Any]:
         if value is None:
             continue
         if hasattr(value, "to_numpy_ndarrays"):  # an ArrayRecord (FedAvgM.current_arrays)
-            value = {k: a.numpy() for k, a in value.items()}
+            value = numpy_weights(value)
         if isinstance(value, dict):
             state[attr] = {k: np.array(v, copy=True) for k, v in value.items()}
         elif isinstance(value, list):
@@ -100,7 +100,7 @@ def restore_strategy_state(strategy: flwr_strategy.Strategy, state: dict[str, An
         if current == "missing":
             continue
         if attr == "current_arrays" and isinstance(strategy, flwr_strategy.FedAvgM):
-            value = ArrayRecord({k: Array(np.asarray(v)) for k, v in value.items()})
+            value = ArrayRecord(state_dict(value))
         setattr(strategy, attr, value)
 
 
