@@ -75,14 +75,16 @@ def numpy_weights(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def state_dict(weights: Mapping[str, Any] | Any) -> dict[str, Any]:
     """A CPU torch state dict (what ``ArrayRecord(...)`` takes) from a model, a state dict or numpy.
 
-    Numpy arrays become contiguous tensors sharing their memory; the bytes sent are the same either way.
+    Numpy arrays become C-contiguous tensors (sharing memory when they already are); the bytes sent are
+    the same either way. 0-d arrays stay 0-d (``np.ascontiguousarray`` would make them 1-d, and a
+    BatchNorm's ``num_batches_tracked`` would then no longer load).
     """
     import torch
 
     if isinstance(weights, torch.nn.Module):
         weights = weights.state_dict()
     return {k: v.detach().cpu() if isinstance(v, torch.Tensor)
-            else torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+            else torch.from_numpy(np.asarray(v, order="C")) for k, v in weights.items()}
 
 
 def payload_bytes(messages: Iterable[Any]) -> int:

@@ -149,9 +149,12 @@ def test_round_plan_and_too_many_dropouts_halt_without_changing_the_model(tmp_pa
     write_tiny_cohort(tmp_path / "b", n_cases=4, seed=3, site="B")
     for f in (tmp_path / "b").glob("*_t1ce.nii.gz"):
         f.write_bytes(b"broken")
-    result = run_rounds(grid, RunConfig.from_flower(cfg))
+    ended = []  # the one round loop calls the same per-round hook for SecAgg+ rounds
+    result = run_rounds(grid, RunConfig.from_flower(cfg),
+                        on_round_end=lambda rnd, row: ended.append((rnd, row["secagg"]["unmasked"])))
     row = result.rounds[0]
     assert (row["sampled"], row["replied"], row["secagg"]["unmasked"]) == (2, 0, False)
+    assert ended == [(1, False)]
     assert _max_diff(result.arrays, initial_arrays(RunConfig.from_flower(cfg))) == 0.0
 
 
