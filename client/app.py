@@ -11,6 +11,7 @@ site never sends a lone update.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,11 +20,26 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.secagg import is_secagg_message, make_secagg_client_app
-from client.site import SiteError, evaluate_site, query_site, safe_reason, site_configs, train_site
+from client.site import SiteError, evaluate_site, query_site, safe_reason, train_site
 from shared.config import NodeConfig, RunConfig
 
 log = logging.getLogger(__name__)
 SITE_ERROR_CODE = 4242  # an application error raised by the site's handler
+
+
+def site_configs(ctx: Context, base: RunConfig,
+                 node_base: Mapping[str, Any] | None = None) -> tuple[RunConfig, NodeConfig]:
+    """The typed configs of a message's context: ``base`` with Flower's run config on top, and the node
+    config over ``node_base``; parsed once per process for each distinct context (every message of a
+    run shares it)."""
+    return _parse(base, tuple(sorted(ctx.run_config.items())),
+                  tuple(sorted({**(node_base or {}), **ctx.node_config}.items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse(base: RunConfig, run_items: tuple, node_items: tuple) -> tuple[RunConfig, NodeConfig]:
+    run = base.overridden(dict(run_items))
+    return run, NodeConfig.from_flower(dict(node_items), run)
 
 
 def train_plain(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
@@ -37,7 +53,7 @@ def train_plain(content: RecordDict, run: RunConfig, node: NodeConfig) -> Record
 def reply(msg: Message, ctx: Context, handler: Callable[..., RecordDict], base: RunConfig) -> Message:
     """Run ``handler`` on the message; a raised exception becomes an error reply without paths."""
     try:
-        run, node = site_configs(base, ctx.run_config, ctx.node_config)
+        run, node = site_configs(ctx, base)
         return Message(handler(msg.content, run, node), reply_to=msg)
     except Exception as err:
         log.warning("site handler failed: %s", err, exc_info=True)
@@ -68,7 +84,7 @@ def make_client_app(defaults: RunConfig | Mapping[str, Any] | None = None) -> Cl
     """A ClientApp whose run config falls back to ``defaults`` (a RunConfig or flat kebab-case keys)."""
     base = defaults if isinstance(defaults, RunConfig) else RunConfig.from_flower(defaults)
     client_app = ClientApp()
-    secagg_app = make_secagg_client_app(base)
+    secagg_app = make_secagg_client_app(lambda ctx: site_configs(ctx, base))
 
     @client_app.train(mods=[central_dp_clipping_mod])
     def train(msg: Message, ctx: Context) -> Message:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,9 +23,10 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.site import site_configs, train_site
-from shared.config import NodeConfig, RunConfig, learning_core, train_config_for
+from client.site import train_site
+from shared.config import NodeConfig, RunConfig
 from shared.contract import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE_ID, is_number, state_dict
+from shared.learning import learning_core, train_config_for
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,11 @@ class SiteClient(NumPyClient):
         return update, int(metrics[NUM_EXAMPLES]), metrics
 
 
-def make_secagg_client_app(base: RunConfig) -> ClientApp:
-    """A legacy ClientApp behind ``secaggplus_mod`` (run config ``base`` under Flower's); call it with
-    (message, context)."""
+def make_secagg_client_app(configs: Callable[[Context], tuple[RunConfig, NodeConfig]]) -> ClientApp:
+    """A legacy ClientApp behind ``secaggplus_mod``; call it with (message, context). ``configs``
+    gives the typed run and node configs of a context (``client.app.site_configs``)."""
 
     def client_fn(context: Context) -> Client:
-        return SiteClient(*site_configs(base, context.run_config, context.node_config)).to_client()
+        return SiteClient(*configs(context)).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])

@@ -7,17 +7,15 @@ file paths or images.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from shared.config import NodeConfig, RunConfig, learning_core, train_config_for
+from shared.config import NodeConfig, RunConfig
 from shared.contract import (
     ARRAYS,
     CONFIG,
@@ -36,6 +34,7 @@ from shared.contract import (
     is_number,
     state_dict,
 )
+from shared.learning import learning_core, train_config_for
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +55,6 @@ class Site:
 
 
 _SITES: dict[tuple[str, str, int], Site] = {}
-
-
-def site_configs(base: RunConfig, run_config: Mapping[str, Any],
-                 node_config: Mapping[str, Any]) -> tuple[RunConfig, NodeConfig]:
-    """The typed configs of a message's context: ``base`` with Flower's run config on top, and the node
-    config; parsed once per process for each distinct pair (every message of a run shares them)."""
-    return _parse_configs(base, tuple(sorted(run_config.items())), tuple(sorted(node_config.items())))
-
-
-@functools.lru_cache(maxsize=16)
-def _parse_configs(base: RunConfig, run_items: tuple, node_items: tuple) -> tuple[RunConfig, NodeConfig]:
-    run = base.overridden(dict(run_items))
-    return run, NodeConfig.from_flower(dict(node_items), run)
 
 
 def load_site(run: RunConfig, node: NodeConfig) -> Site:

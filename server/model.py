@@ -14,8 +14,9 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from server.privacy import central_epsilon, noisy_rounds
-from shared.config import RunConfig, learning_core, train_config_for
+from shared.config import RunConfig
 from shared.contract import is_number, state_dict
+from shared.learning import learning_core, train_config_for
 
 
 def initial_arrays(run: RunConfig) -> ArrayRecord:

@@ -64,14 +64,18 @@ def test_option_combinations_are_refused_when_the_config_is_built():
 
 
 def test_a_site_parses_its_configs_once_per_process():
-    from client.site import site_configs
+    from types import SimpleNamespace
+
+    from client import app
 
     base = RunConfig(task="typing")
-    first = site_configs(base, {"lr": 0.01}, {"partition-id": 1, "num-partitions": 2,
-                                             "data-path": "/data/a"})
-    again = site_configs(base, {"lr": 0.01}, {"num-partitions": 2, "partition-id": 1,
-                                             "data-path": "/data/a"})
-    assert again is first  # the same parsed objects, not a second parse
-    run, node = first
-    assert (run.task, run.lr, node.data_path, node.site_id) == ("typing", 0.01, "/data/a", "a")
-    assert site_configs(base, {"lr": 0.02}, {"data-path": "/data/a"})[0].lr == 0.02
+    node = {"partition-id": 1, "num-partitions": 2, "data-path": "/data/a"}
+    ctx = SimpleNamespace(run_config={"lr": 0.01}, node_config=node)
+    app._parse.cache_clear()
+    first = app.site_configs(ctx, base)
+    again = app.site_configs(SimpleNamespace(run_config={"lr": 0.01}, node_config=dict(node)), base)
+    assert again == first and app._parse.cache_info().hits == 1  # parsed once, then reused
+    run, site = first
+    assert (run.task, run.lr, site.data_path, site.site_id) == ("typing", 0.01, "/data/a", "a")
+    other = SimpleNamespace(run_config={"lr": 0.02}, node_config={"data-path": "/data/a"})
+    assert app.site_configs(other, base)[0].lr == 0.02

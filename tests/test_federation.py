@@ -190,7 +190,7 @@ def test_serve_evaluates_centrally_logs_rounds_and_exports_a_bundle_with_provena
     row = json.loads((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[0])
     # central evaluation = the exported global model scored on site-0's test split
     from shared.cohort import read_cohort
-    from shared.config import train_config_for
+    from shared.learning import train_config_for
     from shared.tasks import get_task, select_samples
     from shared.training import evaluate_model
     from shared.training.bundle import load_bundle

@@ -40,7 +40,7 @@ def test_task_runs_federated(task: str, cohort_dir: Path, tmp_path: Path) -> Non
     assert all(r["replied"] == 2 for r in result.rounds)
     # pooled metrics (summed confusion matrices) = the global model evaluated on the union of the
     # sites' test splits in one place
-    from shared.config import train_config_for
+    from shared.learning import train_config_for
     from shared.tasks import select_samples
     from shared.training import build_task_model, evaluate_model
 
