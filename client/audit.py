@@ -105,3 +105,47 @@ def summarise(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "first": entries[0]["time"] if entries else "",
         "last": entries[-1]["time"] if entries else "",
     }
+
+
+def _server_round(content: Any) -> Any:
+    for record in content.config_records.values():
+        if "server-round" in record:
+            return record["server-round"]
+    return None
+
+
+def enforced(kind: str, msg: Any, ctx: Any, call: Any, configs: Any, reason_of: Any,
+             secagg_message: bool = False) -> Any:
+    """Take the configs (``configs(ctx)``, the node's already tightened by the policy), check the
+    request against the site policy, run ``call(run, node)``, write the audit line.
+
+    Returns what ``call`` returns (a RecordDict, or the Message of a delegated app); any exception is
+    audited (``refused`` for a policy rule, else ``failed``) and raised again for the error reply.
+    """
+    from client.policy import REQUEST, PolicyRefused, SitePolicy, check_request, load_policy
+
+    run = node = None
+    rnd = _server_round(msg.content)
+    try:
+        run, node = configs(ctx)
+        config = msg.content.get("config", None)
+        policy = load_policy(node.data_path) if node.data_path else SitePolicy()
+        check_request(policy, kind, run, node, config, secagg_message)
+        token = REQUEST.set((policy, str(ctx.run_id)))
+        try:
+            out = call(run, node)
+        finally:
+            REQUEST.reset(token)
+    except Exception as err:
+        if node is not None:
+            record_request(node, run, kind=kind, run_id=ctx.run_id, server_round=rnd,
+                                 outcome="refused" if isinstance(err, PolicyRefused) else "failed",
+                                 reason=reason_of(err), rule=getattr(err, "rule", ""))
+        raise
+    content, reason = out, ""
+    if hasattr(out, "has_error"):  # the Message of a delegated (SecAgg+) app
+        content = None if out.has_error() else out.content
+        reason = out.error.reason if out.has_error() else ""
+    record_request(node, run, kind=kind, run_id=ctx.run_id, server_round=rnd,
+                         outcome="served", content=content, reason=reason)
+    return out

@@ -176,46 +176,7 @@ def check_request(policy: SitePolicy, kind: str, run: RunConfig, node: NodeConfi
                             f"{policy.max_local_epochs}")
 
 
-def _server_round(content: Any) -> Any:
-    for record in content.config_records.values():
-        if "server-round" in record:
-            return record["server-round"]
-    return None
-
-
-def enforced(kind: str, msg: Any, ctx: Any, call: Any, defaults: Any, node_defaults: Any,
-             secagg_message: bool = False) -> Any:
-    """Parse the configs, apply the site policy, run ``call(run, node)``, write the audit line.
-
-    Returns what ``call`` returns (a RecordDict, or the Message of a delegated app); any exception is
-    audited (``refused`` for a policy rule, else ``failed``) and raised again for the error reply.
-    """
-    from client import audit
-    from client.secagg import parse_configs
-    from client.site import safe_reason
-
-    run = node = None
-    rnd = _server_round(msg.content)
-    try:
-        run, node = parse_configs(ctx, defaults, node_defaults)  # the policy already tightens node
-        config = msg.content.get("config", None)
-        policy = load_policy(node.data_path) if node.data_path else SitePolicy()
-        check_request(policy, kind, run, node, config, secagg_message)
-        token = REQUEST.set((policy, str(ctx.run_id)))
-        try:
-            out = call(run, node)
-        finally:
-            REQUEST.reset(token)
-    except Exception as err:
-        if node is not None:
-            audit.record_request(node, run, kind=kind, run_id=ctx.run_id, server_round=rnd,
-                                 outcome="refused" if isinstance(err, PolicyRefused) else "failed",
-                                 reason=safe_reason(err), rule=getattr(err, "rule", ""))
-        raise
-    content, reason = out, ""
-    if hasattr(out, "has_error"):  # the Message of a delegated (SecAgg+) app
-        content = None if out.has_error() else out.content
-        reason = out.error.reason if out.has_error() else ""
-    audit.record_request(node, run, kind=kind, run_id=ctx.run_id, server_round=rnd,
-                         outcome="served", content=content, reason=reason)
-    return out
+def tightened(node: NodeConfig) -> NodeConfig:
+    """``node`` with its site policy's limits (:func:`effective_node`); a bad policy file raises
+    :class:`PolicyError`."""
+    return effective_node(load_policy(node.data_path), node) if node.data_path else node

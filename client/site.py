@@ -15,8 +15,27 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from shared import records as R
-from shared.config import NodeConfig, RunConfig, learning_core, train_config_for
+from shared.config import NodeConfig, RunConfig
+from shared.contract import (
+    ARRAYS,
+    CONFIG,
+    CONFUSION,
+    ELIGIBLE,
+    ELIGIBLE_PREFIX,
+    ELIGIBLE_TOTAL,
+    METRICS,
+    NUM_CLASSES,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SCORE_HIST,
+    SITE_ID,
+    SKIPPED,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    is_number,
+    state_dict,
+)
+from shared.learning import learning_core, train_config_for
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +46,6 @@ ERROR_KINDS: dict[str, str] = {  # the only words an error reply may carry (plus
     "no-training-cases": "no eligible training cases for the task",
     "no-test-cases": "no eligible test cases for the task",
     "no-usable-cases": "every eligible case has an unusable image",
-    "task-mismatch": "the message is for another task than the run's",
     "model-mismatch": "the received weights do not fit the task's network",
     "privacy-budget": "training would pass the site's max-epsilon",
     "secagg-required": "the run asks for SecAgg+: no plain update is sent",
@@ -114,38 +132,22 @@ def load_site(run: RunConfig, node: NodeConfig) -> Site:
     counts: dict[str, int] = {}
     for split, group in (("train", train), ("test", test)):
         for s in group:
-            k = f"{R.ELIGIBLE_PREFIX}{split}-{s.label if s.label is not None else 'all'}"
+            k = f"{ELIGIBLE_PREFIX}{split}-{s.label if s.label is not None else 'all'}"
             counts[k] = counts.get(k, 0) + 1
     site = Site(node.site_id, spec, train, test, counts, len(skipped))
     _SITES[key] = site
     return site
 
 
-def state_from_arrays(arrays: ArrayRecord) -> dict:
-    return arrays.to_torch_state_dict()
-
-
-def arrays_from_model(model: Any) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-
-
 def load_received(model: Any, arrays: ArrayRecord, run: RunConfig) -> dict:
     """Put the server's weights into ``model``; weights of another network are a ``model-mismatch``."""
-    state = state_from_arrays(arrays)
+    state = arrays.to_torch_state_dict()
     try:
         model.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as err:
         raise SiteError("model-mismatch", f"the received weights do not fit the {run.task} "
                         f"network: {str(err).splitlines()[0][:200]}", task=run.task) from None
     return state
-
-
-def check_task(config: ConfigRecord, run: RunConfig) -> None:
-    """A message that names another task than the run's is refused, naming both."""
-    asked = str(config.get(R.TASK, run.task))
-    if asked != run.task:
-        raise SiteError("task-mismatch", f"the message is for task {asked!r}, this run trains "
-                        f"{run.task!r}", task=run.task)
 
 
 def obtain_privatizer(run: RunConfig, node: NodeConfig, num_samples: int, epochs: int) -> Any:
@@ -162,26 +164,25 @@ def _device(run: RunConfig, node: NodeConfig) -> str:
 
 
 def _site_config(site: Site) -> ConfigRecord:
-    return ConfigRecord({R.SITE_ID: site.site_id, R.TASK: site.spec.name})
+    return ConfigRecord({SITE_ID: site.site_id})
 
 
 def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
     """Local training from the received global weights; reply weights, example count, train metrics.
 
-    The epochs trained are the message's ``local-epochs``; with local DP the ledger is charged for
-    exactly the DP steps taken, and a request that would pass ``max-epsilon`` is refused untrained.
+    With local DP the ledger is charged for exactly the DP steps taken (``local-epochs`` x the DP
+    loader's batches), and a request that would pass ``max-epsilon`` is refused untrained.
     """
     site = load_site(run, node)
     if not site.train:
         raise SiteError("no-training-cases", count=site.skipped, task=run.task)
     core = learning_core()
-    config = content[R.CONFIG] if R.CONFIG in content else ConfigRecord()
-    check_task(config, run)
-    mu = float(config.get(R.PROXIMAL_MU, 0.0))
-    epochs = int(config.get("local-epochs", run.local_epochs))
+    config = content[CONFIG] if CONFIG in content else ConfigRecord()
+    mu = float(config.get(PROXIMAL_MU, 0.0))
+    epochs = run.local_epochs
     cfg = train_config_for(run, device=_device(run, node), epochs=epochs)
     model = core.build_model(site.spec, cfg)
-    state = load_received(model, content[R.ARRAYS], run)
+    state = load_received(model, content[ARRAYS], run)
     train = site.train
     if run.dp == "opacus":
         from client.privacy import one_sample_per_patient
@@ -196,18 +197,18 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordD
     finally:
         if privatizer is not None:
             privatizer.settle()  # the steps taken, also when training stopped half-way
-    metrics = {f"train-{k}": float(v) for k, v in res.metrics.items() if _is_number(v)}
+    metrics = {f"train-{k}": float(v) for k, v in res.metrics.items() if is_number(v)}
     if privatizer is not None:
         metrics.update(privatizer.metrics())
-    metrics[R.NUM_EXAMPLES] = int(res.num_examples)
-    metrics[R.TRAIN_LOSS] = float(res.loss)
-    metrics[R.TRAIN_SECONDS] = float(time.perf_counter() - t0)
-    metrics[R.SKIPPED] = int(site.skipped)
+    metrics[NUM_EXAMPLES] = int(res.num_examples)
+    metrics[TRAIN_LOSS] = float(res.loss)
+    metrics[TRAIN_SECONDS] = float(time.perf_counter() - t0)
+    metrics[SKIPPED] = int(site.skipped)
     return RecordDict(
         {
-            R.ARRAYS: arrays_from_model(model),
-            R.METRICS: MetricRecord(metrics),
-            R.CONFIG: _site_config(site),
+            ARRAYS: ArrayRecord(state_dict(model)),
+            METRICS: MetricRecord(metrics),
+            CONFIG: _site_config(site),
         }
     )
 
@@ -227,36 +228,36 @@ def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> Reco
     if not enough_cases(len(site.test), k):
         log.warning("site %s: %d test case(s) < min-report-cases %d: no evaluation metrics sent",
                     site.site_id, len(site.test), k)
-        return RecordDict({R.METRICS: MetricRecord({R.SKIPPED: int(site.skipped)}),
-                           R.CONFIG: _site_config(site)})
+        return RecordDict({METRICS: MetricRecord({SKIPPED: int(site.skipped)}),
+                           CONFIG: _site_config(site)})
     core = learning_core()
     cfg = train_config_for(run, device=_device(run, node))
     model = core.build_model(site.spec, cfg)
-    load_received(model, content[R.ARRAYS], run)
+    load_received(model, content[ARRAYS], run)
     ev = core.evaluate(model, site.test, site.spec, cfg)
-    metrics: dict[str, Any] = {k: float(v) for k, v in ev.metrics.items() if _is_number(v)}
-    metrics[R.NUM_EXAMPLES] = int(ev.num_examples)
-    metrics[R.SKIPPED] = int(site.skipped)
+    metrics: dict[str, Any] = {k: float(v) for k, v in ev.metrics.items() if is_number(v)}
+    metrics[NUM_EXAMPLES] = int(ev.num_examples)
+    metrics[SKIPPED] = int(site.skipped)
     if getattr(ev, "confusion", None) is not None:
-        metrics[R.CONFUSION] = [int(x) for x in ev.confusion.reshape(-1).tolist()]
-        metrics[R.NUM_CLASSES] = int(ev.confusion.shape[0])
+        metrics[CONFUSION] = [int(x) for x in ev.confusion.reshape(-1).tolist()]
+        metrics[NUM_CLASSES] = int(ev.confusion.shape[0])
     hist = getattr(ev, "score_hist", None)
     hist = k_anonymous_rows(hist, k) if hist is not None else None
     if hist is not None:
-        metrics[R.SCORE_HIST] = [int(x) for x in hist.reshape(-1).tolist()]
+        metrics[SCORE_HIST] = [int(x) for x in hist.reshape(-1).tolist()]
     elif getattr(ev, "score_hist", None) is not None:
         log.warning("site %s: a class has 1..%d test cases: score histogram not sent",
                     site.site_id, k - 1)
-    return RecordDict({R.METRICS: MetricRecord(metrics), R.CONFIG: _site_config(site)})
+    return RecordDict({METRICS: MetricRecord(metrics), CONFIG: _site_config(site)})
 
 
 def query_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
     """Eligible case counts per split and class for the run's task (no ids, only counts)."""
     site = load_site(run, node)
     counts: dict[str, Any] = {k: int(v) for k, v in site.counts.items()}
-    counts[R.ELIGIBLE_TOTAL] = len(site.train)
-    counts[R.SKIPPED] = int(site.skipped)
-    return RecordDict({R.ELIGIBLE: MetricRecord(counts), R.CONFIG: _site_config(site)})
+    counts[ELIGIBLE_TOTAL] = len(site.train)
+    counts[SKIPPED] = int(site.skipped)
+    return RecordDict({ELIGIBLE: MetricRecord(counts), CONFIG: _site_config(site)})
 
 
 def safe_reason(err: BaseException) -> str:
@@ -288,6 +289,3 @@ def safe_reason(err: BaseException) -> str:
         return f"policy-refused rule={err.rule}" if err.rule in RULES else "policy-refused"
     return "internal-error"
 
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)

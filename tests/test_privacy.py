@@ -108,15 +108,14 @@ def test_every_task_network_trains_under_opacus(tmp_path: Path) -> None:
         assert all(not k.startswith("_module.") for k in model.state_dict()), task
 
 
-def _train_message(run: RunConfig, epochs: int):
+def _train_message(run: RunConfig):
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-    from shared.config import learning_core, train_config_for
+    from shared.learning import learning_core, train_config_for
 
     model = learning_core().build_model(TASKS["grading"], train_config_for(run, device="cpu"))
     arrays = ArrayRecord({k: v.detach() for k, v in model.state_dict().items()})
-    return RecordDict({"arrays": arrays, "config": ConfigRecord({"local-epochs": epochs,
-                                                                 "task": "grading"})})
+    return RecordDict({"arrays": arrays, "config": ConfigRecord({})})
 
 
 @pytest.fixture()
@@ -130,14 +129,15 @@ def dp_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return site, run
 
 
-def test_the_ledger_charges_the_epochs_the_server_message_asks_for(dp_site) -> None:
-    """run config says 1 local epoch, the train message 3: all 3 epochs' DP steps are charged."""
+def test_the_ledger_charges_every_epoch_trained(dp_site) -> None:
+    """3 local epochs are trained: all 3 epochs' DP steps are charged, counted as they happen."""
     from client.privacy import Ledger, ledger_path
     from client.site import train_site
 
     site, run = dp_site
+    run = run.replace(local_epochs=3)
     node = NodeConfig.from_flower({"data-path": str(site)}, run)
-    reply = train_site(_train_message(run, epochs=3), run, node)
+    reply = train_site(_train_message(run), run, node)
     entries = Ledger(ledger_path(node.site_id)).entries()
     per_epoch = math.ceil(12 / 4)  # 12 training patients, batches of 4
     assert [(e["steps"], e["state"]) for e in entries] == [(3 * per_epoch, "charged")]
@@ -156,10 +156,10 @@ def test_a_request_past_max_epsilon_is_refused_before_training(dp_site) -> None:
     one_epoch = epsilon_of([(1.0, 1 / per_epoch, per_epoch)], 1e-5)
     node = NodeConfig.from_flower({"data-path": str(site), "max-epsilon": one_epoch * 1.2}, run)
     with pytest.raises(PrivacyBudgetExceeded, match="9 DP steps would bring site hosp-dp") as err:
-        train_site(_train_message(run, epochs=3), run, node)
+        train_site(_train_message(run), run.replace(local_epochs=3), node)
     assert safe_reason(err.value) == "privacy-budget"
     assert Ledger(ledger_path(node.site_id)).entries() == []  # nothing trained, nothing charged
-    train_site(_train_message(run, epochs=1), run, node)  # within the budget: trains
+    train_site(_train_message(run), run, node)  # 1 epoch is within the budget: trains
     assert [e["steps"] for e in Ledger(ledger_path(node.site_id)).entries()] == [per_epoch]
 
 
