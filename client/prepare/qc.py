@@ -18,7 +18,7 @@ import numpy as np
 
 # Absolute limits that flag a session even in a small site (robust z-scores need >= 5 sessions).
 MIN_TEMPLATE_CORR = 0.5
-BRAIN_ML_RANGE = (800.0, 2200.0)
+BRAIN_ML_RANGE = (900.0, 2600.0)  # native ml of the MNI-mask brain (it keeps the sulcal CSF)
 ROBUST_Z = 3.5
 
 
