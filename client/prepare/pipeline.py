@@ -161,7 +161,8 @@ def prepare_session(sess: Session, raw: Path, images_dir: Path, opts: Options) -
     sitk.WriteTransform(tpl.transform, str(case_dir / f"{sess.case_id}_template_to_native.tfm"))
     lin = register.linear_part(tpl.transform)
     row: dict = {"case_id": sess.case_id, "reference": ref_col,
-                 "template_corr": qc.template_corr(out[ref_col], register.from_sitk(tpl_img)[0], prior),
+                 "template_corr": qc.template_corr(out["t1" if "t1" in out else ref_col],
+                                                   register.from_sitk(tpl_img)[0], prior),
                  "template_mi": tpl.metric,
                  "brain_ml": float(brain.sum()) * opts.spacing ** 3 * abs(np.linalg.det(lin)) / 1000}
     for c, r in coreg.items():

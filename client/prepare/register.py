@@ -49,8 +49,11 @@ def head_mask(img: sitk.Image) -> sitk.Image:
     return sitk.BinaryFillhole(sitk.Cast(cc == 1, sitk.sitkUInt8))
 
 
-def n4(img: sitk.Image, shrink: int = 4, iterations: tuple[int, ...] = (40, 40, 30)) -> sitk.Image:
-    """N4 bias-field correction estimated on a shrunk copy, applied at full resolution."""
+def n4(img: sitk.Image, voxel_mm: float = 8.0, iterations: tuple[int, ...] = (30, 25, 20)
+       ) -> sitk.Image:
+    """N4 bias-field correction estimated on a copy shrunk to about ``voxel_mm`` voxels (three
+    B-spline fitting levels), applied at full resolution."""
+    shrink = max(1, int(round(voxel_mm / min(img.GetSpacing()))))
     img = sitk.Cast(img, sitk.sitkFloat32)
     lo = float(np.percentile(sitk.GetArrayViewFromImage(img), 0.5))
     shifted = img - lo + 1.0 if lo <= 0 else img  # N4 works on log intensities: keep them > 0
@@ -69,6 +72,19 @@ def n4(img: sitk.Image, shrink: int = 4, iterations: tuple[int, ...] = (40, 40, 
 class RegResult:
     transform: sitk.Transform  # fixed point -> moving point
     metric: float  # final Mattes mutual information (lower is better)
+
+
+def levels(img: sitk.Image, targets_mm: tuple[float, ...]) -> tuple[list[int], list[float]]:
+    """Shrink factors giving about ``targets_mm`` voxels on ``img`` (repeats dropped), with Gaussian
+    smoothing sigmas (mm) of half the target."""
+    sp = min(img.GetSpacing())
+    shrink, smooth = [], []
+    for t in targets_mm:
+        f = max(1, int(round(t / sp)))
+        if not shrink or f < shrink[-1]:
+            shrink.append(f)
+            smooth.append(t / 2 if f > 1 else 0.0)
+    return shrink, smooth
 
 
 def _method(sampling: float, shrink: list[int], smooth: list[float], iters: int, seed: int
@@ -94,7 +110,7 @@ def rigid(fixed: sitk.Image, moving: sitk.Image, seed: int = 0) -> RegResult:
                                              sitk.CenteredTransformInitializerFilter.GEOMETRY)
     init = sitk.Euler3DTransform(init)
     init.SetTranslation((0.0, 0.0, 0.0))  # same scanner frame: start from the DICOM geometry
-    r = _method(0.15, [4, 2, 1], [2.0, 1.0, 0.0], 100, seed)
+    r = _method(0.1, *levels(fixed, (8.0, 4.0, 2.0)), 100, seed)
     r.SetInitialTransform(init, inPlace=False)
     fmask = head_mask(fixed)
     r.SetMetricFixedMask(fmask)
@@ -102,14 +118,20 @@ def rigid(fixed: sitk.Image, moving: sitk.Image, seed: int = 0) -> RegResult:
     return RegResult(out, float(r.GetMetricValue()))
 
 
+# The template's field of view (mm): nilearn's 2 mm MNI152 grid, 99x117x95 voxels from (-98, -134, -72)
+TEMPLATE_FOV_MM = (198.0, 234.0, 190.0)
+
+
 @functools.lru_cache(maxsize=4)
 def template(spacing: float = 2.0) -> tuple[sitk.Image, sitk.Image]:
-    """nilearn's MNI152 2009 T1 template and brain mask, resampled to ``spacing`` mm on the template's
-    field of view (the grid every prepared session is written on)."""
+    """nilearn's MNI152 2009 T1 template and brain mask on the template's field of view at
+    ``spacing`` mm (the grid every prepared session is written on); the 1 mm files are read only
+    for spacings under 2 mm."""
     from nilearn import datasets
 
-    t1 = datasets.load_mni152_template(resolution=1)
-    bm = datasets.load_mni152_brain_mask(resolution=1)
+    res = 1 if spacing < 2.0 else 2
+    t1 = datasets.load_mni152_template(resolution=res)
+    bm = datasets.load_mni152_brain_mask(resolution=res)
     t1_img = to_sitk(np.asarray(t1.get_fdata(), np.float32), np.asarray(t1.affine, float))
     bm_img = to_sitk(np.asarray(bm.get_fdata(), np.float32), np.asarray(bm.affine, float))
     grid = output_grid(t1_img, spacing)
@@ -118,34 +140,48 @@ def template(spacing: float = 2.0) -> tuple[sitk.Image, sitk.Image]:
     return t1_s, sitk.Cast(bm_s > 0.5, sitk.sitkUInt8)
 
 
-def output_grid(tpl_1mm: sitk.Image, spacing: float) -> sitk.Image:
-    """The template's field of view (197x233x189 mm) at ``spacing`` mm, same origin."""
-    ref = sitk.Image([int(np.ceil((n + 1) / spacing - 1e-6)) for n in tpl_1mm.GetSize()],
-                     sitk.sitkFloat32)
+def output_grid(tpl: sitk.Image, spacing: float) -> sitk.Image:
+    """The template's field of view at ``spacing`` mm, same origin and axes as ``tpl``."""
+    ref = sitk.Image([int(np.ceil(f / spacing - 1e-6)) for f in TEMPLATE_FOV_MM], sitk.sitkFloat32)
     ref.SetSpacing([spacing] * 3)
-    ref.SetOrigin(tpl_1mm.GetOrigin())
-    ref.SetDirection(tpl_1mm.GetDirection())
+    ref.SetOrigin(tpl.GetOrigin())
+    ref.SetDirection(tpl.GetDirection())
     return ref
 
 
 def to_template(moving: sitk.Image, seed: int = 0) -> RegResult:
     """First affine registration of a head image to the MNI152 template (fixed: the template at 2 mm
-    within its dilated brain mask): moments, then similarity, then affine."""
+    within its dilated brain mask): centres of mass, an exhaustive search over rotations (+-24 deg
+    per axis, 8 mm), then similarity and affine by Mattes MI."""
     fixed, brain = template(2.0)
     fmask = sitk.BinaryDilate(brain, [3, 3, 3])
     moving = sitk.Cast(moving, sitk.sitkFloat32)
     head = head_mask(moving)
-    init = sitk.CenteredTransformInitializer(brain, head, sitk.Similarity3DTransform(),
+    init = sitk.CenteredTransformInitializer(brain, head, sitk.Euler3DTransform(),
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
-    init = sitk.Similarity3DTransform(init)
-    init.SetMatrix(np.eye(3).ravel().tolist())  # moments set the centre; rotation starts at 0
-    r = _method(0.2, [4, 2], [3.0, 2.0], 150, seed)
-    r.SetInitialTransform(init, inPlace=False)
+    search = sitk.ImageRegistrationMethod()
+    search.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    search.SetMetricSamplingStrategy(search.RANDOM)
+    search.SetMetricSamplingPercentage(0.25, seed)
+    search.SetInterpolator(sitk.sitkLinear)
+    search.SetOptimizerAsExhaustive([2, 2, 2, 0, 0, 0], stepLength=float(np.deg2rad(12.0)))
+    search.SetOptimizerScales([1.0] * 6)
+    search.SetShrinkFactorsPerLevel([4])
+    search.SetSmoothingSigmasPerLevel([4.0])
+    search.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    search.SetInitialTransform(init, inPlace=True)
+    search.SetMetricFixedMask(fmask)
+    search.Execute(fixed, moving)
+    sim0 = sitk.Similarity3DTransform()
+    sim0.SetCenter(init.GetCenter())
+    sim0.SetMatrix(init.GetMatrix())
+    sim0.SetTranslation(init.GetTranslation())
+    r = _method(0.1, [4, 2], [4.0, 2.0], 100, seed)
+    r.SetInitialTransform(sim0, inPlace=False)
     r.SetMetricFixedMask(fmask)
     sim = r.Execute(fixed, moving)
-    start = _as_affine(sim, init.GetCenter())
-    r = _method(0.2, [4, 2], [2.0, 1.0], 150, seed)
-    r.SetInitialTransform(start, inPlace=False)
+    r = _method(0.1, [4, 2], [2.0, 1.0], 100, seed)
+    r.SetInitialTransform(_as_affine(sim, init.GetCenter()), inPlace=False)
     r.SetMetricFixedMask(fmask)
     aff = r.Execute(fixed, moving)
     return RegResult(aff, float(r.GetMetricValue()))
@@ -161,7 +197,7 @@ def refine_to_template(moving: sitk.Image, brain_native: sitk.Image, start: sitk
     moving = sitk.Cast(moving, sitk.sitkFloat32)
     centre = fixed.TransformContinuousIndexToPhysicalPoint([s / 2 for s in fixed.GetSize()])
     aff0 = _as_affine(start, centre)
-    r = _method(0.25, [2, 1], [1.0, 0.0], 150, seed)
+    r = _method(0.1, [2, 1], [1.0, 0.0], 100, seed)
     r.SetInitialTransform(aff0, inPlace=False)
     r.SetMetricFixedMask(fmask)
     r.SetMetricMovingMask(mmask)
