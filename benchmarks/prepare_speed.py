@@ -135,7 +135,7 @@ def compare_ants(raw: Path, cases: dict, spacing: float) -> None:
         true = case.motion["t1ce"] @ np.linalg.inv(case.out_to_tpl)
         pts = landmarks_mm()
 
-        def err(fn) -> float:
+        def err(fn, true=true, pts=pts) -> float:
             return float(np.mean([np.linalg.norm(fn(p) - (true[:3, :3] @ p + true[:3, 3]))
                                   for p in pts]))
 
@@ -168,6 +168,64 @@ def compare_ants(raw: Path, cases: dict, spacing: float) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def predict_agreement(root: Path, cases: int, n_test: int, spacing: float, epochs: int) -> None:
+    """A small grading model trained on a synth cohort (MNI field of view at ``spacing``); the test
+    cases are turned into raw DICOM (moved, bias, skull) and prepared; the model's class on the
+    prepared case is compared with its class on the original (seg left out of both)."""
+    import nibabel as nib
+
+    from client.prepare import prepare_site
+    from shared.cohort import read_cohort, write_cohort
+    from shared.models import build_model
+    from shared.tasks import TASKS, select_samples
+    from shared.training import TrainConfig, predict_probs, train_epochs
+    from simulations.synth import generate_cohort
+    from simulations.synth.raw_scans import RawCase, write_raw_case
+
+    spec = TASKS["grading"]
+    site = generate_cohort(root / "cohort", cases=cases, sites=1, spacing=spacing, seed=5, workers=1,
+                           progress=False, tasks=("grading",))
+    cohort = read_cohort(site)
+    train, _ = select_samples(spec, cohort, "train")
+    cfg = TrainConfig(task="grading", network="small_cnn", input_size=(32, 32, 32), batch_size=4,
+                      cache_dir=str(root / "cache"))
+    model = build_model("small_cnn", 4, 2)
+    train_epochs(model, train, spec, cfg, epochs=epochs)
+    test = [c for c in cohort.cases if c.split != "train" and "grade" in c.labels][:n_test]
+    raw = root / "rawpred"
+    rows_orig, rows_prep = [], []
+    for i, c in enumerate(test):
+        imgs = {s: np.asarray(nib.load(str(c.images[s])).dataobj, np.float32)
+                for s in ("t1", "t1ce", "t2", "flair")}
+        aff = nib.load(str(c.images["t1"])).affine
+        rc = RawCase(images=imgs, seg=np.zeros(imgs["t1"].shape, np.uint8), affine=aff,
+                     out_to_tpl=np.eye(4))
+        write_raw_case(raw, rc, c.case_id, seed=900 + i)
+        base = {"case_id": c.case_id, "patient_id": c.patient_id, "grade": c.labels["grade"],
+                "split": "test"}
+        rows_orig.append({**base, **{s: str(c.images[s]) for s in imgs}})
+        rows_prep.append(base)
+    write_cohort(root / "orig", rows_orig)
+    sessions = root / "sessions_pred.csv"
+    sessions.write_text("case_id,patient_id,grade,t1,t1ce,t2,flair\n" + "".join(
+        f"{r['case_id']},{r['patient_id']},{r['grade']},{r['case_id']}/t1,{r['case_id']}/t1ce,"
+        f"{r['case_id']}/t2,{r['case_id']}/flair\n" for r in rows_prep))
+    res = prepare_site(raw, root / "prep", spacing=spacing, workers=1, sessions_csv=sessions)
+    assert not res.errors, res.errors
+    cfg_eval = TrainConfig(task="grading", network="small_cnn", input_size=(32, 32, 32),
+                           batch_size=4, cache_dir=None)
+    s_orig, _ = select_samples(spec, read_cohort(root / "orig"), require_label=True)
+    s_prep, _ = select_samples(spec, read_cohort(root / "prep"), require_label=True)
+    p_orig = predict_probs(model, s_orig, spec, cfg_eval).argmax(1)
+    p_prep = predict_probs(model, s_prep, spec, cfg_eval).argmax(1)
+    truth = np.array([spec.classes.index(s.label) for s in s_orig])
+    agree = (p_orig == p_prep).astype(float)
+    m, lo, hi = _bootstrap(list(agree))
+    print(f"PREDICT agreement original vs prepared {m:.3f} (95% CI {lo:.3f}-{hi:.3f}), "
+          f"n={len(agree)}; accuracy original {(p_orig == truth).mean():.3f}, prepared "
+          f"{(p_prep == truth).mean():.3f}; classes predicted (orig) {np.bincount(p_orig, minlength=2)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--speed-cases", type=int, default=2)
@@ -175,6 +233,10 @@ def main() -> None:
     ap.add_argument("--accuracy-spacing", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ants", action="store_true")
+    ap.add_argument("--predict-cases", type=int, default=0, help="synth cohort size (0: skip)")
+    ap.add_argument("--predict-test", type=int, default=8)
+    ap.add_argument("--predict-spacing", type=float, default=4.0)
+    ap.add_argument("--predict-epochs", type=int, default=8)
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temp dir)")
     a = ap.parse_args()
     import SimpleITK as sitk
@@ -187,6 +249,9 @@ def main() -> None:
             speed(root, a.speed_cases, a.threads)
         if a.accuracy_cases:
             accuracy(root, a.accuracy_cases, a.accuracy_spacing, a.ants)
+        if a.predict_cases:
+            predict_agreement(root, a.predict_cases, a.predict_test, a.predict_spacing,
+                              a.predict_epochs)
     finally:
         if a.work is None:
             shutil.rmtree(root, ignore_errors=True)

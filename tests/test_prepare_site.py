@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from simulations.synth.raw_scans import score_preparation, synth_case, write_dicom_series, write_raw_case
+from simulations.synth.raw_scans import (
+    score_preparation,
+    synth_case,
+    write_dicom_series,
+    write_raw_case,
+)
 
 SPACING = 3.0
 PATIENT = {"PatientName": "Doe^Johnathan", "PatientID": "MRN-778812", "PatientBirthDate": "19580304",
@@ -35,6 +40,12 @@ def hospital(tmp_path_factory):
 
     raw = tmp_path_factory.mktemp("raw")
     case = write_raw_case(raw, synth_case(11, SPACING), "good", seed=4, patient=PATIENT)
+    # a 4D DCE series (4 frames, contrast arriving) and a NIfTI tumour mask drawn on the T1ce
+    ref_affine = case.motion["t1ce"] @ case.affine
+    dce = np.stack([case.images["t1"] * (1 + 0.3 * k * (case.seg == 4)) for k in range(4)], axis=3)
+    write_dicom_series(raw / "good" / "dce", dce, ref_affine, "t1 dyn", "9.0", shuffle=2,
+                       frame_times=[0.0, 4.5, 9.0, 13.5])
+    nib.save(nib.Nifti1Image(case.seg, ref_affine), str(raw / "good_seg.nii.gz"))
     small = np.random.default_rng(0).uniform(0, 100, (10, 10, 8)).astype(np.float32)
     aff = np.diag([2.0, 2.0, 3.0, 1.0])
     gap = write_dicom_series(raw / "gap" / "t1ce", small, aff, "t1 post", "9.1", shuffle=None)
@@ -48,14 +59,15 @@ def hospital(tmp_path_factory):
     (raw / "nifti" / "broken.nii.gz").write_bytes((raw / "nifti" / "t1.nii.gz").read_bytes()[:60])
     (raw / "good" / "t1" / "DICOMDIR.txt").write_text("stray file in a series folder\n")
     rows = [
-        ["case_id", "patient_id", "timepoint", "grade", "t1", "t1ce", "t2", "flair"],
-        ["c-good", "p-1", "001", "HGG", "good/t1", "good/t1ce", "good/t2", "good/flair"],
-        ["c-not1ce", "p-1", "002", "", "good/t1", "", "good/t2", "good/flair"],
-        ["c-gap", "p-2", "001", "", "", "gap/t1ce", "", ""],
-        ["c-mixed", "p-3", "001", "", "", "mixed/t1ce", "", ""],
-        ["c-junk", "p-4", "001", "", "junk/report.txt", "", "", ""],
-        ["c-badnii", "p-5", "001", "", "nifti/broken.nii.gz", "nifti/t1.nii.gz", "", ""],
-        ["MRN-778812", "p-6", "001", "", "good/t1", "good/t1ce", "", ""],
+        ["case_id", "patient_id", "timepoint", "grade", "t1", "t1ce", "t2", "flair", "seg", "dce"],
+        ["c-good", "p-1", "001", "HGG", "good/t1", "good/t1ce", "good/t2", "good/flair",
+         "good_seg.nii.gz", "good/dce"],
+        ["c-not1ce", "p-1", "002", "", "good/t1", "", "good/t2", "good/flair", "", ""],
+        ["c-gap", "p-2", "001", "", "", "gap/t1ce", "", "", "", ""],
+        ["c-mixed", "p-3", "001", "", "", "mixed/t1ce", "", "", "", ""],
+        ["c-junk", "p-4", "001", "", "junk/report.txt", "", "", "", "", ""],
+        ["c-badnii", "p-5", "001", "", "nifti/broken.nii.gz", "nifti/t1.nii.gz", "", "", "", ""],
+        ["MRN-778812", "p-6", "001", "", "good/t1", "good/t1ce", "", "", "", ""],
     ]
     with (raw / "sessions.csv").open("w", newline="") as fh:
         csv.writer(fh).writerows(rows)
@@ -73,7 +85,7 @@ def _app():
 
 
 def test_round_trip_recovers_brain_and_registration(hospital) -> None:
-    _, site, case, result, _ = hospital
+    _, site, case, _result, _ = hospital
     score = score_preparation(case, site / "images" / "c-good")
     assert score["dice"] >= 0.90, score
     assert score["landmark_mm"] <= 2.0, score
@@ -95,8 +107,30 @@ def test_skull_and_bias_are_removed(hospital) -> None:
     assert abs(left - right) / max(left, right) < 0.08
 
 
+def test_mask_and_dce_are_carried_with_their_interpolation(hospital) -> None:
+    import json
+
+    import nibabel as nib
+
+    _, site, case, _, _ = hospital
+    seg = np.asarray(nib.load(str(site / "images/c-good/c-good_seg.nii.gz")).dataobj)
+    assert set(np.unique(seg).tolist()) == set(np.unique(case.seg).tolist())  # nearest: no new labels
+    # template space is the case scaled by its (known) deformation: volumes scale by its determinant
+    scale = abs(np.linalg.det(case.out_to_tpl[:3, :3]))
+    for label in (1, 2, 4):
+        ratio = (seg == label).sum() / ((case.seg == label).sum() * scale)
+        assert 0.85 < ratio < 1.15, (label, ratio)
+    dce = nib.load(str(site / "images/c-good/c-good_dce.nii.gz"))
+    assert dce.ndim == 4 and dce.shape[3] == 4
+    side = json.loads((site / "images/c-good/c-good_dce.json").read_text())
+    assert side == {"RepetitionTime": 0.005, "FlipAngle": 15.0, "FrameTimes": [0.0, 4.5, 9.0, 13.5]}
+    d = np.asarray(dce.dataobj)
+    enh = seg == 4
+    assert d[enh, 3].mean() > 1.3 * d[enh, 0].mean()  # the enhancing voxels land on the mask
+
+
 def test_each_broken_input_is_one_line_naming_the_file(hospital) -> None:
-    raw, site, _, result, _ = hospital
+    raw, _site, _, result, _ = hospital
     assert result.exit_code == 1, result.output
     errors = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
     expect = {"gap": "missing slice", "mixed": "mixed series in one folder",

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.prepare.pipeline import MANIFEST, Options, SessionError, prepare_session
-from client.prepare.sessions import Session, SessionsError, infer_sessions, read_sessions, write_sessions
+from client.prepare.sessions import (
+    Session,
+    SessionsError,
+    infer_sessions,
+    read_sessions,
+    write_sessions,
+)
 
 SALT_FILE = ".prepare/salt"  # inside SITE_DIR; never shared (pseudonyms cannot be recomputed without it)
 

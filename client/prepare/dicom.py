@@ -151,7 +151,7 @@ def _pixels(ds, path: str) -> np.ndarray:
                          f"{str(exc).splitlines()[0][:100] if str(exc) else ''})") from None
     try:
         arr = apply_rescale(arr, ds)
-    except Exception:  # noqa: BLE001 - no rescale present or per-frame variant missing
+    except Exception:  # noqa: BLE001, S110 - no usable rescale: stored values are the values
         pass
     arr = np.asarray(arr, dtype=np.float32)
     return arr[None] if arr.ndim == 2 else arr

@@ -125,7 +125,7 @@ def prepare_session(sess: Session, raw: Path, images_dir: Path, opts: Options) -
     corrected = {c: register.n4(img) for c, img in native.items()}
     ref = corrected[ref_col]
     first = register.to_template(ref)
-    tpl_grid2, tpl_brain2 = register.template(2.0)
+    _tpl_grid2, tpl_brain2 = register.template(2.0)
     brain_native = register.resample(tpl_brain2, ref, first.transform.GetInverse(), label=True)
     tpl = register.refine_to_template(ref, brain_native, first.transform, deformable=opts.deformable)
     coreg = {c: register.rigid(ref, img) for c, img in corrected.items() if c != ref_col}

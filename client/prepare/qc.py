@@ -116,11 +116,11 @@ def write_qc(site: Path, rows: list[dict]) -> tuple[Path, Path]:
     tmp.replace(csv_path)
     shown = ["case_id", "template_corr", "brain_ml", "outlier"]
     out = ["<!doctype html><meta charset='utf-8'><title>gliofed site prepare QC</title>",
-           "<style>body{font-family:sans-serif}td,th{padding:2px 8px}.bad{background:#fdd}"
-           "img{max-width:600px}</style>",
+           ("<style>body{font-family:sans-serif}td,th{padding:2px 8px}.bad{background:#fdd}"
+           "img{max-width:600px}</style>"),
            f"<h1>QC: {len(rows)} session(s)</h1>",
-           f"<p>{sum(1 for r in rows if r['outlier'])} flagged. Red: template brain outline; cyan: "
-           "brain mask after refinement. Full numbers in <a href='qc.csv'>qc.csv</a>.</p><table>",
+           (f"<p>{sum(1 for r in rows if r['outlier'])} flagged. Red: template brain outline; cyan: "
+           "brain mask after refinement. Full numbers in <a href='qc.csv'>qc.csv</a>.</p><table>"),
            "<tr>" + "".join(f"<th>{k}</th>" for k in shown) + "</tr>"]
     for r in rows:
         cls = " class='bad'" if r["outlier"] else ""

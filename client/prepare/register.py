@@ -53,7 +53,7 @@ def n4(img: sitk.Image, voxel_mm: float = 8.0, iterations: tuple[int, ...] = (30
        ) -> sitk.Image:
     """N4 bias-field correction estimated on a copy shrunk to about ``voxel_mm`` voxels (three
     B-spline fitting levels), applied at full resolution."""
-    shrink = max(1, int(round(voxel_mm / min(img.GetSpacing()))))
+    shrink = max(1, round(voxel_mm / min(img.GetSpacing())))
     img = sitk.Cast(img, sitk.sitkFloat32)
     lo = float(np.percentile(sitk.GetArrayViewFromImage(img), 0.5))
     shifted = img - lo + 1.0 if lo <= 0 else img  # N4 works on log intensities: keep them > 0
@@ -80,7 +80,7 @@ def levels(img: sitk.Image, targets_mm: tuple[float, ...]) -> tuple[list[int], l
     sp = min(img.GetSpacing())
     shrink, smooth = [], []
     for t in targets_mm:
-        f = max(1, int(round(t / sp)))
+        f = max(1, round(t / sp))
         if not shrink or f < shrink[-1]:
             shrink.append(f)
             smooth.append(t / 2 if f > 1 else 0.0)

@@ -22,7 +22,7 @@ def refine_brain_mask(prior: np.ndarray, images: dict[str, np.ndarray], spacing:
     percentile on T1/T1ce (fat, contrast-filled skull marrow) and not darker than 10 % of the brain's
     median on every sequence (bone, air).
     """
-    it = max(1, int(round(band_mm / spacing)))
+    it = max(1, round(band_mm / spacing))
     core = ndi.binary_erosion(prior, iterations=it)
     outer = ndi.binary_dilation(prior, iterations=it)
     band = outer & ~core

@@ -45,7 +45,12 @@ def synth_case(seed: int, spacing: float, kind: str = "hgg") -> RawCase:
     """One rendered session (noise-free tissue signal) on the head's crop of the template grid."""
     from simulations.synth.anatomy import load_template, make_grid
     from simulations.synth.lesions import build_class
-    from simulations.synth.render import SEQUENCES, case_tissue_looks, random_deformation, render_session
+    from simulations.synth.render import (
+        SEQUENCES,
+        case_tissue_looks,
+        random_deformation,
+        render_session,
+    )
 
     anat = load_template()
     grid = make_grid(anat, spacing=spacing)
