@@ -123,12 +123,13 @@ def prepare_session(sess: Session, raw: Path, images_dir: Path, opts: Options) -
                         "co-registered to t1")
     native = {c: register.to_sitk(lv.data, lv.affine) for c, lv in loaded.items() if c in SEQ3D}
     corrected = {c: register.n4(img) for c, img in native.items()}
-    ref = corrected[ref_col]
+    small = {c: register.coarse(img, 2.0) for c, img in corrected.items()}
+    ref = small[ref_col]
     first = register.to_template(ref)
-    _tpl_grid2, tpl_brain2 = register.template(2.0)
-    brain_native = register.resample(tpl_brain2, ref, first.transform.GetInverse(), label=True)
+    brain_native = register.resample(register.template(2.0)[1], ref, first.transform.GetInverse(),
+                                     label=True)
     tpl = register.refine_to_template(ref, brain_native, first.transform, deformable=opts.deformable)
-    coreg = {c: register.rigid(ref, img) for c, img in corrected.items() if c != ref_col}
+    coreg = {c: register.rigid(ref, img) for c, img in small.items() if c != ref_col}
     tpl_img, tpl_brain = register.template(opts.spacing)
     out: dict[str, np.ndarray] = {}
     for c, img in corrected.items():
@@ -157,7 +158,7 @@ def prepare_session(sess: Session, raw: Path, images_dir: Path, opts: Options) -
         seg = register.from_sitk(register.resample(seg_img, tpl_img, tpl.transform, label=True))[0]
         put("seg", seg.astype(np.uint8))
     if "dce" in loaded:
-        _write_dce(loaded["dce"], corrected[ref_col], tpl.transform, opts, put, warnings, sess)
+        _write_dce(loaded["dce"], ref, tpl.transform, opts, put, warnings, sess)
     sitk.WriteTransform(tpl.transform, str(case_dir / f"{sess.case_id}_template_to_native.tfm"))
     lin = register.linear_part(tpl.transform)
     row: dict = {"case_id": sess.case_id, "reference": ref_col,
@@ -188,7 +189,7 @@ def _write_dce(lv: Loaded, ref, tpl_transform, opts: Options, put, warnings: lis
     template field of view at max(spacing, the series' mean voxel size); sidecar with FrameTimes."""
     from client.prepare import register
 
-    mean = register.to_sitk(lv.data.mean(axis=3), lv.affine)
+    mean = register.coarse(register.to_sitk(lv.data.mean(axis=3), lv.affine), 2.0)
     to_ref = register.rigid(ref, mean).transform
     native_sp = float(np.mean(np.linalg.norm(lv.affine[:3, :3], axis=0)))
     sp = max(opts.spacing, round(native_sp, 1))

@@ -41,6 +41,25 @@ def from_sitk(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     return data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff
 
 
+def coarse(img: sitk.Image, mm: float = 2.0) -> sitk.Image:
+    """``img`` smoothed and resampled to voxels of at least ``mm`` (same axes and extent): what the
+    registrations see (their finest level is 2 mm; full-resolution inputs only cost time)."""
+    sp = np.asarray(img.GetSpacing(), float)
+    if sp.min() >= mm - 1e-6:
+        return img
+    new_sp = np.maximum(sp, mm)
+    sigma = np.sqrt(np.maximum(new_sp**2 - sp**2, 0.0)) / 2.355
+    sm = sitk.SmoothingRecursiveGaussian(sitk.Cast(img, sitk.sitkFloat32), sigma.tolist())
+    size = np.ceil(np.asarray(img.GetSize()) * sp / new_sp).astype(int)
+    ref = sitk.Image([int(v) for v in size], sitk.sitkFloat32)
+    ref.SetSpacing(new_sp.tolist())
+    ref.SetDirection(img.GetDirection())
+    # keep the physical extent: first voxel centre moves by half the voxel-size change
+    shift = np.asarray(img.GetDirection()).reshape(3, 3) @ ((new_sp - sp) / 2)
+    ref.SetOrigin((np.asarray(img.GetOrigin()) + shift).tolist())
+    return sitk.Resample(sm, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
 def head_mask(img: sitk.Image) -> sitk.Image:
     """Foreground (head) by Otsu on a smoothed copy, largest component, holes filled."""
     sm = sitk.SmoothingRecursiveGaussian(img, 2.0)
@@ -57,15 +76,13 @@ def n4(img: sitk.Image, voxel_mm: float = 8.0, iterations: tuple[int, ...] = (30
     img = sitk.Cast(img, sitk.sitkFloat32)
     lo = float(np.percentile(sitk.GetArrayViewFromImage(img), 0.5))
     shifted = img - lo + 1.0 if lo <= 0 else img  # N4 works on log intensities: keep them > 0
-    mask = head_mask(shifted)
     f = sitk.N4BiasFieldCorrectionImageFilter()
     f.SetMaximumNumberOfIterations(list(iterations))
     small = sitk.Shrink(shifted, [shrink] * 3)
-    small_mask = sitk.Shrink(mask, [shrink] * 3)
-    f.Execute(small, small_mask)
+    f.Execute(small, head_mask(small))
     log_bias = f.GetLogBiasFieldAsImage(shifted)
     out = shifted / sitk.Exp(log_bias)
-    return out - 1.0 + lo if lo <= 0 else out
+    return sitk.Cast(out - 1.0 + lo if lo <= 0 else out, sitk.sitkFloat32)
 
 
 @dataclass
@@ -106,6 +123,7 @@ def _method(sampling: float, shrink: list[int], smooth: list[float], iters: int,
 
 def rigid(fixed: sitk.Image, moving: sitk.Image, seed: int = 0) -> RegResult:
     """Rigid (Euler) co-registration of ``moving`` to ``fixed`` by Mattes MI, scanner geometry first."""
+    fixed, moving = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                              sitk.CenteredTransformInitializerFilter.GEOMETRY)
     init = sitk.Euler3DTransform(init)

@@ -45,16 +45,7 @@ def refine_brain_mask(prior: np.ndarray, images: dict[str, np.ndarray], spacing:
     if n > 1:
         sizes = ndi.sum(mask, lab, index=np.arange(1, n + 1))
         mask = lab == (int(np.argmax(sizes)) + 1)
-    return _fill_holes(mask)
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Holes filled in 3D and slice by slice (a hole open on one side in 3D is closed in 2D)."""
-    mask = ndi.binary_fill_holes(mask)
-    for ax in range(3):
-        mask = np.stack([ndi.binary_fill_holes(s) for s in np.moveaxis(mask, ax, 0)], axis=0)
-        mask = np.moveaxis(mask, 0, ax)
-    return mask
+    return ndi.binary_fill_holes(mask)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
