@@ -204,8 +204,10 @@ def test_inferred_sessions_stop_for_review_then_prepare(hospital, tmp_path) -> N
     res = CliRunner().invoke(_app(), ["site", "prepare", str(only), "--out", str(site)])
     assert res.exit_code == 3, res.output
     rows = list(csv.DictReader((site / "sessions.csv").open()))
-    assert len(rows) == 1
-    r = rows[0]
+    # the DCE series was written under another StudyInstanceUID: a session of its own
+    assert sorted(bool(r["dce"]) for r in rows) == [False, True]
+    assert [r["t1"] for r in rows if r["dce"]] == [""]
+    r = next(r for r in rows if not r["dce"])
     assert {r[c] for c in ("t1", "t1ce", "t2", "flair")} == {
         f"scanner/study-a/{s}" for s in ("t1", "t1ce", "t2", "flair")}
     # names come from the shipped rules: "t1ce axial" is t1ce, "t1 axial" is t1 (descriptions)
