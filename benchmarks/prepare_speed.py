@@ -200,7 +200,8 @@ def predict_agreement(root: Path, cases: int, n_test: int, spacing: float, epoch
         aff = nib.load(str(c.images["t1"])).affine
         rc = RawCase(images=imgs, seg=np.zeros(imgs["t1"].shape, np.uint8), affine=aff,
                      out_to_tpl=np.eye(4))
-        write_raw_case(raw, rc, c.case_id, seed=900 + i)
+        write_raw_case(raw, rc, c.case_id, seed=900 + i,
+                       patient={"PatientName": "Bench^Patient", "PatientID": f"MRN{900 + i}"})
         base = {"case_id": c.case_id, "patient_id": c.patient_id, "grade": c.labels["grade"],
                 "split": "test"}
         rows_orig.append({**base, **{s: str(c.images[s]) for s in imgs}})

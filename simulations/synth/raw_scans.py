@@ -111,7 +111,7 @@ def write_dicom_series(folder: Path, data: np.ndarray, affine_ras: np.ndarray, d
     order = np.arange(nz * nt)
     if shuffle is not None:
         np.random.default_rng(shuffle).shuffle(order)
-    patient = patient or {"PatientName": "Anon^Synthetic", "PatientID": "SYN0001"}
+    patient = patient or {"PatientName": "Anon^Synthetic", "PatientID": "PID-RAW-0001"}
     paths = []
     for n, idx in enumerate(order):
         k, t = int(idx % nz), int(idx // nz)
