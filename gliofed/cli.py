@@ -12,6 +12,7 @@ import typer
 
 COMMAND_MODULES = (
     "gliofed.commands.data",  # import, site check
+    "gliofed.commands.prepare",  # site prepare (on the site group of commands.data)
     "gliofed.commands.synth",  # synth
     "gliofed.commands.models",  # train, predict, evaluate, explain
     "gliofed.commands.simulate",  # simulate
