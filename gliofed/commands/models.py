@@ -83,23 +83,16 @@ def train(
 
 def _eligible(model_dir: Path, cohort: Path, require_label: bool = True):
     from shared.tasks import get_task, select_samples
-    from shared.training import TrainConfig
-    from shared.training.bundle import load_bundle
+    from shared.training.bundle import load_bundle, train_config_from_meta
 
     try:
         model, meta = load_bundle(model_dir)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     spec = get_task(meta["task"])
     c = _load_cohort(cohort)
     samples, skipped = select_samples(spec, c, require_label=require_label)
-    tc = meta["train_config"]
-    cfg = TrainConfig(task=spec.name, network=meta["network"]["name"],
-                      input_size=tuple(tc["input_size"]), batch_size=tc.get("batch_size", 4),
-                      subtraction=tc.get("subtraction", False), augment=False,
-                      stem_stride=meta["network"].get("stem_stride", 2),
-                      clinical=tuple(meta["network"].get("clinical", [])))
-    return model, meta, spec, cfg, samples, skipped
+    return model, meta, spec, train_config_from_meta(meta), samples, skipped
 
 
 def predict(
@@ -149,33 +142,17 @@ def explain(
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")],
     case: Annotated[list[str], typer.Option("--case", help="case_id (repeatable); default: 4 test cases")] = [],  # noqa: B006
 ) -> None:
-    """Grad-CAM and saliency maps overlaid on the slice through the tumour, one PNG per case."""
-    import torch
-
-    from shared.training.explain import grad_cam, plot_explanations, saliency
-    from shared.training.loop import _dataset, _first_conv_in_channels
+    """Grad-CAM and saliency maps of the predicted class (the mask only drawn as a contour), one PNG per case."""
+    from shared.training.explain import explain_cases
 
     net, _meta, spec, cfg, samples, _ = _eligible(model, cohort)
     chosen = [s for s in samples if s.case_id in case] if case else [
         s for s in samples if s.split == "test"][:4]
     if not chosen:
         _fail("no matching eligible cases to explain")
-    out.mkdir(parents=True, exist_ok=True)
-    ds = _dataset(chosen, spec, cfg.resolved(), train=False, in_channels=_first_conv_in_channels(net))
-    for i, s in enumerate(chosen):
-        x, seg = ds.load(i)
-        x = x.float()
-        with torch.no_grad():
-            logits = net(x[None])  # clinical covariates (if any) count as missing here
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        pred = int(logits.argmax(1))
-        cam = grad_cam(net, x[None], pred)
-        sal = saliency(net, x[None], pred)
-        segn = seg.numpy() if seg is not None else None
-        title = f"{s.case_id}: true {s.label}, predicted {spec.classes[pred]}"
-        p = plot_explanations(x.numpy(), cam, sal, segn, title, out / f"{s.case_id}_explain.png",
-                              list(spec.inputs))
-        typer.echo(f"wrote {p}")
+    for row in explain_cases(net, chosen, spec, cfg, out):
+        typer.echo(f"wrote {row['png']} (Grad-CAM {row['cam_inside']:.2f}, saliency "
+                   f"{row['saliency_inside']:.2f} of the mass inside the lesion)")
 
 
 def register(app: typer.Typer) -> None:

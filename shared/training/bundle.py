@@ -206,6 +206,11 @@ def load_bundle(model_dir: str | Path, map_location: str = "cpu") -> tuple[nn.Mo
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: missing (not a gliofed MODEL_DIR)")
     meta = json.loads(meta_path.read_text())
+    version = meta.get("preprocessing", {}).get("version", 1)
+    if version != PREPROCESS_VERSION:
+        raise ValueError(f"{d}: exported with preprocessing version {version} (the tumour crop read "
+                         f"from seg); this gliofed uses version {PREPROCESS_VERSION} (whole brain, no "
+                         "mask): retrain or re-export the model")
     spec = get_task(meta["task"])
     net = meta["network"]
     seg = 4 if net["name"] == "unet_encoder" else 0

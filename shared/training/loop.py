@@ -113,12 +113,12 @@ def _device_augment(cfg: TrainConfig) -> bool:
     return cfg.augment and resolve_device(cfg.device).type == "cuda"
 
 
-def _dataset(samples, spec, cfg, *, train: bool, in_channels: int) -> TaskDataset:
+def _dataset(samples, spec, cfg, *, train: bool, in_channels: int, with_seg: bool = False) -> TaskDataset:
     use_opt = input_channels(spec, True, cfg.subtraction) == in_channels and bool(spec.optional_inputs)
     return TaskDataset(samples, spec, cfg.input_size, SessionCache(cfg.cache_dir),
                        augment=train and cfg.augment and not _device_augment(cfg), use_optional=use_opt,
                        half=resolve_device(cfg.device).type == "cuda",
-                       subtraction=cfg.subtraction, with_seg=cfg.network == "unet_encoder",
+                       subtraction=cfg.subtraction, with_seg=with_seg or cfg.network == "unet_encoder",
                        clinical=cfg.clinical, seed=cfg.seed)
 
 
