@@ -115,6 +115,12 @@ def main() -> None:
                "train_seconds": round(time.perf_counter() - t, 1),
                "same_cohort_test": score(model, te, spec, cfg, task, a.boot),
                "independent": score(model, ind, spec, cfg, task, a.boot)}
+        from shared.training.bundle import export_bundle
+
+        model_dir = export_bundle(model, spec, cfg, work / "models" / task,
+                                  {"mode": "benchmarks/task_accuracy.py", "args": vars(a)},
+                                  row["independent"])
+        row["model_dir"] = str(model_dir)
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = {"args": {k: str(v) for k, v in vars(a).items()}, "results": rows,

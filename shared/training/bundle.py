@@ -80,14 +80,12 @@ def inference_config(spec: TaskSpec, cfg, inputs: list[str], ch: int) -> dict:
     }
 
 
-def monai_metadata(spec: TaskSpec, cfg, inputs: list[str], ch: int) -> dict:
-    """MONAI's bundle metadata fields (see the bundle specification)."""
+def base_metadata(name: str, description: str, references: list[str], data_format: dict,
+                  provenance: dict, metrics: dict | None, **fields) -> dict:
+    """The metadata every MODEL_DIR carries (classifiers and regression maps alike): MONAI's bundle
+    fields, then gliofed's format tag, creation time, versions, provenance and metrics."""
     import numpy
 
-    channels = [f"{c}@t{t}" if spec.timepoints == 2 else c
-                for t in range(spec.timepoints) for c in inputs]
-    if spec.timepoints == 2 and cfg.subtraction:
-        channels += [f"{c}@t1-t0" for c in inputs]
     return {
         "schema": MONAI_SCHEMA,
         "version": "0.1.0",
@@ -96,40 +94,53 @@ def monai_metadata(spec: TaskSpec, cfg, inputs: list[str], ch: int) -> dict:
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": numpy.__version__,
         "required_packages_version": {"nibabel": _version("nibabel") or "", "fire": _version("fire") or ""},
-        "name": f"gliofed {spec.name}",
-        "description": f"gliofed {spec.name} classifier ({cfg.network}); input: the whole brain from "
-                       f"{', '.join(inputs)} (no tumour mask needed).",
+        "name": name,
+        "description": description,
         "authors": "gliofed",
         "copyright": "see provenance",
         "data_source": "see provenance",
         "data_type": "nibabel",
-        "image_classes": f"{len(channels)} channel MR: {', '.join(channels)}",
-        "label_classes": ", ".join(spec.classes),
-        "pred_classes": ", ".join(spec.classes),
         "intended_use": "research only; not for clinical use",
-        "references": [spec.reference],
-        "network_data_format": {
-            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "MR",
-                                 "num_channels": ch, "spatial_shape": list(cfg.input_size),
-                                 "dtype": "float32", "value_range": [], "is_patch_data": False,
-                                 "channel_def": {str(i): c for i, c in enumerate(channels)}}},
-            "outputs": {"pred": {"type": "probabilities", "format": "classes",
-                                 "num_channels": spec.num_classes, "spatial_shape": [1],
-                                 "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
-                                 "channel_def": {str(i): c for i, c in enumerate(spec.classes)}}},
-        },
+        "references": references,
+        "network_data_format": data_format,
+        "format": BUNDLE_FORMAT,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **fields,
+        "versions": _versions(),
+        "provenance": provenance,
+        "metrics": metrics or {},
     }
+
+
+def classifier_data_format(spec: TaskSpec, cfg, inputs: list[str], ch: int) -> tuple[dict, list[str]]:
+    """MONAI ``network_data_format`` of a classifier, and its input channel names."""
+    channels = [f"{c}@t{t}" if spec.timepoints == 2 else c
+                for t in range(spec.timepoints) for c in inputs]
+    if spec.timepoints == 2 and cfg.subtraction:
+        channels += [f"{c}@t1-t0" for c in inputs]
+    return {
+        "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "MR",
+                             "num_channels": ch, "spatial_shape": list(cfg.input_size),
+                             "dtype": "float32", "value_range": [], "is_patch_data": False,
+                             "channel_def": {str(i): c for i, c in enumerate(channels)}}},
+        "outputs": {"pred": {"type": "probabilities", "format": "classes",
+                             "num_channels": spec.num_classes, "spatial_shape": [1],
+                             "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
+                             "channel_def": {str(i): c for i, c in enumerate(spec.classes)}}},
+    }, channels
 
 
 def export_bundle(model: nn.Module, spec: TaskSpec, cfg, out_dir: str | Path,
                   provenance: dict, metrics: dict | None = None, in_channels: int | None = None,
                   use_optional: bool = False) -> Path:
     """Write MODEL_DIR; ``cfg`` is the TrainConfig used (its fields are recorded)."""
-    from dataclasses import asdict
-
+    from shared.training.kinds import kind_adapter
     from shared.training.loop import _first_conv_in_channels
 
     cfg = cfg.resolved()
+    adapter = kind_adapter(spec)
+    if adapter is not None:
+        return adapter.export(model, spec, cfg, out_dir, provenance, metrics)
     out = Path(out_dir)
     for sub in ("configs", "models", "docs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -143,28 +154,28 @@ def export_bundle(model: nn.Module, spec: TaskSpec, cfg, out_dir: str | Path,
     use_optional = use_optional or (bool(spec.optional_inputs)
                                     and ch == input_channels(spec, True, cfg.subtraction))
     inputs = list(spec.inputs) + (list(spec.optional_inputs) if use_optional else [])
-    meta = {
-        **monai_metadata(spec, cfg, inputs, ch),
-        "format": BUNDLE_FORMAT,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "task": spec.name,
-        "classes": list(spec.classes),
-        "label_column": spec.label_column,
-        "inputs": inputs,
-        "timepoints": spec.timepoints,
-        "network": {"name": cfg.network, "in_channels": ch, "num_classes": spec.num_classes,
-                    "dp_compatible": cfg.dp_compatible, "stem_stride": cfg.stem_stride,
-                    "clinical": list(cfg.clinical)},
-        "preprocessing": {"version": PREPROCESS_VERSION, "orientation": "RAS",
-                          "crop": "images' non-zero support (whole brain); seg never used",
-                          "resample_to": list(cfg.input_size),
-                          "normalisation": "z-score per channel over non-zero voxels",
-                          "subtraction": cfg.subtraction},
-        "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-        "versions": _versions(),
-        "provenance": provenance,
-        "metrics": metrics or {},
-    }
+    from dataclasses import asdict
+
+    data_format, channels = classifier_data_format(spec, cfg, inputs, ch)
+    meta = base_metadata(
+        f"gliofed {spec.name}",
+        f"gliofed {spec.name} classifier ({cfg.network}); input: the whole brain from "
+        f"{', '.join(inputs)} (no tumour mask needed).",
+        [spec.reference], data_format, provenance, metrics,
+        image_classes=f"{len(channels)} channel MR: {', '.join(channels)}",
+        label_classes=", ".join(spec.classes), pred_classes=", ".join(spec.classes),
+        task=spec.name, classes=list(spec.classes), label_column=spec.label_column, inputs=inputs,
+        timepoints=spec.timepoints,
+        network={"name": cfg.network, "in_channels": ch, "num_classes": spec.num_classes,
+                 "dp_compatible": cfg.dp_compatible, "stem_stride": cfg.stem_stride,
+                 "clinical": list(cfg.clinical)},
+        preprocessing={"version": PREPROCESS_VERSION, "orientation": "RAS",
+                       "crop": "images' non-zero support (whole brain); seg never used",
+                       "resample_to": list(cfg.input_size),
+                       "normalisation": "z-score per channel over non-zero voxels",
+                       "subtraction": cfg.subtraction},
+        train_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+    )
     (out / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
     (out / "configs" / "inference.json").write_text(
         json.dumps(inference_config(spec, cfg, inputs, ch), indent=2))
@@ -206,6 +217,11 @@ def load_bundle(model_dir: str | Path, map_location: str = "cpu") -> tuple[nn.Mo
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: missing (not a gliofed MODEL_DIR)")
     meta = json.loads(meta_path.read_text())
+    from shared.training.kinds import kind_adapter
+
+    adapter = kind_adapter(get_task(meta["task"]))
+    if adapter is not None:
+        return adapter.load(d, meta)
     version = meta.get("preprocessing", {}).get("version", 1)
     if version != PREPROCESS_VERSION:
         raise ValueError(f"{d}: exported with preprocessing version {version} (the tumour crop read "
