@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--network", default="", help="override every task's network")
     ap.add_argument("--seg-weight", type=float, default=0.5, help="unet_encoder auxiliary seg loss")
+    ap.add_argument("--balance", default="weighted_loss", help="weighted_loss | sampler | none")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-seed", type=int, default=1000)
     ap.add_argument("--test-lesion-scale", type=float, default=1.25)
@@ -107,7 +108,7 @@ def main() -> None:
         cfg = TrainConfig(task=task, network=a.network or None, input_size=(a.size,) * 3,
                           epochs=a.epochs, patience=max(5, a.epochs // 3), batch_size=a.batch_size,
                           lr=a.lr, seed=a.seed, device=a.device, cache_dir=str(work / "cache"),
-                          seg_weight=a.seg_weight).resolved()
+                          seg_weight=a.seg_weight, balance=a.balance).resolved()
         t = time.perf_counter()
         model, hist = fit(spec, cfg, tr, va, progress=False, log=lambda m: print(m, flush=True))
         row = {"task": task, "network": cfg.network, "input_size": a.size,

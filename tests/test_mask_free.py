@@ -171,3 +171,8 @@ def test_mass_inside_measures_the_share_on_the_dilated_lesion():
     heat[2, 5, 5] = 4.0  # two voxels from the lesion: inside only once dilated
     assert mass_inside(heat, mask, dilate=0) == pytest.approx(3 / 8)
     assert mass_inside(heat, mask, dilate=2) == pytest.approx(7 / 8)
+
+
+def test_unknown_balance_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="weighted_loss, sampler or none"):
+        TrainConfig(task="typing", balance="oversample").resolved()

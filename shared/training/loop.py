@@ -49,7 +49,7 @@ class TrainConfig:
     cache_dir: str | None = None
     dp_compatible: bool = False
     augment: bool = True
-    balance: str = "weighted_loss"  # weighted_loss | none
+    balance: str = "weighted_loss"  # weighted_loss | sampler (class-balanced batches) | none
     patience: int = 5
     subtraction: bool = False  # rano: add the follow-up minus baseline image
     seg_weight: float = 0.5  # unet_encoder: weight of the joint segmentation loss
@@ -57,6 +57,8 @@ class TrainConfig:
     clinical: tuple[str, ...] = ()  # numeric cohort columns fused with the image features (rano)
 
     def resolved(self) -> TrainConfig:
+        if self.balance not in ("weighted_loss", "sampler", "none"):
+            raise ValueError(f"balance {self.balance!r}: choose weighted_loss, sampler or none")
         spec = get_task(self.task)
         return replace(self, network=self.network or spec.default_network,
                        input_size=tuple(self.input_size or spec.input_size))
@@ -155,7 +157,13 @@ def train_epochs(
     if privatize is None and not ds.augment and ResidentBatches.fits(ds, dev):
         loader = ResidentBatches(ds, batch, dev, cfg.seed)  # GPU: the whole set on the device
     else:  # loader workers measured slower than none for 3D volumes (IPC of large tensors)
-        loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=cfg.num_workers,
+        sampler = None
+        if cfg.balance == "sampler" and privatize is None:  # every class equally often per epoch
+            w = _class_weights(ds.labels(), spec.num_classes)[torch.tensor(ds.labels())]
+            sampler = torch.utils.data.WeightedRandomSampler(
+                w.double(), len(ds), replacement=True, generator=torch.Generator().manual_seed(cfg.seed))
+        loader = DataLoader(ds, batch_size=batch, shuffle=sampler is None, sampler=sampler,
+                            num_workers=cfg.num_workers,
                             drop_last=False, pin_memory=dev.type == "cuda",
                             persistent_workers=cfg.num_workers > 0,
                             generator=torch.Generator().manual_seed(cfg.seed))
