@@ -103,12 +103,16 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], 
     """Percentile bootstrap CI of ``metric`` (a key of :func:`classification_metrics`), resampling
     cases with replacement; resamples where the metric is undefined (a class absent) are skipped."""
     rng = np.random.default_rng(seed)
-    n = len(labels)
+    n, k = len(labels), len(classes)
+    preds = probs.argmax(1)
+    needs_scores = metric.startswith("auc")  # the others follow from the confusion matrix alone
     vals = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
         with np.errstate(all="ignore"):
-            v = classification_metrics(labels[idx], probs[idx], classes).get(metric, np.nan)
+            m = (classification_metrics(labels[idx], probs[idx], classes) if needs_scores
+                 else metrics_from_confusion(confusion(labels[idx], preds[idx], k), classes))
+            v = m.get(metric, np.nan)
         if not np.isnan(v):
             vals.append(v)
     if not vals:
