@@ -47,3 +47,20 @@ def test_pick_device_refuses_cuda_where_there_is_none(monkeypatch):
     assert pick_device("auto").type == "cpu"
     with pytest.raises(ValueError, match="CUDA is not available"):
         pick_device("cuda")
+
+
+def test_a_model_dir_from_the_seg_crop_preprocessing_is_refused(tmp_path):
+    import json
+
+    from shared.training import TrainConfig, build_task_model
+    from shared.training.bundle import export_bundle, load_bundle
+
+    spec = TASKS["grading"]
+    cfg = TrainConfig(task="grading", network="small_cnn", input_size=(8, 8, 8))
+    out = export_bundle(build_task_model(spec, cfg), spec, cfg, tmp_path / "m", {"mode": "test"})
+    meta_path = out / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["preprocessing"] = {"crop": "tumour box (x2) if seg else brain box"}  # a version-1 bundle
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="preprocessing version 1 .*retrain"):
+        load_bundle(out)
