@@ -85,7 +85,11 @@ def preprocess_session(
     nifti_loads += len(data)
     try:
         out = _chain(names, tuple(cfg.size), use_seg)(data)
-    except RuntimeError as exc:  # MONAI wraps reader/shape errors; name the files
+    except RuntimeError as exc:  # MONAI hides the reader's own error: read each file to surface it
+        import nibabel as nib
+
+        for f in data.values():
+            np.asarray(nib.load(f).dataobj)  # raises e.g. ImageFileError "... is not a gzip file"
         raise ValueError(f"cannot preprocess {', '.join(map(str, paths))}: {exc}") from exc
     x = out["image"].numpy()
     y = out["seg"].numpy()[0].astype(np.int64) if use_seg else None
