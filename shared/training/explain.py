@@ -117,7 +117,7 @@ def explain_cases(model: nn.Module, samples, spec, cfg, out: Path | None = None)
     cfg = cfg.resolved()
     ds = _dataset(samples, spec, cfg, train=False, in_channels=_first_conv_in_channels(model),
                   with_seg=True)
-    model = model.cpu().float()
+    model = model.cpu().float().eval()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     rows = []
