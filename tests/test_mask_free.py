@@ -145,7 +145,8 @@ def test_explain_works_for_every_task_network(site, tmp_path, task, network):
 
     spec = TASKS[task]
     samples, _ = select_samples(spec, read_cohort(site))
-    cfg = TrainConfig(task=task, network=network, input_size=(16, 16, 16), augment=False,
+    size = 32 if network == "densenet121" else 16  # DenseNet's four poolings need 32^3
+    cfg = TrainConfig(task=task, network=network, input_size=(size,) * 3, augment=False,
                       cache_dir=str(tmp_path / "c"))
     model = build_task_model(spec, cfg)
     if network == "unet_encoder":  # the seg head's convs must not be taken for the class path
