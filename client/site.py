@@ -8,8 +8,8 @@ file paths or images.
 from __future__ import annotations
 
 import logging
-import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from shared.contract import (
     PROXIMAL_MU,
     SCORE_HIST,
     SITE_ID,
+    SKIPPED,
     TRAIN_LOSS,
     TRAIN_SECONDS,
     is_number,
@@ -39,40 +40,93 @@ from shared.learning import learning_core, train_config_for
 log = logging.getLogger(__name__)
 
 
+ERROR_KINDS: dict[str, str] = {  # the only words an error reply may carry (plus column/count/task)
+    "no-data-path": "node config sets no data-path",
+    "cohort-unreadable": "the site's cohort.csv cannot be read",
+    "no-training-cases": "no eligible training cases for the task",
+    "no-test-cases": "no eligible test cases for the task",
+    "no-usable-cases": "every eligible case has an unusable image",
+    "model-mismatch": "the received weights do not fit the task's network",
+    "privacy-budget": "training would pass the site's max-epsilon",
+    "secagg-required": "the run asks for SecAgg+: no plain update is sent",
+    "bad-config": "the run or node config (or the site policy file) is invalid",
+    "policy-refused": "the request breaks a rule of the site's policy (site-policy.toml)",
+    "internal-error": "the site failed (details in the site's log)",
+}
+
+
 class SiteError(RuntimeError):
-    """A site cannot take part (no data, no eligible cases, bad folder): becomes an error reply."""
+    """A site cannot take part: becomes an error reply built from :data:`ERROR_KINDS` only.
+
+    ``detail`` is the full local explanation (logged at the site, never sent); ``column`` (a cohort
+    column), ``count`` and ``task`` (a task name) may travel with the kind.
+    """
+
+    def __init__(self, kind: str, detail: str = "", *, column: str | None = None,
+                 count: int | None = None, task: str | None = None) -> None:
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown site error kind {kind!r}")
+        super().__init__(detail or ERROR_KINDS[kind])
+        self.kind, self.column, self.count, self.task = kind, column, count, task
 
 
 @dataclass
 class Site:
-    """A site's eligible samples for one task, split into train and test."""
+    """A site's usable samples for one task, split into train and test."""
 
     site_id: str
     spec: Any  # shared.tasks.TaskSpec
     train: list  # list[TaskSample]
     test: list
     counts: dict[str, int]  # eligible-<split>-<class> -> count
+    skipped: int = 0  # eligible cases left out because an image is unusable (reasons in the log)
 
 
-_SITES: dict[tuple[str, str, int], Site] = {}
+_SITES: dict[tuple, Site] = {}
+
+
+def _screen(samples: list, spec: Any, run: RunConfig, node: NodeConfig) -> tuple[list, list]:
+    """Usable samples and (case_id, reason) for the others; the reasons go to the site's log only."""
+    cfg = train_config_for(run, device="cpu")  # opening the images needs no accelerator
+    if not hasattr(cfg, "resolved"):  # a stand-in learning core: nothing to screen with
+        return samples, []
+    from shared.training.screen import screen_samples
+
+    ok, skipped = screen_samples(samples, spec, cfg)
+    for cid, reason in skipped:
+        log.warning("site %s: skipped case %s: %s", node.site_id, cid, reason)
+    return ok, skipped
 
 
 def load_site(run: RunConfig, node: NodeConfig) -> Site:
-    """Read the site's cohort once per process and select the task's eligible samples."""
-    key = (node.data_path, run.task, run.seed)
+    """Read the site's cohort once per process, select the task's samples, skip unusable cases."""
+    key = (node.data_path, node.allow_outside, node.max_image_mb, run.task, run.seed,
+           run.input_size, run.cache_dir)
     if key in _SITES:
         return _SITES[key]
+    import os
+
     from shared.cohort import CohortError, read_cohort
+    from shared.imageio import set_max_image_mb
     from shared.tasks import get_task, select_samples
 
     if not node.data_path:
-        raise SiteError("node config sets no data-path")
+        raise SiteError("no-data-path")
+    set_max_image_mb(node.max_image_mb)
     spec = get_task(run.task)
     try:
-        cohort = read_cohort(node.data_path, seed=run.seed)
+        cohort = read_cohort(node.data_path, seed=run.seed,
+                             allow_outside=[p for p in node.allow_outside.split(os.pathsep) if p])
     except CohortError as err:
-        raise SiteError(str(err)) from None
+        raise SiteError("cohort-unreadable", str(err)) from None
+    for problem in cohort.errors:
+        log.warning("site %s: %s", node.site_id, problem)
     samples, _ = select_samples(spec, cohort)
+    samples, skipped = _screen(samples, spec, run, node)
+    if skipped and not samples:
+        cols = Counter(reason.split(":")[0] for _, reason in skipped)
+        raise SiteError("no-usable-cases", f"every eligible case was skipped: {skipped[0][1]}, ...",
+                        column=cols.most_common(1)[0][0], count=len(skipped))
     train = [s for s in samples if s.split in ("train", "val")]
     test = [s for s in samples if s.split == "test"]
     counts: dict[str, int] = {}
@@ -80,18 +134,29 @@ def load_site(run: RunConfig, node: NodeConfig) -> Site:
         for s in group:
             k = f"{ELIGIBLE_PREFIX}{split}-{s.label if s.label is not None else 'all'}"
             counts[k] = counts.get(k, 0) + 1
-    site = Site(node.site_id, spec, train, test, counts)
+    site = Site(node.site_id, spec, train, test, counts, len(skipped))
     _SITES[key] = site
     return site
 
 
-def obtain_privatizer(run: RunConfig, node: NodeConfig, num_samples: int) -> Any:
-    """The ``privatize=`` hook for train_epochs: opacus when the run asks for local DP, else None."""
+def load_received(model: Any, arrays: ArrayRecord, run: RunConfig) -> dict:
+    """Put the server's weights into ``model``; weights of another network are a ``model-mismatch``."""
+    state = arrays.to_torch_state_dict()
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise SiteError("model-mismatch", f"the received weights do not fit the {run.task} "
+                        f"network: {str(err).splitlines()[0][:200]}", task=run.task) from None
+    return state
+
+
+def obtain_privatizer(run: RunConfig, node: NodeConfig, num_samples: int, epochs: int) -> Any:
+    """The ``privatize=`` hook for ``epochs`` epochs: opacus when the run asks for local DP, else None."""
     if run.dp != "opacus":
         return None
-    from client.privacy import make_privatizer  # opacus is heavy: imported only when asked for
+    from client.privacy import make_privatizer
 
-    return make_privatizer(run=run, node=node, num_samples=num_samples)
+    return make_privatizer(run=run, node=node, num_samples=num_samples, epochs=epochs)
 
 
 def _device(run: RunConfig, node: NodeConfig) -> str:
@@ -103,42 +168,42 @@ def _site_config(site: Site) -> ConfigRecord:
 
 
 def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
-    """Local training from the received global weights; reply weights, example count, train metrics."""
+    """Local training from the received global weights; reply weights, example count, train metrics.
+
+    With local DP the ledger is charged for exactly the DP steps taken (``local-epochs`` x the DP
+    loader's batches), and a request that would pass ``max-epsilon`` is refused untrained.
+    """
     site = load_site(run, node)
     if not site.train:
-        raise SiteError(f"site {site.site_id} has no eligible training cases for {run.task}")
+        raise SiteError("no-training-cases", count=site.skipped, task=run.task)
     core = learning_core()
     config = content[CONFIG] if CONFIG in content else ConfigRecord()
     mu = float(config.get(PROXIMAL_MU, 0.0))
     epochs = run.local_epochs
     cfg = train_config_for(run, device=_device(run, node), epochs=epochs)
     model = core.build_model(site.spec, cfg)
-    state = content[ARRAYS].to_torch_state_dict()
-    model.load_state_dict(state)
+    state = load_received(model, content[ARRAYS], run)
     train = site.train
     if run.dp == "opacus":
         from client.privacy import one_sample_per_patient
 
         train = one_sample_per_patient(train)  # patient-level DP: one record per patient
-    privatizer = obtain_privatizer(run, node, len(train))
+    privatizer = obtain_privatizer(run, node, len(train), epochs)
     t0 = time.perf_counter()
-    res = core.train(
-        model,
-        train,
-        site.spec,
-        cfg,
-        epochs=epochs,
-        proximal_mu=mu,
-        global_state=state if mu > 0 else None,
-        privatize=privatizer,
-        progress=False,
-    )
+    try:
+        res = core.train(model, train, site.spec, cfg, epochs=epochs, proximal_mu=mu,
+                         global_state=state if mu > 0 else None, privatize=privatizer,
+                         progress=False)
+    finally:
+        if privatizer is not None:
+            privatizer.settle()  # the steps taken, also when training stopped half-way
     metrics = {f"train-{k}": float(v) for k, v in res.metrics.items() if is_number(v)}
     if privatizer is not None:
         metrics.update(privatizer.metrics())
     metrics[NUM_EXAMPLES] = int(res.num_examples)
     metrics[TRAIN_LOSS] = float(res.loss)
     metrics[TRAIN_SECONDS] = float(time.perf_counter() - t0)
+    metrics[SKIPPED] = int(site.skipped)
     return RecordDict(
         {
             ARRAYS: ArrayRecord(state_dict(model)),
@@ -149,22 +214,40 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordD
 
 
 def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
-    """Metrics of the received model on the site's own test split, plus confusion and histograms."""
+    """Metrics of the received model on the site's own test split, plus confusion and histograms.
+
+    Below ``min-report-cases`` test cases the reply carries no metric at all (the federation counts
+    the site as absent); a score histogram is sent only when every non-empty bin holds that many.
+    """
+    from client.disclosure import enough_cases, k_anonymous_rows
+
     site = load_site(run, node)
     if not site.test:
-        raise SiteError(f"site {site.site_id} has no eligible test cases for {run.task}")
+        raise SiteError("no-test-cases", count=site.skipped, task=run.task)
+    k = node.min_report_cases
+    if not enough_cases(len(site.test), k):
+        log.warning("site %s: %d test case(s) < min-report-cases %d: no evaluation metrics sent",
+                    site.site_id, len(site.test), k)
+        return RecordDict({METRICS: MetricRecord({SKIPPED: int(site.skipped)}),
+                           CONFIG: _site_config(site)})
     core = learning_core()
     cfg = train_config_for(run, device=_device(run, node))
     model = core.build_model(site.spec, cfg)
-    model.load_state_dict(content[ARRAYS].to_torch_state_dict())
+    load_received(model, content[ARRAYS], run)
     ev = core.evaluate(model, site.test, site.spec, cfg)
     metrics: dict[str, Any] = {k: float(v) for k, v in ev.metrics.items() if is_number(v)}
     metrics[NUM_EXAMPLES] = int(ev.num_examples)
+    metrics[SKIPPED] = int(site.skipped)
     if getattr(ev, "confusion", None) is not None:
         metrics[CONFUSION] = [int(x) for x in ev.confusion.reshape(-1).tolist()]
         metrics[NUM_CLASSES] = int(ev.confusion.shape[0])
-    if getattr(ev, "score_hist", None) is not None:
-        metrics[SCORE_HIST] = [int(x) for x in ev.score_hist.reshape(-1).tolist()]
+    hist = getattr(ev, "score_hist", None)
+    hist = k_anonymous_rows(hist, k) if hist is not None else None
+    if hist is not None:
+        metrics[SCORE_HIST] = [int(x) for x in hist.reshape(-1).tolist()]
+    elif getattr(ev, "score_hist", None) is not None:
+        log.warning("site %s: a class has 1..%d test cases: score histogram not sent",
+                    site.site_id, k - 1)
     return RecordDict({METRICS: MetricRecord(metrics), CONFIG: _site_config(site)})
 
 
@@ -173,14 +256,36 @@ def query_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordD
     site = load_site(run, node)
     counts: dict[str, Any] = {k: int(v) for k, v in site.counts.items()}
     counts[ELIGIBLE_TOTAL] = len(site.train)
+    counts[SKIPPED] = int(site.skipped)
     return RecordDict({ELIGIBLE: MetricRecord(counts), CONFIG: _site_config(site)})
 
 
-_PATHLIKE = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s'\"]+")
-
-
 def safe_reason(err: BaseException) -> str:
-    """An error text fit to leave the site: the exception type and message with paths removed."""
-    text = _PATHLIKE.sub("<path>", str(err))
-    return f"{type(err).__name__}: {text}"[:300]
+    """The error text that leaves the site: ``kind [column=C] [count=N] [task=T]`` or
+    ``policy-refused rule=R``, nothing else.
+
+    Built from :data:`ERROR_KINDS`, the cohort's column names and the task names only; the exception's
+    own text (paths, names, dates in folder names) stays in the site's log.
+    """
+    from client.privacy import PrivacyBudgetExceeded
+    from shared.cohort import COLUMNS
+    from shared.tasks import TASKS
+
+    if isinstance(err, SiteError):
+        parts = [err.kind]
+        column = (err.column or "").removeprefix("baseline ")
+        if column in COLUMNS:
+            parts.append(f"column={column}")
+        if isinstance(err.count, int):
+            parts.append(f"count={err.count}")
+        if err.task in TASKS:
+            parts.append(f"task={err.task}")
+        return " ".join(parts)
+    if isinstance(err, PrivacyBudgetExceeded):
+        return "privacy-budget"
+    from client.policy import RULES, PolicyRefused
+
+    if isinstance(err, PolicyRefused):
+        return f"policy-refused rule={err.rule}" if err.rule in RULES else "policy-refused"
+    return "internal-error"
 

@@ -169,7 +169,7 @@ def run_rounds(
                 row["central"] = central(arrays)
             history.append(row)
             save_checkpoint(run_dir, Checkpoint(rnd, numpy_weights(arrays), strategy_state(strategy),
-                                                rng_state(), history))
+                                                rng_state(), history), keep_last=run.keep_checkpoints)
             runlog.write(row)
             log.info("round %d (%s): %d/%d sites, pooled %s", rnd, step.label, train.replied,
                      train.sampled, fed["pooled"])
