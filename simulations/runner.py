@@ -120,9 +120,9 @@ def simulate(spec: SimulationSpec, echo: Any = print) -> Path:
     """Everything ``gliofed simulate`` does; returns the report path."""
     from server.runlog import read_rounds
     from shared.tasks import get_task
+    from server.report import write_report
     from simulations.baselines import run_baselines
     from simulations.partition import class_table
-    from simulations.report import write_report
 
     t0 = time.perf_counter()
     sites_root, cohort, part = prepare_sites(spec, echo)
@@ -130,7 +130,7 @@ def simulate(spec: SimulationSpec, echo: Any = print) -> Path:
     echo_table(table, echo)
     raw = run_config_for(spec, sites_root)
     if not RunConfig.from_flower(raw).resume:  # a fresh run must not pick up an old checkpoint
-        for stale in ("rounds.jsonl", "checkpoints/last.pt"):
+        for stale in ("rounds.jsonl", "checkpoints/last.pt", "summary.json"):
             (spec.out / stale).unlink(missing_ok=True)
         # simulated sites' privacy ledgers belong to the run: a fresh run starts with none spent
         for ledger in (spec.out / "privacy").glob("site-*.json"):
@@ -157,7 +157,13 @@ def simulate(spec: SimulationSpec, echo: Any = print) -> Path:
         "total_seconds": time.perf_counter() - t0,
     }
     (spec.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    return write_report(spec.out, summary)
+    report = write_report(spec.out, summary)
+    tracking = RunConfig.from_flower(raw).tracking_uri
+    if tracking:
+        from server.tracking import log_run
+
+        echo(f"MLflow run {log_run(spec.out, tracking)} in {tracking}")
+    return report
 
 
 def _fmt(metrics: dict[str, Any]) -> str:

@@ -1,0 +1,109 @@
+"""Following a run: the status file, the per-site round log, `gliofed report`, bootstrap CIs, MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from gliofed.cli import app
+
+
+def _rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_status_file_names_sites_by_site_id_with_states_and_reasons(finished_run):
+    status = json.loads((finished_run / "status.json").read_text())
+    assert status["state"] == "finished" and status["mode"] == "deployment"
+    sites = status["sites"]
+    assert {k: v["node_id"] for k, v in sites.items()} == {"hosp-a": 101, "hosp-b": 202,
+                                                           "node-303": 303}
+    assert sites["hosp-a"]["state"] == "done" and sites["hosp-a"]["rounds_trained"] == 2
+    assert sites["node-303"]["state"] == "failed"
+    assert "SiteError" in sites["node-303"]["reason"]
+    assert set(status["site_train"]["2"]) == {"hosp-a", "hosp-b"}
+    assert json.loads((finished_run / "run_config.json").read_text())["num-server-rounds"] == 2
+
+
+def test_sites_log_has_each_rounds_outcome_per_site_and_the_node_id_mapping(finished_run):
+    log = (finished_run / "sites.log").read_text()
+    assert "site hosp-a is node 101" in log and "site hosp-b is node 202" in log
+    assert "node-303: query failed: SiteError" in log
+    for rnd in (1, 2):
+        for site in ("hosp-a", "hosp-b"):
+            assert f"round {rnd} {site}: trained " in log
+        assert f"round {rnd} done in " in log
+    assert "2/2 sites trained" in log and log.rstrip().endswith(f"model exported to {finished_run}/model")
+
+
+def test_report_renders_a_deployed_run_with_site_ids_and_cis(finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    (run / "report.html").unlink()
+    res = CliRunner().invoke(app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    page = (run / "report.html").read_text()
+    assert "A deployed federation" in page and "hosp-a" in page and "hosp-b" in page
+    assert "bootstrap 95% CI" in page and 'href="sites.log"' in page
+    assert (run / "learning_curves.png").is_file() and not (run / "comparison.png").exists()
+    pooled = _rows(run)[-1]["pooled"]["auc"]
+    assert f"{pooled:.3f}" in page
+
+
+def test_report_and_dashboard_commands_refuse_missing_and_foreign_folders(tmp_path):
+    for cmd in ("report", "dashboard"):
+        res = CliRunner().invoke(app, [cmd, str(tmp_path / "nope")])
+        assert res.exit_code == 2 and "no such run folder" in res.output
+        res = CliRunner().invoke(app, [cmd, str(tmp_path)])
+        assert res.exit_code == 2 and "not a gliofed run folder" in res.output
+
+
+def test_bootstrap_cis_match_the_binomial_width_and_perfect_separation():
+    from server.evalci import bootstrap_cis
+
+    conf = np.array([[40, 10], [10, 40]])  # 100 cases, accuracy 0.8: binomial 95% CI ~ +-0.078
+    hist = np.zeros((2, 2, 10), dtype=np.int64)
+    hist[1, 0, 9] = 50  # positives all score high
+    hist[1, 1, 0] = 50  # negatives all score low
+    hist[0, 0, 9], hist[0, 1, 0] = 50, 50
+    ci = bootstrap_cis(conf, hist, n_boot=2000)
+    lo, hi = ci["accuracy"]
+    assert 0.70 <= lo <= 0.74 and 0.86 <= hi <= 0.90
+    assert ci["auc"] == [1.0, 1.0]
+    assert ci["balanced_accuracy"][0] < 0.8 < ci["balanced_accuracy"][1]
+
+
+def test_round_cis_pool_the_sites_counts(finished_run):
+    from server.evalci import round_cis
+
+    cis = round_cis(finished_run)
+    assert sorted(cis) == [1, 2]
+    pooled, site = cis[2]["pooled"]["accuracy"], cis[2]["sites"]["hosp-a"]["accuracy"]
+    assert pooled[1] - pooled[0] < site[1] - site[0]  # 8 pooled cases: narrower than 4 at one site
+
+
+def test_mlflow_records_config_metrics_report_and_model(finished_run, tmp_path):
+    pytest.importorskip("mlflow", reason="MLflow is the optional extra gliofed[tracking]")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = CliRunner().invoke(app, ["track", str(finished_run), "--uri", uri])
+    assert res.exit_code == 0, res.output
+    client = MlflowClient(tracking_uri=uri)
+    run = client.search_runs([client.get_experiment_by_name("gliofed").experiment_id])[0]
+    assert run.data.params["task"] == "grading" and run.data.params["num-server-rounds"] == "2"
+    assert run.data.tags["gliofed.mode"] == "deployment"
+    history = client.get_metric_history(run.info.run_id, "pooled/auc")
+    assert [m.step for m in history] == [1, 2]
+    assert history[-1].value == pytest.approx(_rows(finished_run)[-1]["pooled"]["auc"])
+    assert "site/hosp-a/train_seconds" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.html", "sites.log", "rounds.jsonl", "model", "report"} <= arts
+    model = {a.path for a in client.list_artifacts(run.info.run_id, "model/configs")}
+    assert "model/configs/metadata.json" in model
+    assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the database, not in the cwd
