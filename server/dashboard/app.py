@@ -22,6 +22,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
+    HTMLResponse,
     JSONResponse,
     PlainTextResponse,
     Response,
@@ -61,7 +62,11 @@ def create_app(run_dir: str | Path, token: str | None = None, poll_s: float = 1.
     view = RunView(run_dir)
 
     async def index(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+        # the first snapshot is in the page, so it renders before any request of its own returns
+        data = json.dumps(view.snapshot()).replace("</", "<\\/")
+        page = (STATIC / "index.html").read_text(encoding="utf-8").replace(
+            "<!--SNAPSHOT-->", f'<script id="snapshot" type="application/json">{data}</script>')
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     async def snapshot(request: Request) -> Response:
         return JSONResponse(view.snapshot(), headers={"Cache-Control": "no-store"})

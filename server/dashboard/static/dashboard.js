@@ -242,7 +242,8 @@ function connect() {
   } else {
     setInterval(poll, 3000);
   }
-  poll();
+  const first = document.getElementById("snapshot");
+  if (first) render(JSON.parse(first.textContent)); else poll();
   setInterval(() => { if (SNAP) { renderProgress(SNAP); renderSites(SNAP); } }, 1000);
 }
 
