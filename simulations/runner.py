@@ -118,9 +118,9 @@ def run_federation(spec: SimulationSpec, raw: dict[str, Any], num_sites: int) ->
 
 def simulate(spec: SimulationSpec, echo: Any = print) -> Path:
     """Everything ``gliofed simulate`` does; returns the report path."""
+    from server.report import write_report
     from server.runlog import read_rounds
     from shared.tasks import get_task
-    from server.report import write_report
     from simulations.baselines import run_baselines
     from simulations.partition import class_table
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-
-import pytest  # noqa: E402
 
 RECORDED_SITES = {101: "hosp-a", 202: "hosp-b"}
 
