@@ -92,7 +92,7 @@ def test_api_snapshot_of_a_finished_run(finished_run):
     assert snap["state"] == "finished" and snap["task"] == "grading" and snap["headline"] == "auc"
     assert [r["round"] for r in snap["rounds"]] == [1, 2] and snap["num_rounds"] == 2
     sites = snap["status"]["sites"]
-    assert sites["hosp-a"]["node_id"] == 101 and sites["node-303"]["state"] == "failed"
+    assert sites["hosp-a"]["node_id"] == "101" and sites["node-303"]["state"] == "failed"
     lo, hi = snap["cis"]["2"]["pooled"]["accuracy"]
     assert lo <= snap["rounds"][-1]["pooled"]["accuracy"] <= hi
     assert snap["best"]["round"] in (1, 2) and snap["best"]["source"] == "rounds.jsonl"
@@ -169,8 +169,8 @@ def test_browser_follows_a_running_two_site_simulation(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     sim = subprocess.Popen(
         [sys.executable, "-m", "gliofed", "simulate", "--cohort", str(cohort), "--sites", "2",
-         "--rounds", "8", "--partition", "iid", "--size", "16", "--local-epochs", "2",
-         "--no-baselines", "--out", str(out)],
+         "--rounds", "5", "--partition", "iid", "--size", "16", "--local-epochs", "1",
+         "--no-baselines", "--out", str(out), "-c", "dp=opacus", "-c", "target-epsilon=8"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True)
     try:
@@ -184,7 +184,7 @@ def test_browser_follows_a_running_two_site_simulation(tmp_path):
         text = _text(dom)
         assert 'data-site="site-0"' in dom and 'data-site="site-1"' in dom
         assert "round in progress" in text
-        assert re.search(r"rounds finished \d / 8", text)
+        assert re.search(r"rounds finished \d / 5", text)
         shown = int(re.search(r"Metrics, latest round \(round (\d+)\)", text).group(1))
         row = next(r for r in _rows(out) if r["round"] == shown)
         assert f"{row['pooled']['accuracy']:.3f}" in text
@@ -192,7 +192,10 @@ def test_browser_follows_a_running_two_site_simulation(tmp_path):
         assert sim.returncode == 0, out_text[-3000:]
         with LiveServer(out) as url:
             done = _text(chromium(url, tmp_path / "dashboard-simulation.png"))
-        assert "rounds finished 8 / 8" in done and "report.html" in done
+        assert "rounds finished 5 / 5" in done and "report.html" in done
+        status = json.loads((out / "status.json").read_text())
+        spent = status["site_train"]["5"]["site-0"]["dp-epsilon"]
+        assert f"{spent:.2f}" in done and "budget ε=8" in done  # ε per site against the budget
     finally:
         if sim.poll() is None:
             os.killpg(sim.pid, 15)

@@ -119,6 +119,8 @@ class RunView:
         if state in ("running", "waiting") and alive is False:
             state = "stopped"
             status["reason"] = "the server process has ended without finishing the run"
+        for site in (status.get("sites") or {}).values():  # 64-bit ids: exact as text in JS
+            site["node_id"] = str(site.get("node_id", ""))
         cis = self.cis()
         return _finite({
             "run_dir": str(self.dir), "name": self.dir.name, "now": time.time(),

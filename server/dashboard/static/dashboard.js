@@ -130,13 +130,19 @@ function renderCharts(snap) {
   Charts.line($("chart-learning"), series, { xlabel: "round", ylabel: key,
     ymin: bounded ? 0 : undefined, ymax: bounded ? 1 : undefined, empty: "no finished round yet" });
 
-  Charts.line($("chart-sites"), names.map((n) => ({ name: n, color: colors[n],
-    points: rounds.map((r) => [r.round, num(((r.sites || {})[n] || {})[key])]) })),
-    { xlabel: "round", ylabel: `${key}, site's test split`, ymin: bounded ? 0 : undefined,
-      ymax: bounded ? 1 : undefined, empty: "no site has evaluated yet" });
+  // a site whose test split holds one class has no AUC: fall back to balanced accuracy
+  const hasKey = rounds.some((r) => Object.values(r.sites || {}).some((m) => num(m[key]) !== null));
+  const siteKey = hasKey || !rounds.length ? key : "balanced_accuracy";
+  $("ps-metric").textContent = `(${siteKey}${siteKey !== key ? `: no site has a per-site ${key}` : ""})`;
+  const evaluated = names.filter((n) => rounds.some((r) => (r.sites || {})[n]));
+  Charts.line($("chart-sites"), evaluated.map((n) => ({ name: n, color: colors[n],
+    points: rounds.map((r) => [r.round, num(((r.sites || {})[n] || {})[siteKey])]) })),
+    { xlabel: "round", ylabel: `${siteKey}, site's test split`, ymin: siteKey === "param_mae" ? undefined : 0,
+      ymax: siteKey === "param_mae" ? undefined : 1, empty: "no site has evaluated yet" });
 
   const cats = rounds.map((r) => String(r.round));
-  const timeSeries = names.map((n) => {
+  const trained = names.filter((n) => rounds.some((r) => num((r.site_train_seconds || {})[n]) !== null));
+  const timeSeries = trained.map((n) => {
     const values = rounds.map((r) => num((r.site_train_seconds || {})[n]));
     const flags = rounds.map((r, i) => isStraggler(r.site_train_seconds || {}, values[i]));
     return { name: n, color: colors[n], values, colors: flags.map((f) => (f ? "#dc2626" : null)),
@@ -153,7 +159,7 @@ function renderCharts(snap) {
   const epsNames = Object.keys(snap.epsilon).sort();
   const budget = epsNames.length ? snap.epsilon[epsNames[0]].budget : null;
   const dp = (snap.status || {}).dp || snap.config.dp || "none";
-  Charts.bars($("chart-eps"), epsNames, [{ name: "ε spent", values: epsNames.map((n) => snap.epsilon[n].spent),
+  Charts.bars($("chart-eps"), epsNames, [{ name: "ε spent (bar colour = site)", color: "#9ca3af", values: epsNames.map((n) => snap.epsilon[n].spent),
     colors: epsNames.map((n) => colors[n]) }], { ylabel: "ε", refs: budget ? [{ value: budget, label: `budget ε=${budget}` }] : [],
     empty: dp === "none" ? "no differential privacy in this run (dp = none)"
       : dp === "central" ? "site-level DP: ε is accounted at the server (see rounds.jsonl dp)" : "no ε reported yet" });
