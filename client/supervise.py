@@ -1,11 +1,11 @@
 """Run a site daemon (the Flower SuperNode) so that stopping it stops everything it started.
 
-Why: Flower 1.41's SuperNode starts ``flower-superexec``, which starts one ``flwr-clientapp`` per task;
-each of them only watches its parent with ``os.kill(parent_pid, 0)`` (``flwr/supercore/app_utils.py``).
-When the SuperNode gets SIGTERM the SuperExec exits, but an exited process stays a zombie until its
-(new) parent reaps it, and a zombie still answers ``kill(pid, 0)``: where nothing reaps orphans (a
-container whose PID 1 is a shell or a plain program, a session without a reaping init) the
-``flwr-clientapp`` keeps training for minutes after its site was stopped.
+Why: Flower 1.41's SuperNode starts ``flower-superexec``, which starts one ``flwr-clientapp`` per task,
+all in the SuperNode's process group. Each only watches its parent with ``os.kill(parent_pid, 0)``
+(``flwr/supercore/app_utils.py``) and then raises SIGINT in itself. Measured here: after SIGTERM to a
+SuperNode, its SuperExec exited but its ``flwr-clientapp`` was still running 30 s later, retrying the
+dead SuperNode's runtime API; and an exited parent that nobody reaps stays a zombie, which still
+answers ``kill(pid, 0)``, so where orphans are not reaped the watch never fires at all.
 
 ``supervise(cmd)`` makes itself the child subreaper (Linux ``prctl``), starts ``cmd`` in a new process
 group, forwards SIGTERM/SIGINT/SIGHUP to the whole group, reaps every orphan it adopts (so the
