@@ -19,7 +19,9 @@ import json
 import math
 import os
 import socket
+import threading
 import time
+from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ from shared import records as R
 from shared.config import RunConfig
 
 STATUS_FORMAT = "gliofed-status/1"
+HEARTBEAT_PATIENCE = 2  # Flower's SuperLink: online_until = last heartbeat + 2 x heartbeat_interval
+POLL_S = 10.0  # how often the connected nodes are re-read while a round waits for replies
 ACTIVE = {"train": "training", "evaluate": "evaluating", "query": "checking"}
 DONE = {"train": "trained", "evaluate": "done", "query": "connected"}
 
@@ -62,11 +66,29 @@ def _stamp(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def _locked(method):
+    @wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def heartbeat_of(info: Any) -> float | None:
+    """Last heartbeat of a node from the SuperLink's NodeInfo (None where the grid has no such data)."""
+    until, interval = getattr(info, "online_until", 0.0), getattr(info, "heartbeat_interval", 0.0)
+    if until and interval:
+        return float(until) - HEARTBEAT_PATIENCE * float(interval)
+    return None
+
+
 class RunStatus:
     """The status file, the per-site log and the evaluation counts of one run."""
 
     def __init__(self, run: RunConfig, mode: str = "deployment") -> None:
         self.run = run
+        self.lock = threading.RLock()  # the grid poller and the round loop both update the status
         self.dir = Path(run.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "run_config.json").write_text(json.dumps(run.to_flower(), indent=1))
@@ -118,6 +140,7 @@ class RunStatus:
         site.update(state=state, reason=reason, since=time.time())
         return site
 
+    @_locked
     def learn_name(self, node: int, site_id: str) -> None:
         """A reply named its site: key the site by its site-id from now on."""
         if not site_id or self.names.get(node) == site_id:
@@ -129,12 +152,13 @@ class RunStatus:
             site.update({k: v for k, v in old.items() if k != "node_id"})
         self.log(f"site {site_id} is node {node}")
 
-    def seen(self, nodes: list[int]) -> None:
-        """The SuperLink's list of connected nodes (``grid.get_node_ids``)."""
+    @_locked
+    def seen(self, nodes: list[int], heartbeats: dict[int, float | None] | None = None) -> None:
+        """The SuperLink's connected nodes and, in a deployment, each one's last heartbeat."""
         now = time.time()
         for node in nodes:
             site = self._site(node)
-            site["last_seen"] = now
+            site["last_seen"] = (heartbeats or {}).get(node) or now
             if site["state"] == "offline":
                 self._set(node, "connected")
                 self.log(f"{self.name(node)} (node {node}) connected again")
@@ -147,6 +171,7 @@ class RunStatus:
             self.data["state"] = "running"
         self.save()
 
+    @_locked
     def sent(self, messages: list[Any], timeout: float | None) -> None:
         now = time.time()
         rnd = self.data["round"]
@@ -163,6 +188,7 @@ class RunStatus:
         self.data["state"] = "running"
         self.save()
 
+    @_locked
     def received(self, messages: list[Any], replies: list[Any], timeout: float | None) -> None:
         now = time.time()
         answered = set()
@@ -207,6 +233,7 @@ class RunStatus:
         now = time.time()
         self.data["round"].update(number=number, started=now)
 
+    @_locked
     def round_done(self, rnd: int, row: dict[str, Any]) -> None:
         """The round loop's ``on_round_end``: per-site lines, the counts file, the next round."""
         train = row.get("site_train_seconds") or {}
@@ -243,6 +270,7 @@ class RunStatus:
                 site["state"] = "connected"
         self.save()
 
+    @_locked
     def finished(self, model_dir: Path | None = None) -> None:
         self.data.update(state="finished", finished=time.time(),
                          model_dir=str(model_dir) if model_dir else None)
@@ -253,6 +281,7 @@ class RunStatus:
         self.log("run finished" + (f"; model exported to {model_dir}" if model_dir else ""))
         self.save()
 
+    @_locked
     def failed(self, err: BaseException) -> None:
         self.data.update(state="failed", reason=f"{type(err).__name__}: {err}", finished=time.time())
         self.data["round"].update(phase="failed", deadline=None)
@@ -264,21 +293,49 @@ class RunStatus:
 
 
 class StatusGrid:
-    """A Grid view that reports connected nodes, messages and replies to a :class:`RunStatus`."""
+    """A Grid view that reports connected nodes, messages and replies to a :class:`RunStatus`.
+
+    While a round waits for replies it re-reads the connected nodes every ``POLL_S`` seconds, so
+    heartbeats and sites going offline show during long local training too.
+    """
 
     def __init__(self, grid: Any, status: RunStatus) -> None:
         self._grid = grid
         self.status = status
+        self._poll = True
+
+    def _nodes(self) -> list[int]:
+        get_nodes = getattr(self._grid, "get_nodes", None)
+        if get_nodes is not None:
+            infos = list(get_nodes())
+            nodes = [int(i.node_id) for i in infos]
+            self.status.seen(nodes, {int(i.node_id): heartbeat_of(i) for i in infos})
+        else:
+            nodes = list(self._grid.get_node_ids())
+            self.status.seen(nodes)
+        return nodes
 
     def get_node_ids(self) -> list[int]:
-        nodes = list(self._grid.get_node_ids())
-        self.status.seen(nodes)
-        return nodes
+        return self._nodes()
+
+    def _poller(self, done: threading.Event) -> None:
+        while not done.wait(POLL_S) and self._poll:
+            try:
+                self._nodes()
+            except Exception:  # noqa: BLE001 - a view must never break the run: stop polling
+                self._poll = False
 
     def send_and_receive(self, messages, *, timeout: float | None = None):
         messages = list(messages)
         self.status.sent(messages, timeout)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        done = threading.Event()
+        poller = threading.Thread(target=self._poller, args=(done,), daemon=True)
+        poller.start()
+        try:
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        finally:
+            done.set()
+            poller.join(timeout=POLL_S)
         self.status.received(messages, replies, timeout)
         return replies
 
