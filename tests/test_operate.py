@@ -107,3 +107,30 @@ def test_mlflow_records_config_metrics_report_and_model(finished_run, tmp_path):
     model = {a.path for a in client.list_artifacts(run.info.run_id, "model/configs")}
     assert "model/configs/metadata.json" in model
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the database, not in the cwd
+
+
+def test_heartbeats_come_from_the_superlink_and_a_vanished_node_goes_offline(tmp_path):
+    from types import SimpleNamespace
+
+    from server.status import RunStatus
+    from shared.config import RunConfig
+
+    class Grid:  # what Flower's deployment grid answers: NodeInfo with online_until and interval
+        nodes = [SimpleNamespace(node_id=7, online_until=1000.0, heartbeat_interval=30.0),
+                 SimpleNamespace(node_id=8, online_until=1020.0, heartbeat_interval=30.0)]
+
+        def get_nodes(self):
+            return list(self.nodes)
+
+    status = RunStatus(RunConfig(run_dir=str(tmp_path), min_available_nodes=2))
+    grid = status.watch(Grid())
+    assert grid.get_node_ids() == [7, 8]
+    assert status.data["state"] == "running"
+    assert status.data["sites"]["node-7"]["last_seen"] == 940.0  # 1000 - 2 x 30 s
+    status.learn_name(8, "hosp-b")
+    Grid.nodes = Grid.nodes[:1]
+    grid.get_node_ids()
+    saved = json.loads((tmp_path / "status.json").read_text())
+    assert saved["sites"]["hosp-b"]["state"] == "offline"
+    assert saved["sites"]["hosp-b"]["reason"] == "not connected to the SuperLink"
+    assert "hosp-b (node 8) is offline" in (tmp_path / "sites.log").read_text()
