@@ -97,7 +97,18 @@ def test_api_snapshot_of_a_finished_run(finished_run):
     assert lo <= snap["rounds"][-1]["pooled"]["accuracy"] <= hi
     assert snap["best"]["round"] in (1, 2) and snap["best"]["source"] == "rounds.jsonl"
     assert snap["links"] == {"report": True, "model": True, "sites_log": True}
-    assert {c["name"] for c in snap["checkpoints"]} >= {"last.pt"}
+    assert any(c["name"].startswith("round-0002") and c["bytes"] > 0 for c in snap["checkpoints"])
+
+
+def test_best_round_is_the_servers_selection_when_it_wrote_one(finished_run, tmp_path):
+    from server.dashboard.data import RunView
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "checkpoints" / "best.json").write_text('{"round": 1}')
+    best = RunView(run).snapshot()["best"]
+    assert best["round"] == 1 and best["source"] == "checkpoints/best.json"
+    assert best["value"] == _rows(run)[0]["pooled"]["auc"]
 
 
 def test_files_are_served_read_only_and_only_from_the_run_folder(finished_run):

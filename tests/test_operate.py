@@ -116,21 +116,44 @@ def test_heartbeats_come_from_the_superlink_and_a_vanished_node_goes_offline(tmp
     from shared.config import RunConfig
 
     class Grid:  # what Flower's deployment grid answers: NodeInfo with online_until and interval
-        nodes = [SimpleNamespace(node_id=7, online_until=1000.0, heartbeat_interval=30.0),
-                 SimpleNamespace(node_id=8, online_until=1020.0, heartbeat_interval=30.0)]
+        def __init__(self) -> None:
+            self.nodes = [SimpleNamespace(node_id=7, online_until=1000.0, heartbeat_interval=30.0),
+                          SimpleNamespace(node_id=8, online_until=1020.0, heartbeat_interval=30.0)]
 
         def get_nodes(self):
             return list(self.nodes)
 
     status = RunStatus(RunConfig(run_dir=str(tmp_path), min_available_nodes=2))
-    grid = status.watch(Grid())
+    fake = Grid()
+    grid = status.watch(fake)
     assert grid.get_node_ids() == [7, 8]
     assert status.data["state"] == "running"
     assert status.data["sites"]["node-7"]["last_seen"] == 940.0  # 1000 - 2 x 30 s
     status.learn_name(8, "hosp-b")
-    Grid.nodes = Grid.nodes[:1]
+    fake.nodes = fake.nodes[:1]
     grid.get_node_ids()
     saved = json.loads((tmp_path / "status.json").read_text())
     assert saved["sites"]["hosp-b"]["state"] == "offline"
     assert saved["sites"]["hosp-b"]["reason"] == "not connected to the SuperLink"
     assert "hosp-b (node 8) is offline" in (tmp_path / "sites.log").read_text()
+
+
+def test_a_deployed_run_with_tracking_uri_records_itself_at_the_end(finished_run, tmp_path):
+    pytest.importorskip("mlflow", reason="MLflow is the optional extra gliofed[tracking]")
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from server.app import finish
+    from server.status import RunStatus
+    from shared.config import RunConfig
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = RunConfig(run_dir=str(run_dir), tracking_uri=uri, resume=True)
+    finish(run, RunStatus(run), run_dir / "model")  # what serve() does after the last round
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("gliofed").experiment_id])
+    assert [r.data.tags["gliofed.run_dir"] for r in runs] == [str(run_dir.resolve())]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"

@@ -160,16 +160,15 @@ def epsilon_by_site(status: dict[str, Any], config: dict[str, Any]) -> dict[str,
 
 
 def best_round(rounds: list[dict[str, Any]], key: str, run_dir: Path) -> dict[str, Any] | None:
-    """The selected best round: a checkpoint selection file if the server wrote one, else the round
-    with the best headline metric (server test set when present, else pooled)."""
-    for name in ("best.json", "best_round.json"):
-        sel = _json(run_dir / "checkpoints" / name)
-        if sel.get("round"):
-            return {"round": int(sel["round"]), "metric": sel.get("metric", key),
-                    "value": sel.get("value"), "source": f"checkpoints/{name}"}
+    """The selected best round: the one ``checkpoints/best.json`` names when the server selected one,
+    else the round with the best headline metric (server test set when present, else pooled)."""
     group = "central" if any(r.get("central") for r in rounds) else "pooled"
-    scored = [(r["round"], (r.get(group) or {}).get(key)) for r in rounds]
-    scored = [(n, v) for n, v in scored if isinstance(v, (int, float)) and math.isfinite(v)]
+    values = {r["round"]: (r.get(group) or {}).get(key) for r in rounds}
+    sel = _json(run_dir / "checkpoints" / "best.json")
+    if isinstance(sel.get("round"), int):
+        return {"round": sel["round"], "metric": f"{group} {key}", "value": values.get(sel["round"]),
+                "source": "checkpoints/best.json"}
+    scored = [(n, v) for n, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)]
     if not scored:
         return None
     pick = min if key in LOWER_IS_BETTER else max
@@ -178,7 +177,15 @@ def best_round(rounds: list[dict[str, Any]], key: str, run_dir: Path) -> dict[st
 
 
 def checkpoints(run_dir: Path) -> list[dict[str, Any]]:
+    """The checkpoints kept: ``round-NNNN.pt`` files or ``round-NNNN/`` folders, with their sizes."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    return [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(folder.glob("*.pt"))]
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix == ".pt":
+            out.append({"name": p.name, "bytes": p.stat().st_size})
+        elif p.is_dir() and p.name.startswith("round-"):
+            out.append({"name": p.name, "bytes": sum(f.stat().st_size for f in p.rglob("*")
+                                                     if f.is_file())})
+    return out
