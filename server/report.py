@@ -70,7 +70,8 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
         for i, (name, r) in enumerate(sorted(base["local"].items())):
             ax.axhline(_num(r["final"].get(key)), ls=":", lw=1, color=f"C{3 + i % 6}",
                        label=f"local-only {name} (final)")
-    ax.set(xlabel="round (baselines: after the same number of local epochs)", ylabel=f"{key} on pooled test set",
+    ax.set(xlabel="round (baselines: after the same number of local epochs)" if base else "round",
+           ylabel=f"{key} on pooled test set",
            title="Learning curves")
     ax.set_xticks(xs)
     ax.legend(fontsize=7, loc="lower right")

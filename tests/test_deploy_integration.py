@@ -132,7 +132,7 @@ def federation(tmp_path: Path):
 def _run(procs: Procs, app: Path, run_dir: Path, rounds: int, extra: str = "") -> subprocess.CompletedProcess:
     cfg = (f"num-server-rounds={rounds} run-dir='{run_dir}' input-size=16 network='small_cnn' "
            f"min-available-nodes=2 quorum-timeout=20 round-timeout=120 batch-size=4 {extra}")
-    return procs.flwr("run", str(app), "hospital-net", "--stream", "-c", cfg, timeout=420)
+    return procs.flwr("run", str(app), "hospital-net", "--stream", "-c", cfg, timeout=900)
 
 
 def _session(sid: int) -> list[str]:
