@@ -192,8 +192,13 @@ class RunStatus:
     def received(self, messages: list[Any], replies: list[Any], timeout: float | None) -> None:
         now = time.time()
         answered = set()
+        # a reply names the message it answers; the SuperLink's own error replies (node unavailable)
+        # come from its node id 1, not from the site, so the site is the one the message went to
+        sent_to = {mid: m.metadata.dst_node_id for m in messages
+                   if (mid := getattr(m.metadata, "message_id", ""))}
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = sent_to.get(getattr(reply.metadata, "reply_to_message_id", "") or "",
+                               reply.metadata.src_node_id)
             answered.add(node)
             kind = _kind(reply.metadata.message_type)
             if reply.has_error():

@@ -157,3 +157,26 @@ def test_a_deployed_run_with_tracking_uri_records_itself_at_the_end(finished_run
     runs = client.search_runs([client.get_experiment_by_name("gliofed").experiment_id])
     assert [r.data.tags["gliofed.run_dir"] for r in runs] == [str(run_dir.resolve())]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+def test_the_superlinks_error_reply_is_booked_to_the_site_the_message_went_to(tmp_path):
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.status import RunStatus
+    from shared.config import RunConfig
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # the ServerApp's
+    status = RunStatus(RunConfig(run_dir=str(tmp_path)))
+    status.learn_name(4242, "hosp-b")
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), dst_node_id=4242,
+                  message_type="train")
+    msg.metadata.__dict__["_message_id"] = "m-1"  # what the grid sets when it pushes the message
+    TaskIdentity.node_id = 1  # the SuperLink (node 1) answers for an unavailable node
+    reply = Message(Error(code=0, reason="Node Unavailable"), reply_to=msg)
+    TaskIdentity.node_id = 0
+    status.received([msg], [reply], timeout=60)
+    site = status.data["sites"]["hosp-b"]
+    assert (site["state"], site["reason"]) == ("failed", "Node Unavailable")
+    assert "node-1" not in status.data["sites"]
+    assert "round None hosp-b: train failed: Node Unavailable" in (tmp_path / "sites.log").read_text()
