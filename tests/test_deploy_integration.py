@@ -196,7 +196,7 @@ def test_tls_federation_with_authenticated_sites(federation, tmp_path: Path) -> 
     # Killing one site mid-run: the run finishes with the other (quorum deadline + round timeout).
     run2 = tmp_path / "run2"
     cfg = (f"num-server-rounds=3 run-dir='{run2}' input-size=16 network='small_cnn' "
-           "min-available-nodes=2 quorum-timeout=5 round-timeout=60 batch-size=4")
+           "min-available-nodes=2 quorum-timeout=5 round-timeout=180 batch-size=4")
     runner = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "hospital-net", "--stream", "-c", cfg],
                               cwd=tmp_path, env=procs.env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
