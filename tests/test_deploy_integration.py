@@ -203,7 +203,7 @@ def test_tls_federation_with_authenticated_sites(federation, tmp_path: Path) -> 
     procs.procs["run2"] = runner
     wait_for(lambda: len(_rounds(run2)) >= 1, 300, "round 1 of the second run")
     procs.stop("hosp-b")
-    out, _ = runner.communicate(timeout=400)
+    out, _ = runner.communicate(timeout=900)
     assert runner.returncode == 0, out[-3000:]
     rows = _rounds(run2)
     assert [x["round"] for x in rows] == [1, 2, 3]
