@@ -288,9 +288,19 @@ class RunStatus:
 
     @_locked
     def failed(self, err: BaseException) -> None:
-        self.data.update(state="failed", reason=f"{type(err).__name__}: {err}", finished=time.time())
-        self.data["round"].update(phase="failed", deadline=None)
-        self.log(f"run failed: {type(err).__name__}: {err}")
+        """The run ended without finishing: ``stopped`` (flwr stop, a signal) or ``failed``."""
+        now = time.time()
+        if isinstance(err, (SystemExit, KeyboardInterrupt)):
+            state, reason = "stopped", "the server process was stopped (flwr stop or a signal)"
+        else:
+            state, reason = "failed", f"{type(err).__name__}: {err}"
+        self.data.update(state=state, reason=reason, finished=now)
+        self.data["round"].update(phase=state, deadline=None)
+        for site in self.data["sites"].values():
+            if site["state"] in ACTIVE.values():
+                site.update(state="stopped", reason=f"run {state} while the site was {site['state']}",
+                            since=now)
+        self.log(f"run {state}: {reason}")
         self.save()
 
     def watch(self, grid: Any) -> StatusGrid:

@@ -211,8 +211,12 @@ def test_tls_federation_with_authenticated_sites(federation, tmp_path: Path) -> 
     assert (run2 / "model" / "models" / "model.pt").is_file()
     assert "hosp-b (node " in (run2 / "sites.log").read_text()  # the killed site went offline
 
-    # `flwr stop` on a run whose sites are training, then the sites stop their daemons (SIGTERM to
-    # the supervisor only, as systemd or `docker stop` would): no site process may be left behind.
+
+def test_a_stopped_run_leaves_no_process_at_the_sites(federation, tmp_path: Path) -> None:
+    """`flwr stop` on a run whose sites are training, then the sites stop their daemons (SIGTERM to
+    the supervisor only, as systemd or `docker stop` would): no site process may be left behind."""
+    procs, app, _keys, start_site = federation
+    start_site("hosp-a")
     start_site("hosp-b")
     run3 = tmp_path / "run3"
     cfg = (f"num-server-rounds=3 run-dir='{run3}' input-size=16 network='small_cnn' "
@@ -228,6 +232,7 @@ def test_tls_federation_with_authenticated_sites(federation, tmp_path: Path) -> 
 
     wait_for(lambda: RunView(run3).snapshot()["state"] == "stopped", 120,
              "the dashboard to show run 3 stopped")
+    assert "run stopped" in (run3 / "sites.log").read_text()
     for site in ("hosp-a", "hosp-b"):
         supervisor = procs.procs.pop(site)
         supervisor.send_signal(signal.SIGTERM)

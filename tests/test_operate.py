@@ -180,3 +180,19 @@ def test_the_superlinks_error_reply_is_booked_to_the_site_the_message_went_to(tm
     assert (site["state"], site["reason"]) == ("failed", "Node Unavailable")
     assert "node-1" not in status.data["sites"]
     assert "round None hosp-b: train failed: Node Unavailable" in (tmp_path / "sites.log").read_text()
+
+
+def test_a_run_ended_by_a_signal_is_stopped_and_an_exception_is_failed(tmp_path):
+    from server.status import RunStatus
+    from shared.config import RunConfig
+
+    status = RunStatus(RunConfig(run_dir=str(tmp_path / "a")))
+    status.data["sites"]["hosp-a"] = {"node_id": 5, "state": "training", "reason": ""}
+    status.failed(SystemExit(0))  # what flwr stop does to the ServerApp process
+    assert status.data["state"] == "stopped"
+    assert status.data["sites"]["hosp-a"]["state"] == "stopped"
+    other = RunStatus(RunConfig(run_dir=str(tmp_path / "b")))
+    other.failed(RuntimeError("round 1: no connected site has eligible data"))
+    saved = json.loads((tmp_path / "b" / "status.json").read_text())
+    assert (saved["state"], saved["reason"]) == (
+        "failed", "RuntimeError: round 1: no connected site has eligible data")
