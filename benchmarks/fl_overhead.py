@@ -35,7 +35,7 @@ def main() -> None:
 
     rows = [json.loads(x) for x in (args.out / "rounds.jsonl").read_text().splitlines()]
     slots = min(args.sites, os.cpu_count() or 1)
-    cfg_bytes = ConfigRecord({"local-epochs": 1, "task": "grading", "server-round": 1}).count_bytes()
+    cfg_bytes = ConfigRecord({"server-round": 1}).count_bytes()  # what the strategy adds to each
     print("round  wall_s  slowest_site_s  overhead%  ideal_s  overhead_vs_ideal%  train_sent  "
           "expected  train_recv  model_bytes")
     for r in rows:

@@ -1,15 +1,17 @@
 """Flower ClientApp: one app for every task; the run config's ``task`` says which.
 
-Thin wiring only: parse the configs, call ``client.site``, and turn any failure into an error reply so
-one broken site never crashes the federation. ``make_client_app(defaults)`` exists because
-``flwr.simulation.run_simulation`` hands apps an empty run config: the simulation runner bakes its run
-config in as defaults, which ``flwr run`` / ``-c`` values still override. With ``secagg = true`` the
-train messages of Flower's SecAgg+ protocol go to the legacy app of ``client/secagg.py`` (same trainer),
-and a plain train request is refused so the site never sends a lone update.
+Thin wiring only: take the configs (parsed once per process, ``client.site.site_configs``), call
+``client.site``, and turn any failure into an error reply so one broken site never crashes the
+federation. ``make_client_app(defaults)`` exists because ``flwr.simulation.run_simulation`` hands apps
+an empty run config: the simulation runner bakes its run config in as defaults, which ``flwr run`` /
+``-c`` values still override. With ``secagg = true`` the train messages of Flower's SecAgg+ protocol go
+to the legacy app of ``client/secagg.py`` (same trainer), and a plain train request is refused so the
+site never sends a lone update.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,21 +19,41 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.secagg import is_secagg_message, make_secagg_client_app, train_unmasked
-from client.site import evaluate_site, query_site, safe_reason
+from client.secagg import is_secagg_message, make_secagg_client_app
+from client.site import SiteError, evaluate_site, query_site, safe_reason, train_site
 from shared.config import NodeConfig, RunConfig
 
 log = logging.getLogger(__name__)
 SITE_ERROR_CODE = 4242  # an application error raised by the site's handler
 
 
-def reply(
-    msg: Message, ctx: Context, handler: Callable[..., RecordDict], defaults: Mapping[str, Any]
-) -> Message:
+def site_configs(ctx: Context, base: RunConfig,
+                 node_base: Mapping[str, Any] | None = None) -> tuple[RunConfig, NodeConfig]:
+    """The typed configs of a message's context: ``base`` with Flower's run config on top, and the node
+    config over ``node_base``; parsed once per process for each distinct context (every message of a
+    run shares it)."""
+    return _parse(base, tuple(sorted(ctx.run_config.items())),
+                  tuple(sorted({**(node_base or {}), **ctx.node_config}.items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse(base: RunConfig, run_items: tuple, node_items: tuple) -> tuple[RunConfig, NodeConfig]:
+    run = base.overridden(dict(run_items))
+    return run, NodeConfig.from_flower(dict(node_items), run)
+
+
+def train_plain(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
+    """A plain train request; refused when the run asks for SecAgg+ (never send a lone update)."""
+    if run.secagg:
+        raise SiteError("run config sets secagg = true: this site sends its update only masked "
+                        "(SecAgg+), not in a plain train reply")
+    return train_site(content, run, node)
+
+
+def reply(msg: Message, ctx: Context, handler: Callable[..., RecordDict], base: RunConfig) -> Message:
     """Run ``handler`` on the message; a raised exception becomes an error reply without paths."""
     try:
-        run = RunConfig.from_flower({**defaults, **dict(ctx.run_config)})
-        node = NodeConfig.from_flower(ctx.node_config, run)
+        run, node = site_configs(ctx, base)
         return Message(handler(msg.content, run, node), reply_to=msg)
     except Exception as err:
         log.warning("site handler failed: %s", err, exc_info=True)
@@ -58,17 +80,17 @@ def central_dp_clipping_mod(msg: Message, ctx: Context, call_next: Callable) -> 
     return call_next(msg, ctx)
 
 
-def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose run config falls back to ``defaults`` (flat kebab-case keys)."""
-    base = dict(defaults or {})
+def make_client_app(defaults: RunConfig | Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config falls back to ``defaults`` (a RunConfig or flat kebab-case keys)."""
+    base = defaults if isinstance(defaults, RunConfig) else RunConfig.from_flower(defaults)
     client_app = ClientApp()
-    secagg_app = make_secagg_client_app(base)
+    secagg_app = make_secagg_client_app(lambda ctx: site_configs(ctx, base))
 
     @client_app.train(mods=[central_dp_clipping_mod])
     def train(msg: Message, ctx: Context) -> Message:
         if is_secagg_message(msg):
             return delegate(secagg_app, msg, ctx)
-        return reply(msg, ctx, train_unmasked, base)
+        return reply(msg, ctx, train_plain, base)
 
     @client_app.evaluate()
     def evaluate(msg: Message, ctx: Context) -> Message:

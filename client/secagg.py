@@ -13,34 +13,27 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client import Client, NumPyClient
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.site import SiteError, train_site
-from shared import records as R
-from shared.config import NodeConfig, RunConfig, learning_core, train_config_for
+from client.site import train_site
+from shared.config import NodeConfig, RunConfig
+from shared.contract import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE_ID, is_number, state_dict
+from shared.learning import learning_core, train_config_for
 
 log = logging.getLogger(__name__)
 
 
 def is_secagg_message(msg: Message) -> bool:
     """True for the messages of Flower's SecAgg+ protocol (they carry its config record)."""
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-
     return RECORD_KEY_CONFIGS in msg.content.config_records
-
-
-def train_unmasked(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
-    """A plain train request; refused when the run asks for SecAgg+ (never send a lone update)."""
-    if run.secagg:
-        raise SiteError("run config sets secagg = true: this site sends its update only masked "
-                        "(SecAgg+), not in a plain train reply")
-    return train_site(content, run, node)
 
 
 @functools.lru_cache(maxsize=8)
@@ -63,26 +56,22 @@ class SiteClient(NumPyClient):
         if len(keys) != len(parameters):
             raise ValueError(f"received {len(parameters)} arrays, the {self.run.task} model has "
                              f"{len(keys)}")
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(p)) for k, p in zip(keys, parameters)})
-        content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(dict(config))})
+        arrays = ArrayRecord(state_dict(dict(zip(keys, parameters, strict=True))))
+        content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(dict(config))})
         out = train_site(content, self.run, self.node)
-        local = out[R.ARRAYS]
+        local = out[ARRAYS]
         update = [local[k].numpy().astype(np.float64) - np.asarray(p, dtype=np.float64)
                   for k, p in zip(keys, parameters)]
-        metrics: dict[str, Any] = {k: v for k, v in out[R.METRICS].items()
-                                   if isinstance(v, (int, float))}
-        metrics[R.SITE_ID] = str(out[R.CONFIG][R.SITE_ID])
-        return update, int(metrics[R.NUM_EXAMPLES]), metrics
+        metrics: dict[str, Any] = {k: v for k, v in out[METRICS].items() if is_number(v)}
+        metrics[SITE_ID] = str(out[CONFIG][SITE_ID])
+        return update, int(metrics[NUM_EXAMPLES]), metrics
 
 
-def make_secagg_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
-    """A legacy ClientApp behind ``secaggplus_mod``; call it with (message, context)."""
-    from flwr.client.mod import secaggplus_mod
-
-    base = dict(defaults or {})
+def make_secagg_client_app(configs: Callable[[Context], tuple[RunConfig, NodeConfig]]) -> ClientApp:
+    """A legacy ClientApp behind ``secaggplus_mod``; call it with (message, context). ``configs``
+    gives the typed run and node configs of a context (``client.app.site_configs``)."""
 
     def client_fn(context: Context) -> Client:
-        run = RunConfig.from_flower({**base, **dict(context.run_config)})
-        return SiteClient(run, NodeConfig.from_flower(context.node_config, run)).to_client()
+        return SiteClient(*configs(context)).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])

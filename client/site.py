@@ -15,8 +15,26 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from shared import records as R
-from shared.config import NodeConfig, RunConfig, learning_core, train_config_for
+from shared.config import NodeConfig, RunConfig
+from shared.contract import (
+    ARRAYS,
+    CONFIG,
+    CONFUSION,
+    ELIGIBLE,
+    ELIGIBLE_PREFIX,
+    ELIGIBLE_TOTAL,
+    METRICS,
+    NUM_CLASSES,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SCORE_HIST,
+    SITE_ID,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    is_number,
+    state_dict,
+)
+from shared.learning import learning_core, train_config_for
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +78,18 @@ def load_site(run: RunConfig, node: NodeConfig) -> Site:
     counts: dict[str, int] = {}
     for split, group in (("train", train), ("test", test)):
         for s in group:
-            k = f"{R.ELIGIBLE_PREFIX}{split}-{s.label if s.label is not None else 'all'}"
+            k = f"{ELIGIBLE_PREFIX}{split}-{s.label if s.label is not None else 'all'}"
             counts[k] = counts.get(k, 0) + 1
     site = Site(node.site_id, spec, train, test, counts)
     _SITES[key] = site
     return site
 
 
-def state_from_arrays(arrays: ArrayRecord) -> dict:
-    return arrays.to_torch_state_dict()
-
-
-def arrays_from_model(model: Any) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-
-
 def obtain_privatizer(run: RunConfig, node: NodeConfig, num_samples: int) -> Any:
     """The ``privatize=`` hook for train_epochs: opacus when the run asks for local DP, else None."""
     if run.dp != "opacus":
         return None
-    from client.privacy import make_privatizer  # written by the privacy work
+    from client.privacy import make_privatizer  # opacus is heavy: imported only when asked for
 
     return make_privatizer(run=run, node=node, num_samples=num_samples)
 
@@ -89,7 +99,7 @@ def _device(run: RunConfig, node: NodeConfig) -> str:
 
 
 def _site_config(site: Site) -> ConfigRecord:
-    return ConfigRecord({R.SITE_ID: site.site_id, R.TASK: site.spec.name})
+    return ConfigRecord({SITE_ID: site.site_id})
 
 
 def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
@@ -98,12 +108,12 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordD
     if not site.train:
         raise SiteError(f"site {site.site_id} has no eligible training cases for {run.task}")
     core = learning_core()
-    config = content[R.CONFIG] if R.CONFIG in content else ConfigRecord()
-    mu = float(config.get(R.PROXIMAL_MU, 0.0))
-    epochs = int(config.get("local-epochs", run.local_epochs))
+    config = content[CONFIG] if CONFIG in content else ConfigRecord()
+    mu = float(config.get(PROXIMAL_MU, 0.0))
+    epochs = run.local_epochs
     cfg = train_config_for(run, device=_device(run, node), epochs=epochs)
     model = core.build_model(site.spec, cfg)
-    state = state_from_arrays(content[R.ARRAYS])
+    state = content[ARRAYS].to_torch_state_dict()
     model.load_state_dict(state)
     train = site.train
     if run.dp == "opacus":
@@ -123,17 +133,17 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordD
         privatize=privatizer,
         progress=False,
     )
-    metrics = {f"train-{k}": float(v) for k, v in res.metrics.items() if _is_number(v)}
+    metrics = {f"train-{k}": float(v) for k, v in res.metrics.items() if is_number(v)}
     if privatizer is not None:
         metrics.update(privatizer.metrics())
-    metrics[R.NUM_EXAMPLES] = int(res.num_examples)
-    metrics[R.TRAIN_LOSS] = float(res.loss)
-    metrics[R.TRAIN_SECONDS] = float(time.perf_counter() - t0)
+    metrics[NUM_EXAMPLES] = int(res.num_examples)
+    metrics[TRAIN_LOSS] = float(res.loss)
+    metrics[TRAIN_SECONDS] = float(time.perf_counter() - t0)
     return RecordDict(
         {
-            R.ARRAYS: arrays_from_model(model),
-            R.METRICS: MetricRecord(metrics),
-            R.CONFIG: _site_config(site),
+            ARRAYS: ArrayRecord(state_dict(model)),
+            METRICS: MetricRecord(metrics),
+            CONFIG: _site_config(site),
         }
     )
 
@@ -146,24 +156,24 @@ def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> Reco
     core = learning_core()
     cfg = train_config_for(run, device=_device(run, node))
     model = core.build_model(site.spec, cfg)
-    model.load_state_dict(state_from_arrays(content[R.ARRAYS]))
+    model.load_state_dict(content[ARRAYS].to_torch_state_dict())
     ev = core.evaluate(model, site.test, site.spec, cfg)
-    metrics: dict[str, Any] = {k: float(v) for k, v in ev.metrics.items() if _is_number(v)}
-    metrics[R.NUM_EXAMPLES] = int(ev.num_examples)
+    metrics: dict[str, Any] = {k: float(v) for k, v in ev.metrics.items() if is_number(v)}
+    metrics[NUM_EXAMPLES] = int(ev.num_examples)
     if getattr(ev, "confusion", None) is not None:
-        metrics[R.CONFUSION] = [int(x) for x in ev.confusion.reshape(-1).tolist()]
-        metrics[R.NUM_CLASSES] = int(ev.confusion.shape[0])
+        metrics[CONFUSION] = [int(x) for x in ev.confusion.reshape(-1).tolist()]
+        metrics[NUM_CLASSES] = int(ev.confusion.shape[0])
     if getattr(ev, "score_hist", None) is not None:
-        metrics[R.SCORE_HIST] = [int(x) for x in ev.score_hist.reshape(-1).tolist()]
-    return RecordDict({R.METRICS: MetricRecord(metrics), R.CONFIG: _site_config(site)})
+        metrics[SCORE_HIST] = [int(x) for x in ev.score_hist.reshape(-1).tolist()]
+    return RecordDict({METRICS: MetricRecord(metrics), CONFIG: _site_config(site)})
 
 
 def query_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
     """Eligible case counts per split and class for the run's task (no ids, only counts)."""
     site = load_site(run, node)
     counts: dict[str, Any] = {k: int(v) for k, v in site.counts.items()}
-    counts[R.ELIGIBLE_TOTAL] = len(site.train)
-    return RecordDict({R.ELIGIBLE: MetricRecord(counts), R.CONFIG: _site_config(site)})
+    counts[ELIGIBLE_TOTAL] = len(site.train)
+    return RecordDict({ELIGIBLE: MetricRecord(counts), CONFIG: _site_config(site)})
 
 
 _PATHLIKE = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s'\"]+")
@@ -174,6 +184,3 @@ def safe_reason(err: BaseException) -> str:
     text = _PATHLIKE.sub("<path>", str(err))
     return f"{type(err).__name__}: {text}"[:300]
 
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)

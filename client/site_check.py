@@ -2,13 +2,15 @@
 
 ``check_site(site_dir)`` returns a :class:`SiteReport`: all problems (one line each, naming the file and
 the reason), and a per-task summary of usable cases and class counts per split. Image checks run in
-parallel over cores; one bad file never stops the check of the others.
+parallel over cores; one bad file never stops the check of the others. Nothing here prints: the CLI
+(``gliofed site check``) renders the report and draws the progress bar from the ``progress`` callback.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,30 +223,26 @@ def _pool_context():
     return multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
 
 
-def _run_image_checks(items: list[tuple[str, str]], workers: int, progress: bool) -> list[ImageInfo]:
-    """Check every (path, column) in chunks over a process pool, with a progress bar when asked."""
-    from contextlib import nullcontext
-
-    from rich.console import Console
-    from rich.progress import Progress
-
+def _run_image_checks(items: list[tuple[str, str]], workers: int,
+                      progress: Callable[[int, int], None] | None) -> list[ImageInfo]:
+    """Check every (path, column) in chunks over a process pool; ``progress(done, total)`` after each
+    chunk (first called once the pool's workers exist, so a caller may start a display thread then)."""
     n_chunks = max(1, len(items) // 25) if workers <= 1 else max(workers * 4, len(items) // 25)
     chunks = [c for c in (items[i::n_chunks] for i in range(n_chunks)) if c]
     pool = None
     if workers > 1 and len(items) > 40:
-        # Start the workers before the progress bar's refresh thread exists (fork is then safe).
+        # Start the workers before any progress display thread exists (fork is then safe).
         pool = ProcessPoolExecutor(workers, mp_context=_pool_context())
         list(pool.map(int, range(workers)))
-    bar = (Progress(console=Console(stderr=True), transient=True) if progress else nullcontext())
     infos: list[ImageInfo] = []
     try:
-        with bar:
-            task = bar.add_task("checking images", total=len(items)) if progress else None
-            results = pool.map(_check_chunk, chunks) if pool else map(_check_chunk, chunks)
-            for res in results:
-                infos.extend(res)
-                if progress:
-                    bar.advance(task, len(res))
+        if progress is not None:
+            progress(0, len(items))
+        results = pool.map(_check_chunk, chunks) if pool else map(_check_chunk, chunks)
+        for res in results:
+            infos.extend(res)
+            if progress is not None:
+                progress(len(infos), len(items))
     finally:
         if pool:
             pool.shutdown()
@@ -252,11 +250,11 @@ def _run_image_checks(items: list[tuple[str, str]], workers: int, progress: bool
 
 
 def check_site(site_dir: str | Path, workers: int | None = None,
-               progress: bool = False) -> SiteReport:
+               progress: Callable[[int, int], None] | None = None) -> SiteReport:
     """Check everything in a site folder and summarise what each task can use.
 
-    ``workers``: processes for the image checks (default: all cores, at most 8); ``progress``: show a
-    transient progress bar on stderr.
+    ``workers``: processes for the image checks (default: all cores, at most 8); ``progress(done,
+    total)``: called as images are checked.
     """
     site = Path(site_dir)
     try:
@@ -310,30 +308,3 @@ def check_site(site_dir: str | Path, workers: int | None = None,
         summary.excluded = len(eligible) - summary.total
         report.tasks.append(summary)
     return report
-
-
-def print_report(report: SiteReport) -> None:
-    """Problems one per line, then the per-task table (rich)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False, soft_wrap=True)  # one problem = one line, never wrapped
-    for p in report.problems:
-        console.print(str(p), style="red" if p.severity == "error" else "yellow", markup=False)
-    if not report.tasks:
-        console.print(f"{len(report.errors)} error(s)", style="red")
-        return
-    table = Table(title=f"{report.site}: {report.n_cases} sessions")
-    table.add_column("task")
-    table.add_column("usable", justify="right")
-    for split in ("train", "val", "test"):
-        table.add_column(split)
-    table.add_column("bad files", justify="right")
-    table.add_column("not eligible", justify="right")
-    for t in report.tasks:
-        cells = [", ".join(f"{k} {v}" for k, v in t.usable[s].items() if v) or "-"
-                 for s in ("train", "val", "test")]
-        table.add_row(t.task, str(t.total), *cells, str(t.excluded), str(t.skipped))
-    console.print(table)
-    n_err, n_warn = len(report.errors), len(report.problems) - len(report.errors)
-    console.print(f"{n_err} error(s), {n_warn} warning(s)", style="red" if n_err else "green")

@@ -1,8 +1,8 @@
-"""Flower ServerApp: parse the run config, run the round loop, export the global model.
+"""Flower ServerApp: the run config, parsed once, drives the round loop; the global model is exported.
 
-``make_server_app(defaults)`` bakes a run config in (``run_simulation`` passes an empty one); values
-from ``flwr run`` / ``-c`` still override the defaults. ``secagg = true`` runs the rounds of
-``server/secagg.py`` (Flower's SecAgg+ workflow) instead of ``server/rounds.py``; the export is the same.
+``make_server_app(defaults)`` bakes a run config in (``run_simulation`` hands apps an empty one);
+values from ``flwr run`` / ``-c`` still override the defaults. ``secagg = true`` makes the round loop
+use the SecAgg+ train step (``server/secagg.py``); the loop and the export are the same.
 ``server/status.py`` watches the grid (status.json, sites.log) and the run ends with ``report.html``
 and, with ``tracking-uri`` set on a deployed run, an MLflow record.
 """
@@ -17,26 +17,22 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from shared.config import RunConfig
+
 log = logging.getLogger(__name__)
 
 
-def serve(grid: Grid, raw_config: Mapping[str, Any]) -> Path:
+def serve(grid: Grid, run: RunConfig | Mapping[str, Any]) -> Path:
     """Run the federation and export the global model; returns the MODEL_DIR."""
-    from server.export import export_global_model, federation_provenance
+    from server.model import export_global_model, federation_provenance
     from server.rounds import run_rounds
     from server.status import RunStatus
-    from shared.config import RunConfig
 
-    run = RunConfig.from_flower(raw_config)
+    run = run if isinstance(run, RunConfig) else RunConfig.from_flower(run)
     status = RunStatus(run, mode="simulation" if run.sites_root else "deployment")
     grid = status.watch(grid)
     try:
-        if run.secagg:
-            from server.secagg import run_secagg
-
-            result = run_secagg(grid, run, status.round_done)
-        else:
-            result = run_rounds(grid, run, status.round_done)
+        result = run_rounds(grid, run, status.round_done)
     except BaseException as err:
         status.failed(err)
         raise
@@ -46,7 +42,7 @@ def serve(grid: Grid, raw_config: Mapping[str, Any]) -> Path:
         result.arrays,
         run,
         model_dir,
-        federation_provenance(run, result.sites, len(result.rounds), last.get("train")),
+        federation_provenance(run, result.sites, result.rounds),
         {"pooled": last.get("pooled", {}), "central": last.get("central", {})},
     )
     log.info("global model exported to %s", model_dir)
@@ -69,14 +65,14 @@ def finish(run: Any, status: Any, model_dir: Path) -> None:
     status.finished(model_dir)
 
 
-def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp whose run config falls back to ``defaults`` (flat kebab-case keys)."""
-    base = dict(defaults or {})
+def make_server_app(defaults: RunConfig | Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config falls back to ``defaults`` (a RunConfig or flat kebab-case keys)."""
+    base = defaults if isinstance(defaults, RunConfig) else RunConfig.from_flower(defaults)
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, {**base, **dict(context.run_config)})
+        serve(grid, base.overridden(dict(context.run_config)))
 
     return server_app
 

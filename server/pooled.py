@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from shared import records as R
+from shared.contract import CONFUSION, NUM_CLASSES, NUM_EXAMPLES, SCORE_HIST
 
-SUMMED = (R.CONFUSION, R.SCORE_HIST, R.NUM_CLASSES)
+SUMMED = (CONFUSION, SCORE_HIST, NUM_CLASSES)
 
 
 def metrics_from_sums(confusion: np.ndarray | None, hist: np.ndarray | None) -> dict[str, float]:
@@ -37,18 +37,18 @@ def round_metrics(site_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
     confusion = hist = None
     for site, m in site_metrics.items():
         sites[site] = {k: float(v) for k, v in m.items() if k not in SUMMED}
-        k = int(m.get(R.NUM_CLASSES, 0))
-        if R.CONFUSION in m and k:
-            c = np.asarray(m[R.CONFUSION], dtype=np.int64).reshape(k, k)
+        k = int(m.get(NUM_CLASSES, 0))
+        if CONFUSION in m and k:
+            c = np.asarray(m[CONFUSION], dtype=np.int64).reshape(k, k)
             confusion = c if confusion is None else confusion + c
-        if R.SCORE_HIST in m and k:
-            h = np.asarray(m[R.SCORE_HIST], dtype=np.int64).reshape(k, 2, -1)
+        if SCORE_HIST in m and k:
+            h = np.asarray(m[SCORE_HIST], dtype=np.int64).reshape(k, 2, -1)
             hist = h if hist is None else hist + h
-    weights = {s: m.get(R.NUM_EXAMPLES, 0.0) for s, m in sites.items()}
+    weights = {s: m.get(NUM_EXAMPLES, 0.0) for s, m in sites.items()}
     total = sum(weights.values())
     weighted: dict[str, float] = {}
     if total > 0:
-        keys = set.intersection(*(set(m) for m in sites.values())) - {R.NUM_EXAMPLES}
+        keys = set.intersection(*(set(m) for m in sites.values())) - {NUM_EXAMPLES}
         for key in sorted(keys):
             weighted[key] = float(sum(sites[s][key] * weights[s] for s in sites) / total)
     pooled = metrics_from_sums(confusion, hist)

@@ -11,11 +11,11 @@ import logging
 import time
 from collections.abc import Iterable
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from shared import records as R
 from shared.config import RunConfig
+from shared.contract import ELIGIBLE, payload_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +52,19 @@ def query_eligibility(
     """
     messages = [
         Message(
-            RecordDict({R.CONFIG: ConfigRecord({R.TASK: run.task})}),
+            RecordDict(),  # the site knows the task from the run config
             dst_node_id=nid,
             message_type=MessageType.QUERY,
         )
         for nid in nodes
     ]
-    from server.strategy import payload_bytes
-
     replies = list(grid.send_and_receive(messages, timeout=run.round_timeout)) if messages else []
     eligible: dict[int, dict[str, int]] = {}
     for msg in replies:
         if msg.has_error():
             log.warning("site %s cannot take part: %s", msg.metadata.src_node_id, msg.error.reason)
             continue
-        counts = {k: int(v) for k, v in msg.content[R.ELIGIBLE].items()}
+        counts = {k: int(v) for k, v in msg.content[ELIGIBLE].items()}
         eligible[msg.metadata.src_node_id] = counts
     return eligible, payload_bytes(messages), payload_bytes(replies)
 

@@ -2,10 +2,10 @@
 
 Flower 1.41 ships SecAgg+ only for its legacy API: ``SecAggPlusWorkflow`` needs a ``LegacyContext``
 with a legacy ``flwr.server.strategy`` strategy (``flwr/server/workflow/secure_aggregation``), and the
-sites answer through ``secaggplus_mod`` (``client/secagg.py``). This loop keeps what
-``server/rounds.py`` gives a plain run (quorum deadline, eligibility query, seeded sampling, federated
-and central evaluation, ``rounds.jsonl``, checkpoints and resume) and runs the training half of each
-round as one SecAgg+ workflow call (4 message exchanges: keys, key shares, masked updates, unmasking).
+sites answer through ``secaggplus_mod`` (``client/secagg.py``). :class:`SecAggTrainStep` is the train
+step of the one round loop (``server/rounds.py``, which keeps the quorum deadline, eligibility query,
+evaluation, ``rounds.jsonl``, checkpoints and resume): it runs the training half of a round as one
+SecAgg+ workflow call (4 message exchanges: keys, key shares, masked updates, unmasking).
 
 Each site uploads ``n_i * (local_i - global)``, quantised and masked; the server unmasks only the sum
 and adds the example-weighted mean update to the global model (FedAvg; FedProx adds the proximal term
@@ -20,35 +20,32 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
-from server.checkpoint import Checkpoint, rng_state, save_checkpoint
-from server.rounds import (
-    FederationResult,
-    arrays_from_numpy,
-    central_evaluator,
-    evaluate_round,
-    numpy_from_arrays,
-    participants,
-    start_state,
-    traffic,
+from server.train_step import TrainOutcome
+from shared.config import RunConfig
+from shared.contract import (
+    ELIGIBLE_TOTAL,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    SITE_ID,
+    is_number,
+    numpy_weights,
+    payload_bytes,
+    state_dict,
 )
-from server.runlog import RunLog
-from server.strategy import build_strategy, payload_bytes
-from shared import records as R
-from shared.config import RunConfig, check_secagg
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +81,7 @@ def secagg_workflow(run: RunConfig, num_sites: int, max_weight: float) -> SecAgg
 def _weighted_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
     """Example-weighted mean of the sites' numeric train metrics (what FedAvg reports)."""
     total = sum(n for n, _ in results)
-    keys = {k for _, m in results for k, v in m.items() if _is_number(v)}
+    keys = {k for _, m in results for k, v in m.items() if is_number(v)}
     return {k: sum(n * float(m.get(k, 0.0)) for n, m in results) / total for k in sorted(keys)} \
         if total > 0 else {}
 
@@ -104,10 +101,9 @@ class MeanUpdateFedAvg(FedAvg):
         self.metrics: dict[str, float] = {}
 
     def _fit_config(self, server_round: int) -> dict[str, Any]:
-        cfg: dict[str, Any] = {"local-epochs": self.run.local_epochs, R.TASK: self.run.task,
-                               R.SERVER_ROUND: server_round}
+        cfg: dict[str, Any] = {SERVER_ROUND: server_round}
         if self.run.strategy.lower() == "fedprox":
-            cfg[R.PROXIMAL_MU] = self.run.proximal_mu
+            cfg[PROXIMAL_MU] = self.run.proximal_mu
         return cfg
 
     def configure_fit(self, server_round, parameters, client_manager):
@@ -150,9 +146,6 @@ class CountingGrid:
 def secagg_train(grid: Grid, run: RunConfig, rnd: int, arrays: ArrayRecord, nodes: list[int],
                  max_weight: float) -> tuple[MeanUpdateFedAvg, CountingGrid]:
     """One SecAgg+ training round over ``nodes``; the strategy holds the new weights (or None)."""
-    from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
-
     counting = CountingGrid(grid)
     strategy = MeanUpdateFedAvg(run, len(nodes))
     clients = SimpleClientManager()
@@ -162,7 +155,7 @@ def secagg_train(grid: Grid, run: RunConfig, rnd: int, arrays: ArrayRecord, node
                                 run_config={}),
                         config=ServerConfig(num_rounds=run.num_server_rounds),
                         strategy=strategy, client_manager=clients)
-    params: Parameters = ndarrays_to_parameters([a.numpy() for a in arrays.values()])
+    params: Parameters = ndarrays_to_parameters(list(numpy_weights(arrays).values()))
     ctx.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(params, True)
     ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
         {Key.CURRENT_ROUND: rnd, Key.START_TIME: time.time()})
@@ -170,70 +163,33 @@ def secagg_train(grid: Grid, run: RunConfig, rnd: int, arrays: ArrayRecord, node
     return strategy, counting
 
 
-def run_secagg(
-    grid: Grid,
-    run: RunConfig,
-    on_round_end: Callable[[int, dict[str, Any]], None] | None = None,
-) -> FederationResult:
-    """Run (or resume) ``num-server-rounds`` SecAgg+ rounds; same result and run log as ``run_rounds``."""
-    check_secagg(run)
-    run_dir = Path(run.run_dir)
-    evaluator = build_strategy(run)  # the Message-API strategy, only to send evaluate messages
-    arrays, history, first = start_state(run, run_dir)
-    keys = list(arrays.keys())
-    runlog = RunLog(run_dir, first_round=first)
-    central = central_evaluator(run)
-    eligible: dict[int, dict[str, int]] = {}
-    sites_seen: set[str] = {s for row in history for s in row.get("sites", {})}
-    try:
-        for rnd in range(first, run.num_server_rounds + 1):
-            t0 = time.perf_counter()
-            trainers, testers, q_sent, q_recv = participants(grid, run, eligible)
-            k = max(int(len(trainers) * run.fraction_train), min(run.min_train_nodes, len(trainers)))
-            sampled = sorted(random.sample(trainers, min(k, len(trainers))))
-            shares, threshold = secagg_plan(run, len(sampled))
-            # weights n_i / max_weight <= 1 keep the quantisation fine (Flower's default is 1000)
-            max_weight = float(max(eligible[n][R.ELIGIBLE_TOTAL] for n in sampled))
-            strategy, counting = secagg_train(grid, run, rnd, arrays, sampled, max_weight)
-            if strategy.new_ndarrays is not None:
-                arrays = arrays_from_numpy(dict(zip(keys, strategy.new_ndarrays, strict=True)))
-            else:
-                log.warning("round %d: secure aggregation halted (too few sites left to unmask); "
-                            "the global model is unchanged", rnd)
-            t_train = time.perf_counter() - t0
-            trained = {str(m.get(R.SITE_ID, f"node-{nid}")): m for nid, _, m in strategy.site_results}
-            e_out, e_replies, fed = evaluate_round(grid, run, rnd, evaluator, arrays, testers)
-            sites_seen.update(trained)
-            row: dict[str, Any] = {
-                "round": rnd,
-                "time": time.time(),
-                "seconds": time.perf_counter() - t0,
-                "train_seconds": t_train,
-                "site_train_seconds": {s: float(m[R.TRAIN_SECONDS]) for s, m in trained.items()
-                                       if R.TRAIN_SECONDS in m},
-                "sampled": len(sampled),
-                "replied": len(trained),
-                "failed": len(sampled) - len(trained),
-                **traffic(counting.sent, counting.received, e_out, e_replies, q_sent, q_recv, arrays),
-                "train": dict(strategy.metrics),
-                "secagg": {"num_shares": shares, "reconstruction_threshold": threshold,
-                           "max_weight": max_weight, "unmasked": strategy.new_ndarrays is not None},
-                **fed,
-            }
-            if central is not None:
-                row["central"] = central(arrays)
-            history.append(row)
-            save_checkpoint(run_dir, Checkpoint(rnd, numpy_from_arrays(arrays), {}, rng_state(),
-                                                history))
-            runlog.write(row)
-            log.info("round %d (SecAgg+): %d/%d sites, pooled %s", rnd, len(trained), len(sampled),
-                     fed["pooled"])
-            if on_round_end is not None:
-                on_round_end(rnd, row)
-    finally:
-        runlog.close()
-    return FederationResult(arrays=arrays, rounds=history, sites=sorted(sites_seen))
+class SecAggTrainStep:
+    """The train step of a SecAgg+ round: sample, plan the shares, run the workflow, add the mean update."""
 
+    label = "SecAgg+"
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
+
+    def __call__(self, grid: Grid, rnd: int, arrays: ArrayRecord, trainers: list[int],
+                 eligible: dict[int, dict[str, int]]) -> TrainOutcome:
+        run = self.run
+        k = max(int(len(trainers) * run.fraction_train), min(run.min_train_nodes, len(trainers)))
+        sampled = sorted(random.sample(trainers, min(k, len(trainers))))
+        shares, threshold = secagg_plan(run, len(sampled))
+        # weights n_i / max_weight <= 1 keep the quantisation fine (Flower's default is 1000)
+        max_weight = float(max(eligible[n][ELIGIBLE_TOTAL] for n in sampled))
+        strategy, counting = secagg_train(grid, run, rnd, arrays, sampled, max_weight)
+        new_arrays = None
+        if strategy.new_ndarrays is not None:
+            new_arrays = ArrayRecord(state_dict(dict(zip(arrays.keys(), strategy.new_ndarrays,
+                                                         strict=True))))
+        else:
+            log.warning("round %d: secure aggregation halted (too few sites left to unmask); "
+                        "the global model is unchanged", rnd)
+        trained = {str(m.get(SITE_ID, f"node-{nid}")): m for nid, _, m in strategy.site_results}
+        return TrainOutcome(
+            arrays=new_arrays, sampled=len(sampled), replied=len(trained), trained=trained,
+            metrics=dict(strategy.metrics), sent=counting.sent, received=counting.received,
+            row={"secagg": {"num_shares": shares, "reconstruction_threshold": threshold,
+                            "max_weight": max_weight, "unmasked": new_arrays is not None}})

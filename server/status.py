@@ -25,7 +25,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Any
 
-from shared import records as R
+from shared import contract as R
 from shared.config import RunConfig
 
 STATUS_FORMAT = "gliofed-status/1"

@@ -15,8 +15,9 @@ from functools import lru_cache
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from shared import records as R
+from server.model import initial_arrays
 from shared.config import RunConfig
+from shared.contract import ARRAYS, numpy_weights, site_of
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,8 @@ def norm_outliers(norms: Sequence[float]) -> list[int]:
 
 @lru_cache(maxsize=8)
 def _reference_shapes(task: str, network: str, input_size: int, dp: str, seed: int):
-    from server.rounds import initial_arrays  # the same builder the server starts from
-
-    run = RunConfig.from_flower({"task": task, "network": network, "input-size": input_size,
-                                 "dp": dp, "seed": seed})
+    """Keys and shapes of the model the server starts from (cached per model identity)."""
+    run = RunConfig(task=task, network=network, input_size=input_size, dp=dp, seed=seed)
     return {k: tuple(a.shape) for k, a in initial_arrays(run).items()}
 
 
@@ -66,21 +65,15 @@ def reference_shapes(run: RunConfig) -> dict[str, tuple[int, ...]]:
     return dict(_reference_shapes(run.task, run.network, run.input_size, run.dp, run.seed))
 
 
-def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: a.numpy() for k, a in arrays.items()}
-
-
 def validate_replies(replies: Iterable[Message], run: RunConfig,
                      global_arrays: ArrayRecord | None = None) -> list[Message]:
     """Replies that pass; each rejection is logged with the site and the reason."""
-    from server.strategy import site_of
-
     ref = reference_shapes(run)
     ok: list[Message] = []
     updates: list[dict[str, np.ndarray]] = []
     for msg in replies:
         try:
-            weights = _numpy(msg.content[R.ARRAYS])
+            weights = numpy_weights(msg.content[ARRAYS])
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("rejected update from %s: no readable weights (%s)", site_of(msg), exc)
             continue
@@ -91,7 +84,7 @@ def validate_replies(replies: Iterable[Message], run: RunConfig,
         ok.append(msg)
         updates.append(weights)
     if global_arrays is not None and len(ok) >= 3:
-        g = _numpy(global_arrays)
+        g = numpy_weights(global_arrays)
         norms = [float(np.sqrt(sum(float(((u[k] - g[k]).astype(np.float64) ** 2).sum())
                                    for k in g if np.issubdtype(u[k].dtype, np.floating))))
                  for u in updates]

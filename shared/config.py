@@ -60,30 +60,54 @@ class RunConfig:
     validate_updates: bool = False
     tracking_uri: str = ""  # MLflow tracking URI ("" = off), e.g. sqlite:///runs/mlflow.db
 
+    def __post_init__(self) -> None:
+        _check_options(self)
+
     @classmethod
     def from_flower(cls, raw: Mapping[str, Any] | None) -> RunConfig:
-        """Parse Flower's run config; missing keys keep their defaults, unknown keys are an error."""
-        cfg = cls(**_coerce(cls, raw or {}, "run config"))
-        if cfg.dp not in DP_MODES:
-            raise ValueError(f"run config: dp={cfg.dp!r} is not one of {', '.join(DP_MODES)}")
-        if cfg.quorum_action not in ("proceed", "stop"):
-            raise ValueError(f"run config: quorum-action={cfg.quorum_action!r} is not proceed|stop")
-        check_secagg(cfg)
-        return cfg
+        """Parse Flower's run config; missing keys keep their defaults, unknown keys are an error.
+
+        Option combinations are checked when the object is built (``__post_init__``), once per parse.
+        """
+        return cls(**_coerce(cls, raw or {}, "run config"))
 
     def to_flower(self) -> dict[str, Any]:
         """The flat kebab-case dict Flower expects (inverse of :meth:`from_flower`)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
+    def overridden(self, raw: Mapping[str, Any] | None) -> RunConfig:
+        """This config with Flower's flat values on top (``flwr run -c``); itself when there are none."""
+        return RunConfig.from_flower({**self.to_flower(), **raw}) if raw else self
+
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
 
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg",
+              "krum", "multikrum", "bulyan")
 SECAGG_STRATEGIES = ("fedavg", "fedprox")  # the aggregations that are a weighted mean
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")  # averages only
 
 
-def check_secagg(cfg: RunConfig) -> None:
-    """SecAgg+ settings and the options it cannot run with: a ValueError naming the option."""
+def _check_options(cfg: RunConfig) -> None:
+    """Every option that must be one of a list, and every combination that cannot run: a ValueError
+    naming the option (called once, when a RunConfig is built)."""
+    if cfg.strategy.lower() not in STRATEGIES:
+        raise ValueError(f"run config: strategy={cfg.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if cfg.dp not in DP_MODES:
+        raise ValueError(f"run config: dp={cfg.dp!r} is not one of {', '.join(DP_MODES)}")
+    if cfg.quorum_action not in ("proceed", "stop"):
+        raise ValueError(f"run config: quorum-action={cfg.quorum_action!r} is not proceed|stop")
+    if cfg.dp == "central" and cfg.strategy.lower() not in CENTRAL_DP_STRATEGIES:
+        raise ValueError(
+            f"run config: dp='central' cannot be combined with strategy={cfg.strategy!r} (median, "
+            f"trimmed-mean and Krum-type rules are not averages, so the DP noise calibration does "
+            f"not hold); use one of {', '.join(CENTRAL_DP_STRATEGIES)}")
+    _check_secagg(cfg)
+
+
+def _check_secagg(cfg: RunConfig) -> None:
+    """SecAgg+ settings and the options it cannot run with."""
     shares, threshold = cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold
     if shares != 0 and (shares < 3 or shares % 2 == 0):
         raise ValueError(f"run config: secagg-num-shares={shares} must be 0 (every sampled site) "
@@ -166,56 +190,3 @@ def _coerce(
         except (TypeError, ValueError):
             raise ValueError(f"{what}: {key}={value!r} is not a valid {kind}") from None
     return out
-
-
-# --- which learning core the federation calls ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LearningCore:
-    """The functions of ``shared.training`` the federation calls (client, server and baselines).
-
-    Tests and benchmarks may install a tiny model with :func:`set_learning_core`; by default the
-    federation uses ``shared.training`` (imported lazily: torch stays out of ``gliofed --help``).
-    """
-
-    make_config: Any  # TrainConfig(**kwargs)
-    build_model: Any  # build_task_model(spec, cfg) -> torch.nn.Module
-    train: Any  # train_epochs(model, samples, spec, cfg, epochs=, proximal_mu=, global_state=, ...)
-    evaluate: Any  # evaluate_model(model, samples, spec, cfg) -> EvalResult
-
-
-_core_override: LearningCore | None = None
-
-
-def set_learning_core(core: LearningCore | None) -> None:
-    """Use ``core`` instead of ``shared.training``; ``None`` restores the default."""
-    global _core_override
-    _core_override = core
-
-
-def learning_core() -> LearningCore:
-    """The active learning core: the override if one was set, else ``shared.training``."""
-    if _core_override is not None:
-        return _core_override
-    from shared.training import TrainConfig, build_task_model, evaluate_model, train_epochs
-
-    return LearningCore(TrainConfig, build_task_model, train_epochs, evaluate_model)
-
-
-def train_config_for(run: RunConfig, device: str | None = None, epochs: int | None = None) -> Any:
-    """The learning core's TrainConfig for this run (same on every site and on the server)."""
-    core = learning_core()
-    size = (run.input_size,) * 3 if run.input_size > 0 else None
-    return core.make_config(
-        task=run.task,
-        network=run.network or None,
-        input_size=size,
-        batch_size=run.batch_size,
-        lr=run.lr,
-        epochs=epochs if epochs is not None else run.local_epochs,
-        seed=run.seed,
-        device=device or run.device,
-        cache_dir=run.cache_dir or None,
-        dp_compatible=run.dp == "opacus",
-    )

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig, learning_core, train_config_for
+from shared.config import RunConfig
+from shared.learning import learning_core, train_config_for
 
 
 def site_samples(site_dirs: Sequence[Path], task: str, seed: int) -> dict[str, dict[str, list]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,40 +21,46 @@ from shared.config import RunConfig
 
 @dataclass
 class SimulationSpec:
-    """What ``gliofed simulate`` asked for (CLI options, one to one)."""
+    """What ``gliofed simulate`` asked for (CLI options, one to one; the CLI takes its defaults here).
 
-    task: str = "grading"
+    Options that are run-config keys default to :class:`RunConfig`'s values, except these, chosen for
+    a demo that finishes in minutes on a laptop and still learns: ``local_epochs = 3`` (small
+    synthetic sites need several passes per round, RunConfig: 1), ``network = "small_cnn"`` and
+    ``size = 32`` (a 32^3 volume and a small CNN instead of the task's default network and size),
+    ``gpus_per_client = 0.25`` (four simulated sites share one GPU when CUDA is present).
+    """
+
+    task: str = RunConfig.task
     cohort: Path | None = None
     sites: int = 3
     partition: str = "dirichlet:1.0"
-    rounds: int = 3
+    rounds: int = RunConfig.num_server_rounds
     out: Path = Path("runs/demo")
-    strategy: str = "fedavg"
-    local_epochs: int = 3
-    size: int = 32
+    strategy: str = RunConfig.strategy
+    local_epochs: int = 3  # RunConfig: 1 (see above)
+    size: int = 32  # RunConfig input-size: 0 = the task's default
     cases: int = 160
-    seed: int = 0
-    network: str = "small_cnn"
-    lr: float = 1e-3
-    batch_size: int = 8
+    seed: int = RunConfig.seed
+    network: str = "small_cnn"  # RunConfig: "" = the task's default
+    lr: float = RunConfig.lr
+    batch_size: int = RunConfig.batch_size
     cpus_per_client: int = 1
-    gpus_per_client: float = 0.0  # used only when CUDA is present
+    gpus_per_client: float = 0.25  # used only when CUDA is present
     baselines: bool = True
     ray_address: str = ""  # "" = start a local Ray; "auto" or HOST:PORT = join an existing cluster
     extra: dict[str, Any] = field(default_factory=dict)  # more run-config keys (kebab-case)
 
 
-def run_config_for(spec: SimulationSpec, sites_root: Path) -> dict[str, Any]:
-    """The flat run config the federation gets (validated through RunConfig)."""
-    raw = {
+def run_config_for(spec: SimulationSpec, sites_root: Path) -> RunConfig:
+    """The federation's run config (parsed and validated once, here; ``extra`` keys on top)."""
+    return RunConfig.from_flower({
         "task": spec.task, "num-server-rounds": spec.rounds, "local-epochs": spec.local_epochs,
         "strategy": spec.strategy, "network": spec.network, "input-size": spec.size,
         "lr": spec.lr, "batch-size": spec.batch_size, "seed": spec.seed,
         "run-dir": str(spec.out.resolve()), "sites-root": str(sites_root.resolve()),
         "min-available-nodes": spec.sites, "quorum-timeout": 120.0,
         "cache-dir": str((spec.out / "cache").resolve()), **spec.extra,
-    }
-    return RunConfig.from_flower(raw).to_flower()
+    })
 
 
 def prepare_sites(spec: SimulationSpec, echo: Any = print) -> tuple[Path, Any, Any]:
@@ -93,7 +100,7 @@ def prepare_sites(spec: SimulationSpec, echo: Any = print) -> tuple[Path, Any, A
     return sites_root, cohort, part
 
 
-def run_federation(spec: SimulationSpec, raw: dict[str, Any], num_sites: int) -> None:
+def run_federation(spec: SimulationSpec, run: RunConfig, num_sites: int) -> None:
     """Run the ServerApp and ``num_sites`` ClientApps with Flower's Ray simulation engine."""
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, spec.cpus_per_client)))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -105,8 +112,8 @@ def run_federation(spec: SimulationSpec, raw: dict[str, Any], num_sites: int) ->
 
     gpus = spec.gpus_per_client if torch.cuda.is_available() else 0.0
     run_simulation(
-        server_app=make_server_app(raw),
-        client_app=make_client_app(raw),
+        server_app=make_server_app(run),
+        client_app=make_client_app(run),
         num_supernodes=num_sites,
         backend_config={
             "client_resources": {"num_cpus": spec.cpus_per_client, "num_gpus": gpus},
@@ -116,8 +123,13 @@ def run_federation(spec: SimulationSpec, raw: dict[str, Any], num_sites: int) ->
     )
 
 
-def simulate(spec: SimulationSpec, echo: Any = print) -> Path:
-    """Everything ``gliofed simulate`` does; returns the report path."""
+def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
+             show_table: Callable[[list[dict[str, Any]]], Any] | None = None) -> Path:
+    """Everything ``gliofed simulate`` does; returns the report path.
+
+    ``echo`` gets one line per step; ``show_table`` (the CLI renders it) gets the per-site class table
+    (``simulations.partition.class_table`` rows) before the federation starts.
+    """
     from server.report import write_report
     from server.runlog import read_rounds
     from shared.tasks import get_task
@@ -127,16 +139,17 @@ def simulate(spec: SimulationSpec, echo: Any = print) -> Path:
     t0 = time.perf_counter()
     sites_root, cohort, part = prepare_sites(spec, echo)
     table = class_table(cohort, get_task(spec.task), part)
-    echo_table(table, echo)
-    raw = run_config_for(spec, sites_root)
-    if not RunConfig.from_flower(raw).resume:  # a fresh run must not pick up an old checkpoint
+    if show_table is not None:
+        show_table(table)
+    run = run_config_for(spec, sites_root)
+    if not run.resume:  # a fresh run must not pick up an old checkpoint
         for stale in ("rounds.jsonl", "checkpoints/last.pt", "summary.json"):
             (spec.out / stale).unlink(missing_ok=True)
         # simulated sites' privacy ledgers belong to the run: a fresh run starts with none spent
         for ledger in (spec.out / "privacy").glob("site-*.json"):
             ledger.unlink()
     t_fl = time.perf_counter()
-    run_federation(spec, raw, len(part.sites))
+    run_federation(spec, run, len(part.sites))
     fl_seconds = time.perf_counter() - t_fl
     rounds = read_rounds(spec.out)
     if len(rounds) < spec.rounds:
@@ -146,47 +159,24 @@ def simulate(spec: SimulationSpec, echo: Any = print) -> Path:
          f"{_fmt(rounds[-1].get('pooled', {}))}")
     baselines: dict[str, Any] = {}
     if spec.baselines:
-        run = RunConfig.from_flower(raw)
         site_dirs = [sites_root / f"site-{i}" for i in range(len(part.sites))]
         baselines = run_baselines(
             run, site_dirs, progress=lambda name, m: echo(f"{name}: {_fmt(m)}"))
     summary = {
         "spec": {k: str(v) if isinstance(v, Path) else v for k, v in vars(spec).items()},
-        "run_config": raw, "site_names": list(part.names), "class_table": table,
+        "run_config": run.to_flower(), "site_names": list(part.names), "class_table": table,
         "rounds": rounds, "baselines": baselines, "fl_seconds": fl_seconds,
         "total_seconds": time.perf_counter() - t0,
     }
     (spec.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     report = write_report(spec.out, summary)
-    tracking = RunConfig.from_flower(raw).tracking_uri
-    if tracking:
+    if run.tracking_uri:
         from server.tracking import log_run
 
-        echo(f"MLflow run {log_run(spec.out, tracking)} in {tracking}")
+        echo(f"MLflow run {log_run(spec.out, run.tracking_uri)} in {run.tracking_uri}")
     return report
 
 
 def _fmt(metrics: dict[str, Any]) -> str:
     keys = ("auc", "balanced_accuracy", "accuracy", "param_mae", "vp-mre-tumour", "ps-mre-tumour")
     return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float))
-
-
-def echo_table(rows: list[dict[str, Any]], echo: Any = print) -> None:
-    """Print the per-site class table (rich when available)."""
-    if not rows:
-        return
-    cols = list(rows[0])
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        t = Table(title="patients per site (cases per class and split)")
-        for c in cols:
-            t.add_column(str(c))
-        for r in rows:
-            t.add_row(*(str(r[c]) for c in cols))
-        Console().print(t)
-    except ImportError:
-        echo("  ".join(cols))
-        for r in rows:
-            echo("  ".join(str(r[c]) for c in cols))

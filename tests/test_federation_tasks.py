@@ -10,9 +10,9 @@ import torch
 from fl_helpers import LocalGrid, run_config
 
 from server.rounds import run_rounds
-from shared import records as R
 from shared.cohort import read_cohort
 from shared.config import RunConfig
+from shared.contract import TRAIN_LOSS
 from shared.tasks import get_task
 from simulations.partition import partition_cohort, write_partition
 
@@ -38,6 +38,19 @@ def test_task_runs_federated(task: str, cohort_dir: Path, tmp_path: Path) -> Non
     result = run_rounds(grid, RunConfig.from_flower(cfg))
     assert [r["round"] for r in result.rounds] == [1, 2]
     assert all(r["replied"] == 2 for r in result.rounds)
+    # pooled metrics (summed confusion matrices) = the global model evaluated on the union of the
+    # sites' test splits in one place
+    from shared.learning import train_config_for
+    from shared.tasks import select_samples
+    from shared.training import build_task_model, evaluate_model
+
+    run, spec = RunConfig.from_flower(cfg), get_task(task)
+    test = [s for i in range(2) for s in select_samples(
+        spec, read_cohort(tmp_path / "sites" / f"site-{i}", seed=run.seed), split="test")[0]]
+    model = build_task_model(spec, train_config_for(run))
+    model.load_state_dict(result.arrays.to_torch_state_dict())
+    ev = evaluate_model(model, test, spec, train_config_for(run))
     pooled = result.rounds[-1]["pooled"]
-    assert 0.0 <= pooled["balanced_accuracy"] <= 1.0
-    assert math.isfinite(result.rounds[-1]["train"][R.TRAIN_LOSS])
+    assert pooled["num_examples"] == len(test) > 0
+    assert pooled["balanced_accuracy"] == pytest.approx(ev.metrics["balanced_accuracy"])
+    assert math.isfinite(result.rounds[-1]["train"][TRAIN_LOSS])

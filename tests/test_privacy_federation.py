@@ -6,25 +6,19 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from fl_helpers import LocalGrid, run_config, write_tiny_cohort
+from fl_helpers import LocalGrid, run_config
 
+from server.model import federation_provenance
+from server.privacy import central_epsilon, noisy_rounds
 from server.rounds import run_rounds
 from server.strategy import build_strategy
 from shared.config import RunConfig
 
-
-@pytest.fixture(scope="module")
-def sites_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dpsites")
-    for i in range(3):
-        write_tiny_cohort(root / f"site-{i}", n_cases=12, seed=i, site=f"S{i}")
-    return root
+SITES = (3, 12)  # sites_root (tests/conftest.py): 3 sites of 12 cases
 
 
 @pytest.fixture(autouse=True)
-def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    torch.set_num_threads(1)
+def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread):
     monkeypatch.setenv("GLIOFED_PRIVACY_DIR", str(tmp_path / "ledgers"))
 
 
@@ -42,16 +36,27 @@ def test_opacus_sites_report_epsilon_and_an_exhausted_site_declines(tmp_path, si
     assert any("max-epsilon 0.01" in d and "declines to train" in d for d in declined)
 
 
-def test_central_dp_runs_and_accounts(tmp_path, sites_root):
+def test_central_dp_runs_and_accounts(tmp_path, sites_root, make_grid):
     cfg = run_config(tmp_path / "run", sites_root, dp="central",
                      **{"noise-multiplier": 0.5, "max-grad-norm": 5.0})
-    nodes = {100 + i: {"partition-id": i, "num-partitions": 3} for i in range(3)}
-    result = run_rounds(LocalGrid(nodes, cfg), RunConfig.from_flower(cfg))
+    run = RunConfig.from_flower(cfg)
+    result = run_rounds(make_grid(cfg), run)
     eps = [r["dp"]["epsilon"] for r in result.rounds]
     assert len(eps) == 2 and 0 < eps[0] < eps[1] < math.inf
+    # the model card states what the run log says: one rule counts the noisy rounds
+    assert federation_provenance(run, result.sites, result.rounds)["privacy"]["epsilon"] == eps[-1]
 
 
-def test_central_dp_refuses_non_averaging_strategies():
-    run = RunConfig.from_flower({"task": "grading", "dp": "central", "strategy": "krum"})
+def test_central_epsilon_counts_only_rounds_that_added_noise():
+    run = RunConfig(dp="central", noise_multiplier=0.5)
+    rows = [{"round": 1, "replied": 3}, {"round": 2, "replied": 0}, {"round": 3, "replied": 2}]
+    assert noisy_rounds(rows) == 2
+    epsilon = federation_provenance(run, ["a", "b"], rows)["privacy"]["epsilon"]
+    assert epsilon == central_epsilon(run, 2) < central_epsilon(run, 3)
+
+
+def test_central_dp_refuses_non_averaging_strategies_when_the_config_is_parsed():
     with pytest.raises(ValueError, match="dp='central' cannot be combined with strategy='krum'"):
-        build_strategy(run)
+        RunConfig.from_flower({"task": "grading", "dp": "central", "strategy": "krum"})
+    assert build_strategy(RunConfig(dp="central", strategy="fedadam")).strategy.__class__.__name__ \
+        == "FedAdam"

@@ -206,24 +206,24 @@ def test_site_trains_and_evaluates_qtm_for_the_federation(qtm_site):
     from flwr.app import RecordDict
 
     from client.site import evaluate_site, train_site
-    from server.rounds import initial_arrays
-    from shared import records as R
+    from server.model import initial_arrays
     from shared.config import NodeConfig, RunConfig
+    from shared.contract import ARRAYS, METRICS, NUM_EXAMPLES
 
     run = RunConfig(task="qtm", local_epochs=1, batch_size=2, device="cpu")
     node = NodeConfig(data_path=str(qtm_site), site_id="site")
     arrays = initial_arrays(run)
-    reply = train_site(RecordDict({R.ARRAYS: arrays}), run, node)
-    assert reply[R.METRICS][R.NUM_EXAMPLES] == 4
-    assert set(reply[R.ARRAYS].keys()) == set(arrays.keys())
-    ev = evaluate_site(RecordDict({R.ARRAYS: reply[R.ARRAYS]}), run, node)
-    assert 0 < ev[R.METRICS]["param_mae"] < 5
+    reply = train_site(RecordDict({ARRAYS: arrays}), run, node)
+    assert reply[METRICS][NUM_EXAMPLES] == 4
+    assert set(reply[ARRAYS].keys()) == set(arrays.keys())
+    ev = evaluate_site(RecordDict({ARRAYS: reply[ARRAYS]}), run, node)
+    assert 0 < ev[METRICS]["param_mae"] < 5
     with pytest.raises(ValueError, match="not supported for the qtm task"):
-        train_site(RecordDict({R.ARRAYS: arrays}), run.replace(dp="opacus"), node)
+        train_site(RecordDict({ARRAYS: arrays}), run.replace(dp="opacus"), node)
 
 
 def test_init_model_starts_the_federation_from_given_weights(tmp_path):
-    from server.rounds import initial_arrays
+    from server.model import initial_arrays
     from shared.config import RunConfig
     from shared.qtm.bundle import save_qtmnet
     from shared.qtm.net import build_qtmnet

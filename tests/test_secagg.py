@@ -30,23 +30,14 @@ class WireGrid(LocalGrid):
                 for r in super().send_and_receive(copies, timeout=timeout)]
 
 
-@pytest.fixture(scope="module")
-def sites_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sites")
-    for i in range(4):
-        write_tiny_cohort(root / f"site-{i}", n_cases=12, seed=i, site=f"S{i}")
-    return root
+SITES = (4, 12)  # sites_root (tests/conftest.py): 4 sites of 12 cases
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-def _grid(cfg: dict, n: int = 4, extra: dict | None = None) -> WireGrid:
-    nodes = {100 + i: {"partition-id": i, "num-partitions": n} for i in range(n)}
-    nodes.update(extra or {})
-    return WireGrid(nodes, cfg)
+@pytest.fixture
+def grid_of(make_grid):
+    """``grid_of(cfg, n=4, extra=None)``: a WireGrid of the module's 4 sites (plus ``extra`` nodes)."""
+    return lambda cfg, n=4, extra=None: make_grid(cfg, n=n, extra=extra, cls=WireGrid)
 
 
 def _max_diff(a, b) -> float:
@@ -68,17 +59,18 @@ def plain_run(sites_root, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("plain")
     cfg = run_config(run_dir, sites_root, **{"min-available-nodes": 4})
-    return run_rounds(_grid(cfg), RunConfig.from_flower(cfg)), run_dir
+    nodes = {100 + i: {"partition-id": i, "num-partitions": 4} for i in range(4)}
+    return run_rounds(WireGrid(nodes, cfg), RunConfig.from_flower(cfg)), run_dir
 
 
 def test_secagg_run_equals_plain_fedavg_and_no_update_leaves_a_site_in_clear(
-        tmp_path, sites_root, plain_run):
+        tmp_path, sites_root, plain_run, grid_of):
     from server.app import serve
-    from server.rounds import initial_arrays
+    from server.model import initial_arrays
     from server.runlog import read_rounds
 
     cfg = run_config(tmp_path / "run", sites_root, **{"min-available-nodes": 4, "secagg": True})
-    grid = _grid(cfg)
+    grid = grid_of(cfg)
     model_dir = serve(grid, cfg)
 
     rows = read_rounds(tmp_path / "run")
@@ -88,7 +80,7 @@ def test_secagg_run_equals_plain_fedavg_and_no_update_leaves_a_site_in_clear(
         assert row["secagg"] == {"num_shares": 4, "reconstruction_threshold": 3,
                                  "max_weight": 8.0, "unmasked": True}
         assert set(row["sites"]) == {f"site-{i}" for i in range(4)}
-        assert 0.0 <= row["pooled"]["accuracy"] <= 1.0
+        assert row["pooled"]["num_examples"] == 4 * 4  # each site's 4 test cases, pooled
         assert row["bytes"]["train_received"] > 0 and row["train"]["train-loss"] > 0
     meta = json.loads((model_dir / "configs" / "metadata.json").read_text())
     assert meta["provenance"]["privacy"]["secagg"] is True
@@ -115,15 +107,15 @@ def test_secagg_run_equals_plain_fedavg_and_no_update_leaves_a_site_in_clear(
 
 
 def test_a_site_that_fails_while_training_is_unmasked_from_the_others_shares(tmp_path, sites_root,
-                                                                            plain_run):
-    from server.secagg import run_secagg
+                                                                            plain_run, grid_of):
+    from server.rounds import run_rounds
 
     broken = write_tiny_cohort(tmp_path / "broken", n_cases=8, seed=9, site="B")
     for f in broken.glob("*_t1ce.nii.gz"):
         f.write_bytes(b"not a nifti file")  # passes the eligibility query, fails in training
     cfg = run_config(tmp_path / "run", sites_root, **{"min-available-nodes": 5, "secagg": True})
-    grid = _grid(cfg, extra={9: {"data-path": str(broken), "site-id": "broken"}})
-    result = run_secagg(grid, RunConfig.from_flower(cfg))
+    grid = grid_of(cfg, extra={9: {"data-path": str(broken), "site-id": "broken"}})
+    result = run_rounds(grid, RunConfig.from_flower(cfg))
 
     for row in result.rounds:
         assert (row["sampled"], row["replied"], row["failed"]) == (5, 4, 1)
@@ -135,8 +127,9 @@ def test_a_site_that_fails_while_training_is_unmasked_from_the_others_shares(tmp
     assert _max_diff(_round_weights(tmp_path / "run", 1), _round_weights(plain_run[1], 1)) < 2e-5
 
 
-def test_round_plan_and_too_many_dropouts_halt_without_changing_the_model(tmp_path, sites_root):
-    from server.secagg import run_secagg, secagg_plan
+def test_round_plan_and_too_many_dropouts_halt_without_changing_the_model(tmp_path, sites_root, grid_of):
+    from server.rounds import run_rounds
+    from server.secagg import secagg_plan
 
     run = RunConfig(secagg=True)
     assert secagg_plan(run, 2) == (2, 2)
@@ -149,27 +142,30 @@ def test_round_plan_and_too_many_dropouts_halt_without_changing_the_model(tmp_pa
         secagg_plan(run.replace(secagg_reconstruction_threshold=4), 3)
 
     # 2 sites, threshold 2: a site that fails in training leaves too few shares to unmask
-    from server.rounds import initial_arrays
+    from server.model import initial_arrays
 
     cfg = run_config(tmp_path / "run", sites_root, **{"secagg": True, "num-server-rounds": 1})
-    grid = _grid(cfg, n=1, extra={9: {"data-path": str(tmp_path / "b"), "site-id": "b"}})
+    grid = grid_of(cfg, n=1, extra={9: {"data-path": str(tmp_path / "b"), "site-id": "b"}})
     write_tiny_cohort(tmp_path / "b", n_cases=4, seed=3, site="B")
     for f in (tmp_path / "b").glob("*_t1ce.nii.gz"):
         f.write_bytes(b"broken")
-    result = run_secagg(grid, RunConfig.from_flower(cfg))
+    ended = []  # the one round loop calls the same per-round hook for SecAgg+ rounds
+    result = run_rounds(grid, RunConfig.from_flower(cfg),
+                        on_round_end=lambda rnd, row: ended.append((rnd, row["secagg"]["unmasked"])))
     row = result.rounds[0]
     assert (row["sampled"], row["replied"], row["secagg"]["unmasked"]) == (2, 0, False)
+    assert ended == [(1, False)]
     assert _max_diff(result.arrays, initial_arrays(RunConfig.from_flower(cfg))) == 0.0
 
 
-def test_local_dp_and_fedprox_run_under_secagg(tmp_path, sites_root):
-    from server.secagg import run_secagg
+def test_local_dp_and_fedprox_run_under_secagg(tmp_path, sites_root, grid_of):
+    from server.rounds import run_rounds
 
     cfg = run_config(tmp_path / "run", sites_root, **{
         "secagg": True, "dp": "opacus", "strategy": "fedprox", "num-server-rounds": 1,
         "min-available-nodes": 4})
-    grid = _grid(cfg)
-    row = run_secagg(grid, RunConfig.from_flower(cfg)).rounds[0]
+    grid = grid_of(cfg)
+    row = run_rounds(grid, RunConfig.from_flower(cfg)).rounds[0]
     assert row["replied"] == 4 and row["secagg"]["unmasked"]
     assert row["train"]["dp-epsilon"] > 0  # each site's DP-SGD accounting still reaches the server
     fit = [m.content.config_records["fitins.config"] for m in grid.sent
@@ -201,11 +197,11 @@ def test_allowed_combinations_and_a_site_refuses_an_unmasked_train_request(tmp_p
 
     from flwr.app import RecordDict
 
-    from client.secagg import train_unmasked
+    from client.app import train_plain
     from client.site import SiteError
 
     with pytest.raises(SiteError, match="secagg = true: this site sends its update only masked"):
-        train_unmasked(RecordDict(), RunConfig(secagg=True), None)
+        train_plain(RecordDict(), RunConfig(secagg=True), None)
 
 
 @pytest.mark.integration

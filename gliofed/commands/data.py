@@ -21,9 +21,14 @@ def site_check(
     workers: Annotated[int, typer.Option(help="Processes for image checks (0: all cores).")] = 0,
 ) -> None:
     """Validate without modifying anything; report every problem; exit 1 on errors."""
-    from client.site_check import check_site, print_report
+    from client.site_check import check_site
 
-    report = check_site(site_dir, workers=workers or None, progress=not as_json)
+    bar = None if as_json else ProgressBar("checking images")
+    try:
+        report = check_site(site_dir, workers=workers or None, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     if as_json:
         typer.echo(json.dumps({
             "site": str(report.site), "sessions": report.n_cases, "ok": report.ok,
@@ -35,6 +40,56 @@ def site_check(
         print_report(report)
     if not report.ok:
         raise typer.Exit(1)
+
+
+class ProgressBar:
+    """A transient rich progress bar on stderr, started at the first ``(done, total)`` call."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._bar = None
+        self._task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._bar = Progress(console=Console(stderr=True), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=total)
+        self._bar.update(self._task, completed=done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def print_report(report) -> None:
+    """A site check's problems one per line, then the per-task table (``client.site_check.SiteReport``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True)  # one problem = one line, never wrapped
+    for p in report.problems:
+        console.print(str(p), style="red" if p.severity == "error" else "yellow", markup=False)
+    if not report.tasks:
+        console.print(f"{len(report.errors)} error(s)", style="red")
+        return
+    table = Table(title=f"{report.site}: {report.n_cases} sessions")
+    table.add_column("task")
+    table.add_column("usable", justify="right")
+    for split in ("train", "val", "test"):
+        table.add_column(split)
+    table.add_column("bad files", justify="right")
+    table.add_column("not eligible", justify="right")
+    for t in report.tasks:
+        cells = [", ".join(f"{k} {v}" for k, v in t.usable[s].items() if v) or "-"
+                 for s in ("train", "val", "test")]
+        table.add_row(t.task, str(t.total), *cells, str(t.excluded), str(t.skipped))
+    console.print(table)
+    n_err, n_warn = len(report.errors), len(report.problems) - len(report.errors)
+    console.print(f"{n_err} error(s), {n_warn} warning(s)", style="red" if n_err else "green")
 
 
 def _import(layout: str, src: Path, out: Path, **kw) -> None:

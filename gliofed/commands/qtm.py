@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from gliofed.commands.qtmnet import add_commands
+
 qtm_app = typer.Typer(
     help="DCE-MRI: kinetic-model fitting and QTMnet (AIF-free quantitative transport mapping).",
     no_args_is_help=True,
@@ -112,7 +114,6 @@ def fit_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``qtm`` group (fit here; simulate/train/predict/grade in ``qtmnet``) to the app."""
-    import gliofed.commands.qtmnet  # noqa: F401  (registers its commands on qtm_app)
-
+    """Add the ``qtm`` group (fit here; simulate/train/predict/grade from ``qtmnet``) to the app."""
+    add_commands(qtm_app)
     app.add_typer(qtm_app, name="qtm")

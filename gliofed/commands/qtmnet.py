@@ -1,6 +1,9 @@
 """`gliofed qtm simulate|train|predict|grade`: the transport simulator, QTMnet and the grading experiment.
 
-Registered on the ``qtm`` group of :mod:`gliofed.commands.qtm`; heavy imports stay inside commands.
+:func:`add_commands` puts them on the ``qtm`` group that :mod:`gliofed.commands.qtm` owns (this module
+imports nothing from it); heavy imports stay inside commands. The library work lives in ``shared.qtm``
+(``centralised`` for training, ``grade`` for the grading experiment): these commands parse options, draw
+progress bars and print what comes back.
 """
 
 from __future__ import annotations
@@ -10,8 +13,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from gliofed.commands.qtm import qtm_app
 
 
 def _progress(console, total: int, label: str):
@@ -43,7 +44,6 @@ def _shape(text: str) -> tuple[int, int, int]:
     return dims  # type: ignore[return-value]
 
 
-@qtm_app.command("simulate")
 def simulate_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Site folder to write (cohort.csv + NIfTI).")],
     cases: Annotated[int, typer.Option(help="Cases, alternating LGG/HGG (one patient each).")] = 30,
@@ -72,7 +72,6 @@ def simulate_command(
     console.print(f"{cases} cases ({sites} site(s)) written; cohort: {path}")
 
 
-@qtm_app.command("train")
 def train_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="MODEL_DIR to write.")],
     data: Annotated[list[Path] | None, typer.Option(
@@ -87,59 +86,42 @@ def train_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Train QTMnet on simulated DCE-MRI only (no AIF), then report map errors on held-out cases."""
-    import torch
     from rich.console import Console
 
-    from shared.qtm.bundle import save_qtmnet
-    from shared.qtm.net import build_qtmnet
-    from shared.qtm.train import evaluate_qtmnet, simulate_examples, train_qtmnet
-    from simulations.qtm_cohort import SITE_PROTOCOLS
+    from shared.cohort import CohortError
+    from shared.qtm.centralised import (
+        save_centralised,
+        simulated_examples,
+        site_examples,
+        train_centralised,
+    )
 
     console = Console()
     dev = _device(device)
-    torch.manual_seed(seed)
     if data:
-        from shared.cohort import CohortError, read_cohort
-        from shared.qtm.train import examples_from_samples
-        from shared.tasks import select_samples
-
-        train, val = [], []
         try:
-            for d in data:
-                samples, _ = select_samples("qtm", read_cohort(d, seed=seed))
-                train += examples_from_samples([s for s in samples if s.split != "test"])
-                val += examples_from_samples([s for s in samples if s.split == "test"])
+            examples = site_examples(data, seed)
         except (CohortError, ValueError, FileNotFoundError) as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(2) from None
-        source = {"data": [str(d) for d in data]}
     else:
         bar, step = _progress(console, cases + val_cases, "simulating")
         with bar:
-            train = simulate_examples(cases, seed, SITE_PROTOCOLS[:1], workers=workers, progress=step)
-            val = simulate_examples(val_cases, seed + 7919, SITE_PROTOCOLS[:1], workers=workers, progress=step)
-        source = {"simulated_cases": cases, "protocol": "site-0 (5 s frames, 300 s)", "seed": seed}
-    if not train:
+            examples = simulated_examples(cases, val_cases, seed, workers=workers, progress=step)
+    if not examples.train:
         console.print("[red]error:[/red] no training cases")
         raise typer.Exit(2)
-    model = build_qtmnet()
     bar, step = _progress(console, epochs, "training QTMnet")
-    history = []
     with bar:
-        res = train_qtmnet(model, train, epochs, lr=lr, batch_size=batch_size, device=dev, seed=seed,
-                           progress=lambda e, loss: (history.append(loss), step()))
-    metrics = evaluate_qtmnet(model, val, dev) if val else {}
-    provenance = {"trained": "centralised", **source, "epochs": epochs, "train_cases": len(train),
-                  "seconds": round(res["seconds"], 1), "device": dev}
-    save_qtmnet(model, out, provenance, metrics)
-    (out / "history.json").write_text(json.dumps({"loss": history}))
-    console.print(f"QTMnet trained on {len(train)} cases in {res['seconds']:.0f} s; model: {out}")
+        result = train_centralised(examples, epochs, lr=lr, batch_size=batch_size, device=dev,
+                                   seed=seed, progress=lambda epoch, loss: step())
+    save_centralised(result, out)
+    console.print(f"QTMnet trained on {result.train_cases} cases in {result.seconds:.0f} s; model: {out}")
     for k in ("param_mae", "fp-mre-tumour", "vp-mre-tumour", "ve-mre-tumour", "ps-mre-tumour"):
-        if k in metrics:
-            console.print(f"  held-out {k}: {metrics[k]:.3f}")
+        if k in result.metrics:
+            console.print(f"  held-out {k}: {result.metrics[k]:.3f}")
 
 
-@qtm_app.command("predict")
 def predict_command(
     model_dir: Annotated[Path, typer.Argument(help="QTMnet MODEL_DIR (from `gliofed qtm train`).")],
     dce: Annotated[Path, typer.Argument(help="4D DCE NIfTI with its JSON sidecar.")],
@@ -176,7 +158,6 @@ def predict_command(
     console.print(f"QTMnet maps in {seconds:.2f} s; {len(written)} files in {out}")
 
 
-@qtm_app.command("grade")
 def grade_command(
     model_dir: Annotated[Path, typer.Argument(help="QTMnet MODEL_DIR.")],
     data: Annotated[Path, typer.Option(help="Held-out site folder from `qtm simulate` (another seed).")],
@@ -218,3 +199,11 @@ def grade_command(
     plot_grading_roc(result, out / "grading_roc.png")
     console.print(result.table())
     console.print(f"written: {out / 'grading.md'}, grading.json, grading_roc.png")
+
+
+def add_commands(group: typer.Typer) -> None:
+    """Put simulate, train, predict and grade on the ``qtm`` group."""
+    group.command("simulate")(simulate_command)
+    group.command("train")(train_command)
+    group.command("predict")(predict_command)
+    group.command("grade")(grade_command)

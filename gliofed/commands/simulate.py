@@ -7,31 +7,34 @@ from typing import Annotated
 
 import typer
 
+from simulations.runner import SimulationSpec
+
+D = SimulationSpec()  # the simulation's defaults (named and explained in SimulationSpec)
 
 def simulate(
     out: Annotated[Path, typer.Option("--out", help="Run folder (report, rounds.jsonl, model/).")],
-    task: Annotated[str, typer.Option(help="grading | typing | rano | recurrence | qtm.")] = "grading",
+    task: Annotated[str, typer.Option(help="grading | typing | rano | recurrence | qtm.")] = D.task,
     cohort: Annotated[
         Path | None, typer.Option(help="Cohort folder to partition (default: generate one).")
     ] = None,
-    sites: Annotated[int, typer.Option(help="Number of simulated sites.")] = 3,
+    sites: Annotated[int, typer.Option(help="Number of simulated sites.")] = D.sites,
     partition: Annotated[
         str, typer.Option(help="iid | dirichlet:ALPHA | quantity:ALPHA | site | fets:CSV.")
-    ] = "dirichlet:1.0",
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    ] = D.partition,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = D.rounds,
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox, fedadam, fedyogi, fedavgm, "
-                                          "fedmedian, fedtrimmedavg, krum, multikrum, bulyan.")] = "fedavg",
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 3,
-    size: Annotated[int, typer.Option(help="Cubic input size (and synthetic volume size).")] = 32,
-    cases: Annotated[int, typer.Option(help="Synthetic cohort size (without --cohort).")] = 160,
-    network: Annotated[str, typer.Option(help="Network ('' = the task's default).")] = "small_cnn",
-    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed for cohort, partition and training.")] = 0,
-    cpus_per_client: Annotated[int, typer.Option(help="Ray CPUs per simulated site.")] = 1,
+                                          "fedmedian, fedtrimmedavg, krum, multikrum, bulyan.")] = D.strategy,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = D.local_epochs,
+    size: Annotated[int, typer.Option(help="Cubic input size (and synthetic volume size).")] = D.size,
+    cases: Annotated[int, typer.Option(help="Synthetic cohort size (without --cohort).")] = D.cases,
+    network: Annotated[str, typer.Option(help="Network ('' = the task's default).")] = D.network,
+    lr: Annotated[float, typer.Option(help="Local learning rate.")] = D.lr,
+    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = D.batch_size,
+    seed: Annotated[int, typer.Option(help="Seed for cohort, partition and training.")] = D.seed,
+    cpus_per_client: Annotated[int, typer.Option(help="Ray CPUs per simulated site.")] = D.cpus_per_client,
     gpus_per_client: Annotated[
         float, typer.Option(help="Ray GPU share per site (used only with CUDA).")
-    ] = 0.25,
+    ] = D.gpus_per_client,
     no_baselines: Annotated[
         bool, typer.Option("--no-baselines", help="Skip centralised and local-only baselines.")
     ] = False,
@@ -51,7 +54,7 @@ def simulate(
     centralised / local-only baselines on the same splits, and write RUN_DIR/report.html."""
     from rich.console import Console
 
-    from simulations.runner import SimulationSpec, echo_table, prepare_sites, run_config_for
+    from simulations.runner import prepare_sites, run_config_for
 
     console = Console(stderr=True)
     extra: dict[str, str] = {}
@@ -73,8 +76,8 @@ def simulate(
             from simulations.partition import class_table
 
             sites_root, coh, part = prepare_sites(spec, console.print)
-            echo_table(class_table(coh, get_task(task), part))
-            raw = run_config_for(spec, sites_root)
+            print_class_table(class_table(coh, get_task(task), part))
+            raw = run_config_for(spec, sites_root).to_flower()
             keys = ("task", "num-server-rounds", "local-epochs", "strategy", "network", "input-size",
                     "sites-root", "run-dir", "min-available-nodes")
             overrides = " ".join(f"{k}={_toml(raw[k])}" for k in keys)
@@ -83,11 +86,26 @@ def simulate(
             return
         from simulations.runner import simulate as run_simulate
 
-        report = run_simulate(spec, console.print)
+        report = run_simulate(spec, console.print, show_table=print_class_table)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     typer.echo(f"report: {report}")
+
+
+def print_class_table(rows: list[dict]) -> None:
+    """The per-site class table (``simulations.partition.class_table`` rows) as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    table = Table(title="patients per site (cases per class and split)")
+    for col in rows[0]:
+        table.add_column(str(col))
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
 
 
 def _toml(value: object) -> str:

@@ -7,19 +7,15 @@ returning ``(rows, skipped)``.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from shared.cohort import LABEL_VALUES, write_cohort
+from shared.importers import brats, lumiere, ucsf
+from shared.importers.base import SHOW_PROGRESS, ImportErrorForUser, relpath, track
 
-
-class ImportErrorForUser(ValueError):
-    """A layout problem the user must fix (wrong folder, missing CSV, ...)."""
+__all__ = ["LAYOUTS", "ImportErrorForUser", "ImportResult", "relpath", "run_importer", "track"]
 
 
 @dataclass
@@ -31,38 +27,12 @@ class ImportResult:
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-_T = TypeVar("_T")
-_SHOW_PROGRESS: ContextVar[bool] = ContextVar("gliofed_import_progress", default=False)
-
-
-def track(items: Iterable[_T], label: str) -> Iterator[_T]:
-    """Iterate ``items``, with a transient progress bar on stderr while an import asked for one."""
-    items = list(items)
-    if not _SHOW_PROGRESS.get() or not items:
-        yield from items
-        return
-    from rich.console import Console
-    from rich.progress import track as rich_track
-
-    yield from rich_track(items, description=label, console=Console(stderr=True), transient=True)
-
-
 LAYOUTS = ("brats2020", "brats2021", "brats2023", "fets", "lumiere", "ucsf-pdgm")
-
-
-def relpath(path: Path, out: Path) -> str:
-    """Path of ``path`` relative to the site folder when possible (else absolute)."""
-    try:
-        return os.path.relpath(path.resolve(), out.resolve())
-    except ValueError:  # different drive
-        return str(path.resolve())
 
 
 def run_importer(layout: str, src: str | Path, out: str | Path, progress: bool = False,
                  **kw) -> ImportResult:
     """Import ``src`` in ``layout`` into site folder ``out`` (``progress``: bars on stderr)."""
-    from shared.importers import brats, lumiere, ucsf
-
     collectors = {"brats2020": brats.collect_brats2020, "brats2021": brats.collect_brats2021,
                   "brats2023": brats.collect_brats2023, "fets": brats.collect_fets,
                   "lumiere": lumiere.collect, "ucsf-pdgm": ucsf.collect}
@@ -72,11 +42,11 @@ def run_importer(layout: str, src: str | Path, out: str | Path, progress: bool =
     if not src.is_dir():
         raise ImportErrorForUser(f"{src}: not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    token = _SHOW_PROGRESS.set(progress)
+    token = SHOW_PROGRESS.set(progress)
     try:
         rows, skipped = collectors[layout](src, out, **kw)
     finally:
-        _SHOW_PROGRESS.reset(token)
+        SHOW_PROGRESS.reset(token)
     if not rows:
         raise ImportErrorForUser(f"{src}: no {layout} cases found (is this the right layout?)")
     path = write_cohort(out, rows)

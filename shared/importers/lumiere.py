@@ -6,7 +6,7 @@ import csv
 import re
 from pathlib import Path
 
-from shared.importers import ImportErrorForUser, relpath, track
+from shared.importers.base import ImportErrorForUser, relpath, track
 from shared.importers.convert import convert_seg
 
 RANO = ("CR", "PR", "SD", "PD")

@@ -6,7 +6,7 @@ import csv
 import re
 from pathlib import Path
 
-from shared.importers import ImportErrorForUser, relpath, track
+from shared.importers.base import ImportErrorForUser, relpath, track
 
 SEQS = {"t1": "T1", "t1ce": "T1c", "t2": "T2", "flair": "FLAIR", "seg": "tumor_segmentation"}
 _DIR = re.compile(r"UCSF-PDGM-(\d{3,4})(?:_(FU\w+))?_nifti")
