@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "gliofed.commands.simulate",  # simulate
     "gliofed.commands.qtm",  # qtm simulate|train|predict|grade|fit
     "gliofed.commands.deploy",  # deploy certs
+    "gliofed.commands.operate",  # dashboard, report, track
 )
 
 app = typer.Typer(

@@ -59,6 +59,7 @@ class RunConfig:
     secagg_num_shares: int = 0  # key shares per site: 0 = every sampled site, else odd >= 3
     secagg_reconstruction_threshold: int = 0  # shares needed to unmask: 0 = a majority of them
     validate_updates: bool = False
+    tracking_uri: str = ""  # MLflow tracking URI ("" = off), e.g. sqlite:///runs/mlflow.db
 
     def __post_init__(self) -> None:
         _check_options(self)
