@@ -161,7 +161,7 @@ def test_browser_renders_a_finished_run(finished_run, tmp_path):
     assert "Federated grading: run" in text
     for site in ("hosp-a", "hosp-b", "node-303"):
         assert f'data-site="{site}"' in dom
-    assert "SiteError" in text and "finished" in text
+    assert "cohort-unreadable" in text and "finished" in text
     assert "Metrics, latest round (round 2)" in text and "2 / 2" in text
     pooled = _rows(finished_run)[-1]["pooled"]
     assert f"{pooled['accuracy']:.3f}" in text

@@ -23,7 +23,7 @@ def test_status_file_names_sites_by_site_id_with_states_and_reasons(finished_run
                                                            "node-303": 303}
     assert sites["hosp-a"]["state"] == "done" and sites["hosp-a"]["rounds_trained"] == 2
     assert sites["node-303"]["state"] == "failed"
-    assert "SiteError" in sites["node-303"]["reason"]
+    assert sites["node-303"]["reason"] == "cohort-unreadable"  # the fixed error vocabulary
     assert set(status["site_train"]["2"]) == {"hosp-a", "hosp-b"}
     assert json.loads((finished_run / "run_config.json").read_text())["num-server-rounds"] == 2
 
@@ -31,7 +31,7 @@ def test_status_file_names_sites_by_site_id_with_states_and_reasons(finished_run
 def test_sites_log_has_each_rounds_outcome_per_site_and_the_node_id_mapping(finished_run):
     log = (finished_run / "sites.log").read_text()
     assert "site hosp-a is node 101" in log and "site hosp-b is node 202" in log
-    assert "node-303: query failed: SiteError" in log
+    assert "node-303: query failed: cohort-unreadable" in log
     for rnd in (1, 2):
         for site in ("hosp-a", "hosp-b"):
             assert f"round {rnd} {site}: trained " in log
