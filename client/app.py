@@ -42,19 +42,21 @@ def _parse(base: RunConfig, run_items: tuple, node_items: tuple) -> tuple[RunCon
     return run, NodeConfig.from_flower(dict(node_items), run)
 
 
-def train_plain(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
+def train_plain(content: RecordDict, run: RunConfig, node: NodeConfig,
+                state: RecordDict | None = None) -> RecordDict:
     """A plain train request; refused when the run asks for SecAgg+ (never send a lone update)."""
     if run.secagg:
         raise SiteError("run config sets secagg = true: this site sends its update only masked "
                         "(SecAgg+), not in a plain train reply")
-    return train_site(content, run, node)
+    return train_site(content, run, node, state)
 
 
 def reply(msg: Message, ctx: Context, handler: Callable[..., RecordDict], base: RunConfig) -> Message:
-    """Run ``handler`` on the message; a raised exception becomes an error reply without paths."""
+    """Run ``handler(content, run, node, ctx.state)``; a raised exception becomes an error reply
+    without paths (``ctx.state`` survives across rounds: FedBN keeps the site's norm layers there)."""
     try:
         run, node = site_configs(ctx, base)
-        return Message(handler(msg.content, run, node), reply_to=msg)
+        return Message(handler(msg.content, run, node, ctx.state), reply_to=msg)
     except Exception as err:
         log.warning("site handler failed: %s", err, exc_info=True)
         return Message(Error(code=SITE_ERROR_CODE, reason=safe_reason(err)), reply_to=msg)

@@ -6,6 +6,7 @@ atomically), so ``resume`` continues exactly where an interrupted server stopped
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -51,11 +52,20 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep_every_round: boo
 
 def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
     """The last completed round's checkpoint, or None when the run folder has none."""
-    import torch
-
     path = checkpoint_dir(run_dir) / "last.pt"
     if not path.is_file():
         return None
+    return _read(path)
+
+
+def read_round(run_dir: str | Path, rnd: int) -> Checkpoint:
+    """The checkpoint of round ``rnd`` (kept for the best round: model selection exports it)."""
+    return _read(checkpoint_dir(run_dir) / f"round-{rnd:04d}.pt")
+
+
+def _read(path: Path) -> Checkpoint:
+    import torch
+
     try:
         data = torch.load(path, weights_only=False)
     except Exception as err:  # noqa: BLE001
@@ -63,6 +73,21 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
     return Checkpoint(
         data["round"], data["weights"], data["strategy_state"], data["rng_state"], data["history"]
     )
+
+
+def mark_best(run_dir: str | Path, rnd: int, **info: Any) -> Path:
+    """Name round ``rnd`` the best (model selection) in ``checkpoints/best.json`` ({"round": rnd, **info},
+    written atomically); ``clear_best`` removes it when a fresh run starts."""
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "best.json.tmp"
+    tmp.write_text(json.dumps({"round": int(rnd), **info}))
+    os.replace(tmp, folder / "best.json")
+    return folder / "best.json"
+
+
+def clear_best(run_dir: str | Path) -> None:
+    (checkpoint_dir(run_dir) / "best.json").unlink(missing_ok=True)
 
 
 def rng_state() -> Any:
