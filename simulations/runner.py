@@ -152,7 +152,7 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
     run_federation(spec, run, len(part.sites))
     fl_seconds = time.perf_counter() - t_fl
     rounds = read_rounds(spec.out)
-    if len(rounds) < spec.rounds:
+    if len(rounds) < spec.rounds and not stopped_early(run, rounds):
         raise RuntimeError(f"{spec.out}/rounds.jsonl: the federation finished only {len(rounds)} of "
                            f"{spec.rounds} rounds (see the log above)")
     echo(f"federated ({spec.strategy}, {len(rounds)} rounds, pooled test set): "
@@ -170,6 +170,14 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
     }
     (spec.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return write_report(spec.out, summary)
+
+
+def stopped_early(run: RunConfig, rounds: list[dict[str, Any]]) -> bool:
+    """Whether ``early-stop-patience`` ended the run (no better validation score for that long)."""
+    if run.early_stop_patience <= 0 or not rounds:
+        return False
+    best = (rounds[-1].get("selection") or {}).get("best_round") or 0
+    return rounds[-1]["round"] - best >= run.early_stop_patience
 
 
 def _fmt(metrics: dict[str, Any]) -> str:

@@ -161,3 +161,27 @@ def test_export_and_patience_options_are_checked():
         RunConfig.from_flower({"export": "latest"})
     with pytest.raises(ValueError, match="early-stop-patience=-1 must be >= 0"):
         RunConfig.from_flower({"early-stop-patience": -1})
+
+
+def test_the_report_marks_the_exported_round_and_compares_its_model(tmp_path):
+    from simulations.report import comparison, write_report
+
+    def row(rnd, test_auc, val_auc, best):
+        return {"round": rnd, "pooled": {"auc": test_auc, "num_examples": 8.0}, "replied": 2,
+                "sampled": 2, "seconds": 1.0, "bytes_sent": 1024, "bytes_received": 1024,
+                "val": {"pooled": {"auc": val_auc, "num_examples": 4.0}},
+                "selection": {"metric": "auc", "value": val_auc, "n": 4, "best_round": best,
+                              "best_value": 0.9}}
+
+    summary = {"spec": {"task": "grading", "strategy": "fedavg", "partition": "dirichlet", "seed": 0,
+                        "network": "small_cnn", "size": 16, "local_epochs": 1},
+               "run_config": {"export": "best"}, "site_names": ["a", "b"], "class_table": [],
+               "rounds": [row(1, 0.70, 0.6, 1), row(2, 0.81, 0.9, 2), row(3, 0.55, 0.4, 2)],
+               "baselines": {}, "fl_seconds": 1.0, "total_seconds": 2.0}
+    assert comparison(summary)["federated"] == 0.81
+    page = write_report(tmp_path, summary).read_text()
+    assert "Exported model: <b>round 2</b>, the best pooled validation auc (0.900)" in page
+    assert "<tr><td>2</td><td>\u2605 exported</td><td>0.900 (4)</td>" in page
+    summary["run_config"]["export"] = "final"
+    assert comparison(summary)["federated"] == 0.55
+    assert "Exported model: <b>round 3</b>, the final round" in write_report(tmp_path, summary).read_text()
