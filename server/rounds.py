@@ -65,7 +65,7 @@ class FederationResult:
     stopped_early: bool = False  # early-stop-patience ended the run before num-server-rounds
 
 
-def start_state(run: RunConfig, run_dir: Path, strategy: Any) -> tuple[ArrayRecord, list, int]:
+def start_state(run: RunConfig, run_dir: Path, strategy: Any = None) -> tuple[ArrayRecord, list, int]:
     """Seeded initial weights, or the checkpoint's (weights, history, RNG, strategy state) on resume.
 
     Returns (global weights, round rows so far, first round to run).
@@ -76,7 +76,8 @@ def start_state(run: RunConfig, run_dir: Path, strategy: Any) -> tuple[ArrayReco
     ckpt = load_checkpoint(run_dir) if run.resume else None
     if ckpt is None:
         return arrays, [], 1
-    restore_strategy_state(strategy, ckpt.strategy_state)
+    if strategy is not None:
+        restore_strategy_state(strategy, ckpt.strategy_state)
     restore_rng(ckpt.rng_state)
     log.info("resuming after round %d from %s", ckpt.round, run_dir / "checkpoints")
     return ArrayRecord(state_dict(ckpt.weights)), list(ckpt.history), ckpt.round + 1
