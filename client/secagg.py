@@ -23,7 +23,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.site import train_site
+from client.site import SiteError, train_site
 from shared.config import NodeConfig, RunConfig
 from shared.contract import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE_ID, is_number, state_dict
 from shared.learning import learning_core, train_config_for
@@ -54,8 +54,8 @@ class SiteClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
         keys = model_keys(self.run)
         if len(keys) != len(parameters):
-            raise ValueError(f"received {len(parameters)} arrays, the {self.run.task} model has "
-                             f"{len(keys)}")
+            raise SiteError("model-mismatch", f"received {len(parameters)} arrays, the "
+                            f"{self.run.task} model has {len(keys)}", task=self.run.task)
         arrays = ArrayRecord(state_dict(dict(zip(keys, parameters, strict=True))))
         content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(dict(config))})
         out = train_site(content, self.run, self.node)

@@ -8,9 +8,10 @@ parallel over cores; one bad file never stops the check of the others. Nothing h
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from shared.cohort import (
+    COHORT_FILE,
     IMAGE_COLUMNS,
     SEG_LABELS,
     CohortError,
     CohortProblem,
     read_cohort,
 )
+from shared.imageio import ImageError, ImageTooLarge, iter_slabs, open_image, qform_sform_gap_mm
 from shared.tasks import TASKS, class_counts, select_samples
 
 HEADER_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
@@ -79,9 +82,20 @@ def _looks_personal(text: str) -> str | None:
     return " and ".join(found) or None
 
 
+_QUOTED = re.compile(r"""\s*\(?b?(['"]).*?\1\)?""")  # quoted text and bytes: may be file content
+HEADER_CHECKS = {  # nibabel's header checks -> what we say (never the offending bytes themselves)
+    "sizeof_hdr": "sizeof_hdr should be 348", "datatype": "unsupported data type code",
+    "bitpix": "bitpix does not match the data type", "pixdims": "voxel sizes are not positive",
+    "qfac": "qfac should be 1 or -1", "magic": "magic string is not a NIfTI one",
+    "offset": "invalid vox_offset", "qform_code": "invalid qform_code",
+    "sform_code": "invalid sform_code",
+}
+QFORM_SFORM_MM = 1.0  # qform and sform placing the volume further apart than this draw a warning
+
+
 def _reason(exc: BaseException) -> str:
-    """``Type: first line of the message`` (one line, at most 120 characters of message)."""
-    msg = str(exc).splitlines()[0][:120] if str(exc).strip() else ""
+    """``Type: first line of the message`` (one line, at most 120 characters, quoted text removed)."""
+    msg = _QUOTED.sub("", str(exc).splitlines()[0])[:120].strip() if str(exc).strip() else ""
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
@@ -101,8 +115,11 @@ def header_problems(path: str) -> list[str]:
     if 540 in (size_le, size_be):  # NIfTI-2: nibabel's own load checks are enough
         return []
     hdr = nib.Nifti1Header(raw[:348], check=False)
-    reports = BatteryRunner(hdr._get_checks()).check_only(hdr)
-    return [r.problem_msg for r in reports if r.problem_level >= _HEADER_ERROR_LEVEL]
+    checks = hdr._get_checks()
+    reports = BatteryRunner(checks).check_only(hdr)
+    names = [c.__name__.removeprefix("_chk_") for c in checks]
+    return [HEADER_CHECKS.get(n, f"failed header check {n}") for n, r in zip(names, reports, strict=True)
+            if r.problem_level >= _HEADER_ERROR_LEVEL]
 
 
 def dce_sidecar_problems(path: str, n_frames: int | None) -> list[tuple[str, str]]:
@@ -143,10 +160,9 @@ def dce_sidecar_problems(path: str, n_frames: int | None) -> list[tuple[str, str
     return out
 
 
-def check_image(path: str, column: str) -> ImageInfo:
-    """Open one NIfTI and check it: readable, dimensionality, finite, non-constant, seg labels, header."""
-    import nibabel as nib
-
+def check_image(path: str, column: str, limit_mb: float | None = None) -> ImageInfo:
+    """Open one NIfTI and check it: readable, size, dimensionality, finite, non-constant, seg labels,
+    header (personal data, qform vs sform); voxels are streamed, never held whole."""
     problems: list[CohortProblem] = []
 
     def err(msg: str, sev: str = "error") -> None:
@@ -155,6 +171,9 @@ def check_image(path: str, column: str) -> ImageInfo:
     p = Path(path)
     if not p.exists():
         err(f"missing file (referenced by column {column})")
+        return ImageInfo(path, column, None, None, tuple(problems))
+    if not p.is_file():
+        err(f"not a file (referenced by column {column}; a folder where an image is expected)")
         return ImageInfo(path, column, None, None, tuple(problems))
     try:
         bad_header = header_problems(path)
@@ -165,17 +184,24 @@ def check_image(path: str, column: str) -> ImageInfo:
         err(f"bad NIfTI header ({'; '.join(bad_header)})")
         return ImageInfo(path, column, None, None, tuple(problems))
     try:
-        img = nib.load(path)
+        img = open_image(path, limit_mb)  # the size limit, before any voxel is decompressed
         shape = tuple(int(s) for s in img.shape)
         affine = tuple(float(v) for v in np.round(img.affine, 3).ravel())
         hdr = img.header
+    except ImageTooLarge as exc:
+        err(exc.reason)
+        return ImageInfo(path, column, None, None, tuple(problems))
     except Exception as exc:  # noqa: BLE001 - any reader failure is a finding about this file
-        err(f"unreadable NIfTI ({_reason(exc)})")
+        err(f"unreadable NIfTI ({exc.cause if isinstance(exc, ImageError) else _reason(exc)})")
         return ImageInfo(path, column, None, None, tuple(problems))
     want = 4 if column == "dce" else 3
     ndim = len([s for s in shape if s > 1]) if len(shape) > want else len(shape)
     if ndim != want:
         err(f"expected a {want}D image for {column}, got shape {shape}")
+    gap = qform_sform_gap_mm(img)
+    if gap > QFORM_SFORM_MM:
+        err(f"qform and sform disagree (they place the volume up to {gap:.1f} mm apart): which "
+            "orientation is right is ambiguous; fix the header", "warning")
     if column == "dce":
         for file, msg in dce_sidecar_problems(path, shape[3] if len(shape) == 4 else None):
             problems.append(CohortProblem("error", file, msg))
@@ -190,19 +216,17 @@ def check_image(path: str, column: str) -> ImageInfo:
             err(f"header field {name} looks like {what} ({text!r}): possible personal data",
                 "warning")
     try:
-        data = np.asarray(img.dataobj)
+        stats = _voxel_stats(img, seg=column == "seg")
     except Exception as exc:  # noqa: BLE001 - truncated gzip, short file, ...
         err(f"truncated or corrupt image data ({_reason(exc)})")
         return ImageInfo(path, column, shape, affine, tuple(problems))
-    if np.issubdtype(data.dtype, np.floating):
-        bad = int((~np.isfinite(data)).sum())
-        if bad:
-            err(f"{bad} NaN/Inf voxel(s)")
-    finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data
-    if column != "seg" and finite.size and float(finite.min()) == float(finite.max()):
-        err(f"constant image (every voxel = {float(finite.min()):g})")
-    if column == "seg" and finite.size:
-        vals = np.unique(finite)
+    if stats["bad"]:
+        err(f"{stats['bad']} NaN/Inf voxel(s)")
+    lo, hi = stats["min"], stats["max"]
+    if column != "seg" and lo is not None and lo == hi:
+        err(f"constant image (every voxel = {lo:g})")
+    if column == "seg" and stats["values"]:
+        vals = np.array(sorted(stats["values"]))
         odd = sorted(set(np.round(vals).astype(int).tolist()) - set(SEG_LABELS))
         if odd or not np.allclose(vals, np.round(vals)):
             err(f"segmentation values {odd or 'non-integer'} outside the convention 0/1/2/4 "
@@ -210,8 +234,25 @@ def check_image(path: str, column: str) -> ImageInfo:
     return ImageInfo(path, column, shape, affine, tuple(problems))
 
 
-def _check_chunk(items: list[tuple[str, str]]) -> list[ImageInfo]:
-    return [check_image(p, c) for p, c in items]
+def _voxel_stats(img, seg: bool, max_values: int = 64) -> dict:
+    """NaN/Inf count, finite min/max and (``seg``) distinct values, streamed slab by slab."""
+    bad, lo, hi, values = 0, None, None, set()
+    for slab in iter_slabs(img):
+        if np.issubdtype(slab.dtype, np.floating):
+            ok = np.isfinite(slab)
+            bad += int(slab.size - ok.sum())
+            slab = slab[ok]
+        if not slab.size:
+            continue
+        smin, smax = float(slab.min()), float(slab.max())
+        lo, hi = (smin, smax) if lo is None else (min(lo, smin), max(hi, smax))
+        if seg and len(values) <= max_values:
+            values |= set(np.unique(slab).tolist())
+    return {"bad": bad, "min": lo, "max": hi, "values": values}
+
+
+def _check_chunk(items: list[tuple[str, str]], limit_mb: float | None = None) -> list[ImageInfo]:
+    return [check_image(p, c, limit_mb) for p, c in items]
 
 
 def _pool_context():
@@ -224,7 +265,8 @@ def _pool_context():
 
 
 def _run_image_checks(items: list[tuple[str, str]], workers: int,
-                      progress: Callable[[int, int], None] | None) -> list[ImageInfo]:
+                      progress: Callable[[int, int], None] | None,
+                      limit_mb: float | None = None) -> list[ImageInfo]:
     """Check every (path, column) in chunks over a process pool; ``progress(done, total)`` after each
     chunk (first called once the pool's workers exist, so a caller may start a display thread then)."""
     n_chunks = max(1, len(items) // 25) if workers <= 1 else max(workers * 4, len(items) // 25)
@@ -238,7 +280,8 @@ def _run_image_checks(items: list[tuple[str, str]], workers: int,
     try:
         if progress is not None:
             progress(0, len(items))
-        results = pool.map(_check_chunk, chunks) if pool else map(_check_chunk, chunks)
+        check = functools.partial(_check_chunk, limit_mb=limit_mb)
+        results = pool.map(check, chunks) if pool else map(check, chunks)
         for res in results:
             infos.extend(res)
             if progress is not None:
@@ -250,25 +293,38 @@ def _run_image_checks(items: list[tuple[str, str]], workers: int,
 
 
 def check_site(site_dir: str | Path, workers: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> SiteReport:
+               progress: Callable[[int, int], None] | None = None,
+               allow_outside: Sequence[str | Path] = (), max_image_mb: float | None = None,
+               ) -> SiteReport:
     """Check everything in a site folder and summarise what each task can use.
 
     ``workers``: processes for the image checks (default: all cores, at most 8); ``progress(done,
-    total)``: called as images are checked.
+    total)``: called as images are checked; ``allow_outside``: folders outside the site its cohort.csv may
+    reference; ``max_image_mb``: the per-image limit (default: node config's default).
     """
     site = Path(site_dir)
     try:
-        cohort = read_cohort(site)
+        cohort = read_cohort(site, allow_outside=allow_outside)
     except CohortError as exc:
         report = SiteReport(site=site, n_cases=0)
         where, _, msg = str(exc).partition(": ")
         report.problems.append(CohortProblem("error", where, msg or str(exc)))
         return report
     report = SiteReport(site=site, n_cases=len(cohort.cases), problems=list(cohort.problems))
+    from client.policy import POLICY_FILE, PolicyError, load_policy
+
+    try:
+        load_policy(site)
+    except PolicyError as exc:
+        report.problems.append(CohortProblem("error", str(cohort.root / POLICY_FILE),
+                                             str(exc).removeprefix(f"{POLICY_FILE}: ")))
+    if not cohort.cases:
+        report.problems.append(CohortProblem(
+            "error", str(cohort.root / COHORT_FILE), "no usable rows: an empty site cannot take part"))
     # Every image, once, even when several rows share a file.
     items = sorted({(str(path), col) for c in cohort.cases for col, path in c.images.items()})
     workers = workers or min(os.cpu_count() or 1, 8)
-    infos = {(i.path, i.column): i for i in _run_image_checks(items, workers, progress)}
+    infos = {(i.path, i.column): i for i in _run_image_checks(items, workers, progress, max_image_mb)}
     for key in items:
         report.problems.extend(infos[key].problems)
     bad_files = {k[0] for k, v in infos.items() if any(p.severity == "error" for p in v.problems)}

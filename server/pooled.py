@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.contract import CONFUSION, NUM_CLASSES, NUM_EXAMPLES, SCORE_HIST
+from shared.contract import CONFUSION, NUM_CLASSES, NUM_EXAMPLES, SCORE_HIST, SKIPPED
 
 SUMMED = (CONFUSION, SCORE_HIST, NUM_CLASSES)
 
@@ -32,26 +32,34 @@ def metrics_from_sums(confusion: np.ndarray | None, hist: np.ndarray | None) -> 
 
 
 def round_metrics(site_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """{"sites": per-site scalars, "weighted": example-weighted means, "pooled": exact pooled}."""
+    """{"sites": per-site scalars, "weighted": example-weighted means, "pooled": exact pooled,
+    "withheld": sites that sent no metrics (fewer test cases than their min-report-cases)}.
+
+    Pooled AUC comes from summed score histograms only when every site that sent a confusion matrix
+    also sent its histogram (a site withholds one whose bins would single out too few cases).
+    """
     sites: dict[str, dict[str, float]] = {}
     confusion = hist = None
+    withheld = sorted(s for s, m in site_metrics.items() if NUM_EXAMPLES not in m)
+    site_metrics = {s: m for s, m in site_metrics.items() if NUM_EXAMPLES in m}
+    hist_complete = all(SCORE_HIST in m for m in site_metrics.values() if CONFUSION in m)
     for site, m in site_metrics.items():
         sites[site] = {k: float(v) for k, v in m.items() if k not in SUMMED}
         k = int(m.get(NUM_CLASSES, 0))
         if CONFUSION in m and k:
             c = np.asarray(m[CONFUSION], dtype=np.int64).reshape(k, k)
             confusion = c if confusion is None else confusion + c
-        if SCORE_HIST in m and k:
+        if SCORE_HIST in m and k and hist_complete:
             h = np.asarray(m[SCORE_HIST], dtype=np.int64).reshape(k, 2, -1)
             hist = h if hist is None else hist + h
     weights = {s: m.get(NUM_EXAMPLES, 0.0) for s, m in sites.items()}
     total = sum(weights.values())
     weighted: dict[str, float] = {}
     if total > 0:
-        keys = set.intersection(*(set(m) for m in sites.values())) - {NUM_EXAMPLES}
+        keys = set.intersection(*(set(m) for m in sites.values())) - {NUM_EXAMPLES, SKIPPED}
         for key in sorted(keys):
             weighted[key] = float(sum(sites[s][key] * weights[s] for s in sites) / total)
     pooled = metrics_from_sums(confusion, hist)
     if confusion is None and weighted:  # regression (qtm): per-case means pool exactly by weighting
         pooled = {**weighted, "num_examples": float(total)}
-    return {"sites": sites, "weighted": weighted, "pooled": pooled}
+    return {"sites": sites, "weighted": weighted, "pooled": pooled, "withheld": withheld}

@@ -203,7 +203,7 @@ def run_rounds(
                 row["central"] = central(arrays)
             history.append(row)
             save_checkpoint(run_dir, Checkpoint(rnd, numpy_weights(arrays), strategy_state(strategy),
-                                                rng_state(), history))
+                                                rng_state(), history), keep_last=run.keep_checkpoints)
             if improved:
                 mark_best_round(run_dir, selection, int(val["pooled"].get("num_examples", 0)))
             runlog.write(row)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 COHORT_FILE = "cohort.csv"
+ROOTS_FILE = "allowed-roots.txt"  # folders outside the site its images may live in (importers)
 
 COLUMNS: tuple[str, ...] = (
     "case_id",
@@ -99,6 +100,7 @@ class Cohort:
     root: Path
     cases: list[CaseRecord]
     problems: list[CohortProblem]
+    roots: list[Path] = field(default_factory=list)  # allowed folders outside ``root``
 
     @property
     def errors(self) -> list[CohortProblem]:
@@ -157,17 +159,40 @@ def derive_splits(
     return out
 
 
+def allowed_roots(site_dir: str | Path, extra: Iterable[str | Path] = ()) -> list[Path]:
+    """Folders outside the site folder its cohort.csv may reference (resolved).
+
+    ``extra`` (``--allow-outside`` / node config ``allow-outside``) plus the lines of
+    ``SITE_DIR/allowed-roots.txt``, which importers write for datasets referenced in place. The
+    filesystem root is never allowed.
+    """
+    listed: list[str | Path] = [*extra]
+    f = Path(site_dir) / ROOTS_FILE
+    if f.is_file():
+        listed += [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines()
+                   if ln.strip() and not ln.strip().startswith("#")]
+    out = []
+    for r in listed:
+        p = Path(r).expanduser().resolve()
+        if p != Path(p.anchor):
+            out.append(p)
+    return out
+
+
 def read_cohort(
     site_dir: str | Path,
     *,
     seed: int = 0,
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    allow_outside: Iterable[str | Path] = (),
 ) -> Cohort:
     """Read and validate ``SITE_DIR/cohort.csv``.
 
     Row-level problems (bad labels, duplicate ids, a patient in two splits, ...) are collected in
     ``Cohort.problems`` and the offending cells or rows are dropped; nothing stops at the first
-    problem. Only an unreadable file or a missing required column raises :class:`CohortError`.
+    problem. An unreadable file, a missing required column or a duplicated column name raises
+    :class:`CohortError`. Every image path is resolved (symlinks followed); one that leads outside the
+    site folder and the :func:`allowed_roots` is an error naming row and column, and is dropped.
     Image files are *not* opened here (see ``client.site_check`` for that).
     """
     root = Path(site_dir).resolve()
@@ -191,8 +216,9 @@ def read_cohort(
     if missing:
         raise CohortError(f"{path}:1: header lacks required column(s) {', '.join(missing)}")
     dup_cols = sorted({h for h in header if header.count(h) > 1 and h})
-    if dup_cols:
-        problems.append(CohortProblem("error", fname, f"duplicate column(s) {dup_cols}", 1))
+    if dup_cols:  # which of two `grade` columns is meant cannot be guessed: never use either
+        raise CohortError(f"{path}:1: duplicate column(s) {', '.join(dup_cols)} in the header")
+    roots = [root, *allowed_roots(root, allow_outside)]
 
     raw: list[tuple[int, dict[str, str]]] = []
     for lineno, row in enumerate(reader, start=2):
@@ -284,6 +310,19 @@ def read_cohort(
             if not rel:
                 continue
             p = Path(rel)
+            target = (root / p).resolve()  # follows symlinks: where the bytes really are
+            if not any(target.is_relative_to(r) for r in roots):
+                problems.append(
+                    CohortProblem(
+                        "error",
+                        fname,
+                        f"case {cid}: column {col} ({rel}) leads outside the site folder; cell"
+                        " ignored (allow a folder with --allow-outside DIR or node config"
+                        " allow-outside)",
+                        lineno,
+                    )
+                )
+                continue
             if p.is_absolute():
                 problems.append(
                     CohortProblem(
@@ -294,7 +333,7 @@ def read_cohort(
                         lineno,
                     )
                 )
-            images[col] = (root / p).resolve() if not p.is_absolute() else p
+            images[col] = target
         labels: dict[str, str] = {}
         for col, allowed in LABEL_VALUES.items():
             val = row.get(col, "")
@@ -352,17 +391,24 @@ def read_cohort(
                     c.line,
                 )
             )
-    return Cohort(root=root, cases=cases, problems=problems)
+    return Cohort(root=root, cases=cases, problems=problems, roots=roots[1:])
 
 
-def write_cohort(site_dir: str | Path, rows: Iterable[Mapping[str, object]]) -> Path:
+def write_cohort(site_dir: str | Path, rows: Iterable[Mapping[str, object]],
+                 outside_roots: Iterable[str | Path] = ()) -> Path:
     """Write ``SITE_DIR/cohort.csv`` with the contract's columns (plus any extra keys, appended).
 
     Used by importers and generators; ``None`` becomes an empty cell. Image paths should already be
-    relative to ``site_dir`` (or absolute when they point outside it, as importers do).
+    relative to ``site_dir`` (or absolute when they point outside it, as importers do): the folders
+    they live in are listed in ``outside_roots`` and recorded in ``allowed-roots.txt``.
     """
     root = Path(site_dir)
     root.mkdir(parents=True, exist_ok=True)
+    outside = sorted({str(Path(r).resolve()) for r in outside_roots})
+    if outside:
+        (root / ROOTS_FILE).write_text(
+            "# folders outside this site whose images cohort.csv references (written by gliofed)\n"
+            + "".join(f"{r}\n" for r in outside), encoding="utf-8")
     rows = list(rows)
     extra: list[str] = []
     for r in rows:

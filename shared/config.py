@@ -47,6 +47,7 @@ class RunConfig:
     device: str = "auto"
     run_dir: str = "runs/flwr"
     resume: bool = False
+    keep_checkpoints: int = 2  # round checkpoints kept (the last N, plus a marked best); 0 = all
     server_cohort: str = ""  # site folder with a test split the server evaluates on ("" = none)
     sites_root: str = ""  # simulation: folder holding site-<partition-id>/cohort.csv
     cache_dir: str = ""
@@ -169,6 +170,10 @@ class NodeConfig:
     device: str = "auto"
     partition_id: int = -1  # simulation only
     num_partitions: int = 0  # simulation only
+    min_report_cases: int = 10  # fewest test cases behind any metric or histogram bin the site sends
+    max_image_mb: float = 1024.0  # largest image (MiB once read as float32) the site will open
+    allow_outside: str = ""  # folders outside data-path that cohort.csv may reference (os.pathsep list)
+    server_certificate: str = ""  # the server certificate the SuperNode trusts (site policy pinning)
 
     @classmethod
     def from_flower(cls, raw: Mapping[str, Any] | None, run: RunConfig) -> NodeConfig:

@@ -41,6 +41,7 @@ PROXIMAL_MU = "proximal-mu"  # FedProx: the proximal term the site adds (sent by
 SITE_ID = "site-id"  # a ConfigRecord entry naming the site (a hospital name, never a patient)
 TRAIN_SECONDS = "train-seconds"
 TRAIN_LOSS = "train-loss"
+SKIPPED = "skipped"  # eligible cases a site left out because an image was unusable
 CONFUSION = "confusion"  # flattened K x K int counts (row = true class)
 SCORE_HIST = "score-hist"  # flattened K x 2 x BINS int counts (positives / negatives of p_k)
 NUM_CLASSES = "num-classes"

@@ -47,16 +47,10 @@ def file_fingerprint(path: Path) -> str:
 def load_ras(path: Path) -> np.ndarray:
     """Read a 3D NIfTI, reoriented to RAS, as float32."""
     global nifti_loads
-    import nibabel as nib
+    from shared.imageio import load_canonical  # size limit checked before any voxel is read
 
     nifti_loads += 1
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D image, got shape {data.shape}")
-    return data
+    return load_canonical(path)
 
 
 def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:

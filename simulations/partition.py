@@ -156,7 +156,7 @@ def write_partition(cohort: Cohort, part: Partition, sites_root: Path) -> list[P
     folders = []
     for i in range(len(part.sites)):
         folder = Path(sites_root) / f"site-{i}"
-        write_cohort(folder, rows[i])
+        write_cohort(folder, rows[i], outside_roots=[cohort.root, *cohort.roots])
         folders.append(folder)
     return folders
 

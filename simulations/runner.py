@@ -49,6 +49,7 @@ class SimulationSpec:
     baselines: bool = True
     ray_address: str = ""  # "" = start a local Ray; "auto" or HOST:PORT = join an existing cluster
     extra: dict[str, Any] = field(default_factory=dict)  # more run-config keys (kebab-case)
+    min_report_cases: int = 1  # node config of every simulated site (synthetic patients)
 
 
 def run_config_for(spec: SimulationSpec, sites_root: Path) -> RunConfig:
@@ -113,7 +114,7 @@ def run_federation(spec: SimulationSpec, run: RunConfig, num_sites: int) -> None
     gpus = spec.gpus_per_client if torch.cuda.is_available() else 0.0
     run_simulation(
         server_app=make_server_app(run),
-        client_app=make_client_app(run),
+        client_app=make_client_app(run, {"min-report-cases": spec.min_report_cases}),
         num_supernodes=num_sites,
         backend_config={
             "client_resources": {"num_cpus": spec.cpus_per_client, "num_gpus": gpus},
@@ -143,7 +144,7 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
         show_table(table)
     run = run_config_for(spec, sites_root)
     if not run.resume:  # a fresh run must not pick up an old checkpoint
-        for stale in ("rounds.jsonl", "checkpoints/last.pt"):
+        for stale in ("rounds.jsonl", "checkpoints/last.json", "checkpoints/last.pt"):
             (spec.out / stale).unlink(missing_ok=True)
         # simulated sites' privacy ledgers belong to the run: a fresh run starts with none spent
         for ledger in (spec.out / "privacy").glob("site-*.json"):

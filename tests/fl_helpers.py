@@ -47,13 +47,33 @@ def write_tiny_cohort(root: Path, n_cases: int = 24, seed: int = 0, site: str = 
     return root
 
 
+def fail_in_training(grid: Any, folder: Path) -> None:
+    """Make ``folder``'s site pass the eligibility query, then fail when it trains: its t1ce images
+    are corrupted once the query has been answered."""
+    inner = grid.send_and_receive
+
+    def send_and_receive(messages, *, timeout: float | None = None):
+        messages = list(messages)
+        out = inner(messages, timeout=timeout)
+        if any(m.metadata.message_type == "query" for m in messages):
+            for f in Path(folder).glob("*_t1ce.nii.gz"):
+                f.write_bytes(b"not a nifti file")
+        return out
+
+    grid.send_and_receive = send_and_receive
+
+
 class LocalGrid:
-    """A Grid that runs the real ClientApp in-process; ``offline`` nodes never answer."""
+    """A Grid that runs the real ClientApp in-process; ``offline`` nodes never answer.
+
+    The tiny test cohorts have 2-4 test cases a site, so every node reports its metrics
+    (``min-report-cases = 1``) unless its node config says otherwise.
+    """
 
     def __init__(self, node_configs: dict[int, dict[str, Any]], run_config: dict[str, Any]) -> None:
         from flwr.app import RecordDict
 
-        self.node_configs = node_configs
+        self.node_configs = {n: {"min-report-cases": 1, **c} for n, c in node_configs.items()}
         self.run_config = run_config
         self.offline: set[int] = set()
         self.sent: list[Any] = []

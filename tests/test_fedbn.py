@@ -42,23 +42,23 @@ def test_fedbn_norm_layers_stay_at_the_site_survive_rounds_and_the_rest_averages
     import client.site
 
     loaded: list[tuple[str, str, int, dict]] = []  # (kind, site, round, norm weights the model got)
-    real = client.site.received_model
+    real = client.site.load_received
 
-    def spy(core, site, cfg, content, run, state):
-        model, received = real(core, site, cfg, content, run, state)
-        config = content["config"]
-        caller = inspect.stack()[1].function  # train_site or evaluate_site
-        kind = "train" if caller == "train_site" else str(config.get("eval-split", "test"))
+    def spy(model, arrays, run, state=None):
+        received = real(model, arrays, run, state)
+        caller = inspect.stack()[1]  # train_site or evaluate_site: its locals say site and round
+        local = caller.frame.f_locals
+        kind = "train" if caller.function == "train_site" else local["split"]
         weights = model.state_dict()
-        loaded.append((kind, site.site_id, int(config["server-round"]),
+        loaded.append((kind, local["site"].site_id, int(local["content"]["config"]["server-round"]),
                        {k: weights[k].clone() for k in keys}))
-        return model, received
+        return received
 
     cfg = run_config(tmp_path / "run", sites_root, network=network, fedbn=True)
     run = RunConfig.from_flower(cfg)
     keys = sorted(norm_keys_for(run))
     assert keys and (network != "unet_encoder" or any(k.endswith("running_mean") for k in keys))
-    monkeypatch.setattr(client.site, "received_model", spy)
+    monkeypatch.setattr(client.site, "load_received", spy)
     saved: dict[int, dict] = {}
     grid = make_grid(cfg, n=2)
 

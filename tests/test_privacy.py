@@ -106,3 +106,98 @@ def test_every_task_network_trains_under_opacus(tmp_path: Path) -> None:
         loss.backward()
         o.step()
         assert all(not k.startswith("_module.") for k in model.state_dict()), task
+
+
+def _train_message(run: RunConfig):
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from shared.learning import learning_core, train_config_for
+
+    model = learning_core().build_model(TASKS["grading"], train_config_for(run, device="cpu"))
+    arrays = ArrayRecord({k: v.detach() for k, v in model.state_dict().items()})
+    return RecordDict({"arrays": arrays, "config": ConfigRecord({})})
+
+
+@pytest.fixture()
+def dp_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GLIOFED_PRIVACY_DIR", str(tmp_path / "ledger"))
+    site = write_tiny_cohort(tmp_path / "hosp-dp", n_cases=16)
+    run = RunConfig.from_flower({"task": "grading", "dp": "opacus", "noise-multiplier": 1.0,
+                                 "local-epochs": 1, "batch-size": 4, "network": "small_cnn",
+                                 "input-size": 16, "device": "cpu",
+                                 "cache-dir": str(tmp_path / "cache")})
+    return site, run
+
+
+def test_the_ledger_charges_every_epoch_trained(dp_site) -> None:
+    """3 local epochs are trained: all 3 epochs' DP steps are charged, counted as they happen."""
+    from client.privacy import Ledger, ledger_path
+    from client.site import train_site
+
+    site, run = dp_site
+    run = run.replace(local_epochs=3)
+    node = NodeConfig.from_flower({"data-path": str(site)}, run)
+    reply = train_site(_train_message(run), run, node)
+    entries = Ledger(ledger_path(node.site_id)).entries()
+    per_epoch = math.ceil(12 / 4)  # 12 training patients, batches of 4
+    assert [(e["steps"], e["state"]) for e in entries] == [(3 * per_epoch, "charged")]
+    expected = epsilon_of([(1.0, 1 / per_epoch, 3 * per_epoch)], 1e-5)
+    assert reply["metrics"]["dp-epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert reply["metrics"]["dp-steps"] == 3 * per_epoch
+    assert expected > epsilon_of([(1.0, 1 / per_epoch, per_epoch)], 1e-5) * 1.5  # not 1 epoch's
+
+
+def test_a_request_past_max_epsilon_is_refused_before_training(dp_site) -> None:
+    from client.privacy import Ledger, ledger_path
+    from client.site import safe_reason, train_site
+
+    site, run = dp_site
+    per_epoch = 3
+    one_epoch = epsilon_of([(1.0, 1 / per_epoch, per_epoch)], 1e-5)
+    node = NodeConfig.from_flower({"data-path": str(site), "max-epsilon": one_epoch * 1.2}, run)
+    with pytest.raises(PrivacyBudgetExceeded, match="9 DP steps would bring site hosp-dp") as err:
+        train_site(_train_message(run), run.replace(local_epochs=3), node)
+    assert safe_reason(err.value) == "privacy-budget"
+    assert Ledger(ledger_path(node.site_id)).entries() == []  # nothing trained, nothing charged
+    train_site(_train_message(run), run, node)  # 1 epoch is within the budget: trains
+    assert [e["steps"] for e in Ledger(ledger_path(node.site_id)).entries()] == [per_epoch]
+
+
+def _charge(path: str, n: int) -> None:
+    from client.privacy import Ledger
+
+    ledger = Ledger(path)
+    for _ in range(n):
+        entry, _eps = ledger.reserve(1.0, 0.25, 4, 1e-5)
+        ledger.settle(entry, 3, 1e-5)
+
+
+def test_two_processes_charging_one_ledger_keep_every_entry(tmp_path: Path) -> None:
+    import multiprocessing
+
+    from client.privacy import Ledger
+
+    path = str(tmp_path / "site.json")
+    ctx = multiprocessing.get_context("fork")  # the children only read and write the ledger
+    procs = [ctx.Process(target=_charge, args=(path, 8)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    entries = Ledger(path).entries()
+    assert len(entries) == 16 and all(e["steps"] == 3 and e["state"] == "charged" for e in entries)
+    assert len({e["id"] for e in entries}) == 16
+    assert not [f for f in tmp_path.iterdir() if f.suffix == ".tmp"]  # no temp file left behind
+
+
+def test_a_step_beyond_the_reservation_is_refused(setup) -> None:
+    """Training more epochs than the privatizer was asked to account for stops, it is not free."""
+    samples, cfg = setup
+    run = RunConfig.from_flower({"task": "grading", "dp": "opacus", "batch-size": 4})
+    node = NodeConfig.from_flower({"data-path": "/x/hosp-c"}, run)
+    model = build_task_model(TASKS["grading"], cfg)
+    priv = make_privatizer(run, node, len(samples), epochs=1)
+    with pytest.raises(PrivacyBudgetExceeded, match="more than the 3 DP steps reserved"):
+        train_epochs(model, samples, TASKS["grading"], cfg, epochs=2, privatize=priv)
+    assert priv.settle() == pytest.approx(epsilon_of([(1.0, 1 / 3, 3)], 1e-5))

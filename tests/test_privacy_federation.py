@@ -33,7 +33,7 @@ def test_opacus_sites_report_epsilon_and_an_exhausted_site_declines(tmp_path, si
                for r in result.rounds)
     assert result.rounds[1]["train"]["dp-epsilon"] > result.rounds[0]["train"]["dp-epsilon"]
     declined = [r.error.reason for r in grid.replies if r.has_error()]
-    assert any("max-epsilon 0.01" in d and "declines to train" in d for d in declined)
+    assert "privacy-budget" in declined  # the fixed-vocabulary reply; the numbers stay in its log
 
 
 def test_central_dp_runs_and_accounts(tmp_path, sites_root, make_grid):

@@ -211,7 +211,7 @@ def test_site_trains_and_evaluates_qtm_for_the_federation(qtm_site):
     from shared.contract import ARRAYS, METRICS, NUM_EXAMPLES
 
     run = RunConfig(task="qtm", local_epochs=1, batch_size=2, device="cpu")
-    node = NodeConfig(data_path=str(qtm_site), site_id="site")
+    node = NodeConfig(data_path=str(qtm_site), site_id="site", min_report_cases=1)  # tiny site
     arrays = initial_arrays(run)
     reply = train_site(RecordDict({ARRAYS: arrays}), run, node)
     assert reply[METRICS][NUM_EXAMPLES] == 3  # 4 training cases, 1 carved out for validation

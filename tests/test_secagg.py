@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fl_helpers import LocalGrid, run_config, write_tiny_cohort
+from fl_helpers import LocalGrid, fail_in_training, run_config, write_tiny_cohort
 
 from shared.config import RunConfig
 
@@ -48,8 +48,10 @@ def _max_diff(a, b) -> float:
 
 def _round_weights(run_dir: Path, rnd: int) -> dict[str, torch.Tensor]:
     """The global weights after round ``rnd`` (from the run's per-round checkpoint)."""
-    data = torch.load(run_dir / "checkpoints" / f"round-{rnd:04d}.pt", weights_only=False)
-    return {k: torch.from_numpy(np.asarray(v)) for k, v in data["weights"].items()}
+    from server.checkpoint import read_round
+
+    weights = read_round(run_dir, rnd).weights
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +113,9 @@ def test_a_site_that_fails_while_training_is_unmasked_from_the_others_shares(tmp
     from server.rounds import run_rounds
 
     broken = write_tiny_cohort(tmp_path / "broken", n_cases=8, seed=9, site="B")
-    for f in broken.glob("*_t1ce.nii.gz"):
-        f.write_bytes(b"not a nifti file")  # passes the eligibility query, fails in training
     cfg = run_config(tmp_path / "run", sites_root, **{"min-available-nodes": 5, "secagg": True})
     grid = grid_of(cfg, extra={9: {"data-path": str(broken), "site-id": "broken"}})
+    fail_in_training(grid, broken)  # passes the eligibility query, fails in training
     result = run_rounds(grid, RunConfig.from_flower(cfg))
 
     for row in result.rounds:
@@ -147,8 +148,7 @@ def test_round_plan_and_too_many_dropouts_halt_without_changing_the_model(tmp_pa
     cfg = run_config(tmp_path / "run", sites_root, **{"secagg": True, "num-server-rounds": 1})
     grid = grid_of(cfg, n=1, extra={9: {"data-path": str(tmp_path / "b"), "site-id": "b"}})
     write_tiny_cohort(tmp_path / "b", n_cases=4, seed=3, site="B")
-    for f in (tmp_path / "b").glob("*_t1ce.nii.gz"):
-        f.write_bytes(b"broken")
+    fail_in_training(grid, tmp_path / "b")
     ended = []  # the one round loop calls the same per-round hook for SecAgg+ rounds
     result = run_rounds(grid, RunConfig.from_flower(cfg),
                         on_round_end=lambda rnd, row: ended.append((rnd, row["secagg"]["unmasked"])))

@@ -92,7 +92,7 @@ def test_every_problem_is_reported_with_file_and_reason(broken_site: Path) -> No
     expect = [
         f"ERROR {s}/missing/nowhere.nii.gz: missing file (referenced by column t2)",
         f"ERROR {s}/trunc/flair.nii.gz: truncated or corrupt image data",
-        f"ERROR {s}/garbage/t1.nii.gz: unreadable NIfTI (BadGzipFile: Not a gzipped file (b'he'))",
+        f"ERROR {s}/garbage/t1.nii.gz: unreadable NIfTI (BadGzipFile: Not a gzipped file)",
         f"ERROR {s}/fourd/t1ce.nii.gz: expected a 3D image for t1ce, got shape (8, 8, 8, 3)",
         f"ERROR {s}/nan/t2.nii.gz: 2 NaN/Inf voxel(s)",
         f"ERROR {s}/const/flair.nii.gz: constant image (every voxel = 7)",

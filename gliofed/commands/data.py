@@ -19,13 +19,20 @@ def site_check(
     site_dir: Annotated[Path, typer.Argument(help="Site folder with cohort.csv.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead.")] = False,
     workers: Annotated[int, typer.Option(help="Processes for image checks (0: all cores).")] = 0,
+    allow_outside: Annotated[list[Path], typer.Option(
+        "--allow-outside", help="A folder outside the site that cohort.csv may reference "
+        "(repeatable; importers record theirs in allowed-roots.txt).")] = [],  # noqa: B006
+    max_image_mb: Annotated[float, typer.Option(
+        "--max-image-mb", help="Largest image to open, MiB as float32 (0: node config's default).")
+    ] = 0.0,
 ) -> None:
-    """Validate without modifying anything; report every problem; exit 1 on errors."""
+    """Validate without modifying anything; report every problem; exit 1 on errors (an empty site is one)."""
     from client.site_check import check_site
 
     bar = None if as_json else ProgressBar("checking images")
     try:
-        report = check_site(site_dir, workers=workers or None, progress=bar)
+        report = check_site(site_dir, workers=workers or None, progress=bar,
+                            allow_outside=allow_outside, max_image_mb=max_image_mb or None)
     finally:
         if bar is not None:
             bar.close()
@@ -90,6 +97,67 @@ def print_report(report) -> None:
     console.print(table)
     n_err, n_warn = len(report.errors), len(report.problems) - len(report.errors)
     console.print(f"{n_err} error(s), {n_warn} warning(s)", style="red" if n_err else "green")
+
+
+@site_app.command("policy")
+def site_policy(
+    site_dir: Annotated[Path, typer.Argument(help="Site folder (with site-policy.toml, if any).")],
+    node_config: Annotated[str, typer.Option(
+        help="The SuperNode's node config (KEY=VALUE ...), to show the limits in force.")] = "",
+) -> None:
+    """Print the effective site policy: the file's rules and the node config limits they tighten."""
+    import shlex
+
+    from client.policy import POLICY_FILE, PolicyError, effective_node, load_policy
+    from shared.config import NodeConfig, RunConfig
+
+    try:
+        policy = load_policy(site_dir)
+    except PolicyError as exc:
+        typer.secho(f"error: {site_dir}/{exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    raw = dict(item.partition("=")[::2] for item in shlex.split(node_config))
+    node = effective_node(policy, NodeConfig.from_flower({"data-path": str(site_dir), **raw},
+                                                         RunConfig()))
+    source = site_dir / POLICY_FILE
+    typer.echo(f"# {source if source.is_file() else 'no ' + POLICY_FILE + ': no rules'}")
+    for key, value in policy.as_toml_dict().items():
+        shown = json.dumps(list(value)) if isinstance(value, tuple) else json.dumps(value)
+        typer.echo(f"{key} = {shown}{'' if value else '  # no rule'}")
+    typer.echo(f"# in force with the node config: max-epsilon = {node.max_epsilon:g} (0 = none), "
+               f"min-report-cases = {node.min_report_cases}")
+
+
+@site_app.command("audit")
+def site_audit(
+    site_dir: Annotated[Path, typer.Argument(help="Site folder (its name is the default site-id).")],
+    site_id: Annotated[str, typer.Option(help="The site-id of the SuperNode (default: folder name).")
+                       ] = "",
+    log: Annotated[Path | None, typer.Option(help="An audit log file to read instead.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Summarise the site's audit log: requests served / refused / failed, rules, runs, bytes, epsilon."""
+    from client.audit import audit_path, read_log, summarise
+    from shared.config import NodeConfig, RunConfig
+
+    node = NodeConfig.from_flower({"data-path": str(site_dir), **({"site-id": site_id} if site_id
+                                                                   else {})}, RunConfig())
+    path = log or audit_path(node)
+    entries = read_log(path)
+    if not entries:
+        typer.secho(f"error: no audit log at {path}", fg="red", err=True)
+        raise typer.Exit(1)
+    summary = summarise(entries)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(f"{path}: {summary['requests']} request(s) {summary['first']} .. {summary['last']}, "
+               f"{len(summary['runs'])} run(s)")
+    for key, n in sorted(summary["by_kind_outcome"].items()):
+        typer.echo(f"  {key}: {n}")
+    for rule, n in sorted(summary["refused_by_rule"].items()):
+        typer.echo(f"  refused by {rule}: {n}")
+    typer.echo(f"  bytes sent: {summary['bytes_sent']}, epsilon spent: {summary['epsilon_spent']:.3f}")
 
 
 def _import(layout: str, src: Path, out: Path, **kw) -> None:

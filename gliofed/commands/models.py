@@ -12,21 +12,55 @@ CohortOpt = Annotated[Path, typer.Option("--cohort", help="Site folder with coho
 ModelOpt = Annotated[Path, typer.Option("--model", help="MODEL_DIR written by train or a federation.")]
 
 
+AllowOpt = Annotated[list[Path], typer.Option(
+    "--allow-outside", help="A folder outside the site that cohort.csv may reference (repeatable).")]
+MaxImageOpt = Annotated[float, typer.Option(
+    "--max-image-mb", help="Largest image to open, MiB as float32 (default: node config's).")]
+
+
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg="red", err=True)
     raise typer.Exit(2)
 
 
-def _load_cohort(path: Path):
+def _load_cohort(path: Path, allow_outside: list[Path] = (), max_image_mb: float = 0.0):
     from shared.cohort import CohortError, read_cohort
+    from shared.imageio import set_max_image_mb
 
+    if max_image_mb:
+        set_max_image_mb(max_image_mb)
     try:
-        cohort = read_cohort(path)
+        cohort = read_cohort(path, allow_outside=allow_outside)
     except CohortError as exc:
         _fail(str(exc))
     for p in cohort.errors:
         typer.secho(str(p), fg="yellow", err=True)
     return cohort
+
+
+def _writable(out: Path, folder: bool) -> None:
+    """Fail now, before any work, when ``out`` (a folder, or a file's folder) cannot be written."""
+    import tempfile
+
+    where = out if folder else out.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as exc:
+        _fail(f"cannot write --out {out}: {exc.strerror or type(exc).__name__}")
+
+
+def _screened(samples, spec, cfg, in_channels: int | None = None, what: str = "cases"):
+    """The samples whose images open, after one line per skipped case; fails when none is left."""
+    from shared.training.screen import screen_samples
+
+    ok, skipped = screen_samples(samples, spec, cfg, in_channels)
+    for cid, reason in skipped:
+        typer.echo(f"skipped {cid}: {reason}")
+    if samples and not ok:
+        _fail(f"every one of the {len(samples)} {what} was skipped (reasons above)")
+    return ok
 
 
 def train(
@@ -44,8 +78,12 @@ def train(
     cache_dir: Annotated[str, typer.Option(help="Preprocessing cache (default ~/.cache/gliofed).")] = "",
     subtraction: Annotated[bool, typer.Option(help="rano: add the follow-up minus baseline image.")] = False,
     clinical: Annotated[str, typer.Option(help="Comma-separated numeric cohort columns to fuse (e.g. age).")] = "",
+    allow_outside: AllowOpt = [],  # noqa: B006
+    max_image_mb: MaxImageOpt = 0.0,
 ) -> None:
-    """Train a task centrally (the pooled baseline) and export MODEL_DIR with test metrics and plots."""
+    """Train a task centrally (the pooled baseline) and export MODEL_DIR with test metrics and plots.
+
+    A case whose images cannot be used is skipped with a one-line reason."""
     from shared.tasks import get_task, select_samples
     from shared.training import TrainConfig, evaluate_model, fit, model_inputs
     from shared.training.bundle import export_bundle
@@ -55,17 +93,20 @@ def train(
         spec = get_task(task)
     except ValueError as exc:
         _fail(str(exc))
-    c = _load_cohort(cohort)
+    _writable(out, folder=True)
+    c = _load_cohort(cohort, allow_outside, max_image_mb)
     tr, _ = select_samples(spec, c, "train")
     va, _ = select_samples(spec, c, "val")
     te, _ = select_samples(spec, c, "test")
     if not tr:
         _fail(f"{cohort}: no eligible {task} training cases (run `gliofed site check {cohort}`)")
-    typer.echo(f"{task}: {len(tr)} train / {len(va)} val / {len(te)} test cases")
     cfg = TrainConfig(task=task, network=network or None, input_size=(size,) * 3 if size else None,
                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                       patience=patience, cache_dir=cache_dir or None, subtraction=subtraction,
                       clinical=tuple(c for c in clinical.split(",") if c)).resolved()
+    tr = _screened(tr, spec, cfg, what="training cases")
+    va, te = _screened(va, spec, cfg), _screened(te, spec, cfg)
+    typer.echo(f"{task}: {len(tr)} train / {len(va)} val / {len(te)} test cases")
     model, history = fit(spec, cfg, tr, va, progress=True, log=typer.echo)
     ev = evaluate_model(model, te, spec, cfg) if te else None
     prov = {"mode": "centralised", "cohort": str(cohort.resolve()), "train_cases": len(tr),
@@ -81,17 +122,46 @@ def train(
     typer.echo(f"model written to {out}")
 
 
-def _eligible(model_dir: Path, cohort: Path, require_label: bool = True):
-    from shared.tasks import get_task, select_samples
-    from shared.training import TrainConfig
+def _bundle(model_dir: Path):
+    """(model, metadata) of MODEL_DIR, or a clear error: missing, truncated, or another task's weights."""
+    import json
+
+    import torch
+
+    from shared.tasks import TASKS
     from shared.training.bundle import load_bundle
 
+    weights = model_dir / "models" / "model.pt"
     try:
-        model, meta = load_bundle(model_dir)
+        return load_bundle(model_dir)
     except FileNotFoundError as exc:
         _fail(str(exc))
+    except (json.JSONDecodeError, KeyError, ValueError) as exc:
+        _fail(f"{model_dir}/configs/metadata.json: unreadable ({type(exc).__name__}: {exc})")
+    except RuntimeError as exc:
+        meta = json.loads((model_dir / "configs" / "metadata.json").read_text())
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - truncated zip, not a state dict, ...
+            _fail(f"{weights}: truncated or not a PyTorch state dict (re-export the model)")
+        outs = [v.shape[0] for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+        fits = [n for n, t in TASKS.items() if t.classes and outs and len(t.classes) == outs[-1]
+                and n != meta["task"]]
+        guess = f"; its output has {outs[-1]} classes, as a {' or '.join(fits)} model" if fits else ""
+        _fail(f"{weights}: these weights are not the {meta['task']} {meta['network']['name']} network "
+              f"configs/metadata.json describes{guess} ({str(exc).splitlines()[0][:160]})")
+    except Exception as exc:  # noqa: BLE001 - a corrupt model.pt (bad zip, EOF, pickle error)
+        _fail(f"{weights}: truncated or not a PyTorch state dict ({type(exc).__name__})")
+
+
+def _eligible(model_dir: Path, cohort: Path, require_label: bool = True,
+              allow_outside: list[Path] = (), max_image_mb: float = 0.0):
+    from shared.tasks import get_task, select_samples
+    from shared.training import TrainConfig
+
+    model, meta = _bundle(model_dir)
     spec = get_task(meta["task"])
-    c = _load_cohort(cohort)
+    c = _load_cohort(cohort, allow_outside, max_image_mb)
     samples, skipped = select_samples(spec, c, require_label=require_label)
     tc = meta["train_config"]
     cfg = TrainConfig(task=spec.name, network=meta["network"]["name"],
@@ -105,15 +175,20 @@ def _eligible(model_dir: Path, cohort: Path, require_label: bool = True):
 def predict(
     model: ModelOpt, cohort: CohortOpt,
     out: Annotated[Path, typer.Option("--out", help="CSV to write.")],
+    allow_outside: AllowOpt = [],  # noqa: B006
+    max_image_mb: MaxImageOpt = 0.0,
 ) -> None:
     """Write case_id,label,prob_<class>... for every eligible row; others are skipped with a reason."""
     import csv
 
     from shared.training import predict_probs
+    from shared.training.loop import _first_conv_in_channels
 
-    net, _meta, spec, cfg, samples, skipped = _eligible(model, cohort, require_label=False)
+    _writable(out, folder=False)
+    net, _meta, spec, cfg, samples, skipped = _eligible(model, cohort, False, allow_outside,
+                                                        max_image_mb)
+    samples = _screened(samples, spec, cfg, _first_conv_in_channels(net))
     probs = predict_probs(net, samples, spec, cfg) if samples else []
-    out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["case_id", "label", *[f"prob_{c}" for c in spec.classes]])
@@ -128,16 +203,23 @@ def evaluate(
     model: ModelOpt, cohort: CohortOpt,
     out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json and plots.")],
     split: Annotated[str, typer.Option(help="test | val | train | all")] = "test",
+    allow_outside: AllowOpt = [],  # noqa: B006
+    max_image_mb: MaxImageOpt = 0.0,
 ) -> None:
-    """Metrics (AUC, balanced accuracy, sensitivity, ...), ROC and confusion-matrix PNGs."""
+    """Metrics (AUC, balanced accuracy, sensitivity, ...), ROC and confusion-matrix PNGs.
+
+    A case whose images cannot be used is skipped with a one-line reason."""
     from shared.training import evaluate_model
+    from shared.training.loop import _first_conv_in_channels
     from shared.training.report import write_eval_outputs
 
-    net, _meta, spec, cfg, samples, _ = _eligible(model, cohort)
+    _writable(out, folder=True)
+    net, _meta, spec, cfg, samples, _ = _eligible(model, cohort, True, allow_outside, max_image_mb)
     if split != "all":
         samples = [s for s in samples if s.split == split]
     if not samples:
         _fail(f"{cohort}: no labelled {spec.name} cases in split {split}")
+    samples = _screened(samples, spec, cfg, _first_conv_in_channels(net))
     ev = evaluate_model(net, samples, spec, cfg)
     write_eval_outputs(ev, spec, out)
     typer.echo(", ".join(f"{k} {v:.3f}" for k, v in ev.metrics.items()))
@@ -156,6 +238,7 @@ def explain(
     from shared.training.loop import _dataset, _first_conv_in_channels
 
     net, _meta, spec, cfg, samples, _ = _eligible(model, cohort)
+    samples = _screened(samples, spec, cfg, _first_conv_in_channels(net))
     chosen = [s for s in samples if s.case_id in case] if case else [
         s for s in samples if s.split == "test"][:4]
     if not chosen:

@@ -49,6 +49,9 @@ def simulate(
     config: Annotated[
         list[str] | None, typer.Option("--config", "-c", help="Extra run-config KEY=VALUE (repeat).")
     ] = None,
+    min_report_cases: Annotated[int, typer.Option(
+        help="Each simulated site's node config min-report-cases: fewest test cases behind a metric "
+             "it sends (synthetic patients; a real site's default is 10).")] = 1,
 ) -> None:
     """Partition a cohort into sites, run the federation with Flower's simulation engine and the
     centralised / local-only baselines on the same splits, and write RUN_DIR/report.html."""
@@ -68,7 +71,7 @@ def simulate(
         strategy=strategy, local_epochs=local_epochs, size=size, cases=cases, seed=seed,
         network=network, lr=lr, batch_size=batch_size, cpus_per_client=cpus_per_client,
         gpus_per_client=gpus_per_client, baselines=not no_baselines, extra=extra,
-        ray_address=ray_address,
+        ray_address=ray_address, min_report_cases=min_report_cases,
     )
     try:
         if prepare_only:

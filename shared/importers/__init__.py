@@ -49,7 +49,8 @@ def run_importer(layout: str, src: str | Path, out: str | Path, progress: bool =
         SHOW_PROGRESS.reset(token)
     if not rows:
         raise ImportErrorForUser(f"{src}: no {layout} cases found (is this the right layout?)")
-    path = write_cohort(out, rows)
+    inside = src.resolve().is_relative_to(out.resolve())
+    path = write_cohort(out, rows, outside_roots=() if inside else [src])  # images stay in place
     counts = {col: dict(Counter(r[col] for r in rows if r.get(col))) for col in LABEL_VALUES}
     written = {r["case_id"] for r in rows}
     return ImportResult(path, len(rows), [x for x in skipped if x[0] not in written],
