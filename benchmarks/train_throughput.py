@@ -69,9 +69,9 @@ def main() -> None:
     from monai.networks.nets import resnet10
 
     from shared.cohort import read_cohort
+    from shared.device import pick_device as resolve_device
     from shared.tasks import TASKS, select_samples
     from shared.training import TrainConfig, build_task_model, train_epochs
-    from shared.training.loop import resolve_device
     from simulations.synth import generate_cohort
 
     dev = resolve_device(a.device)

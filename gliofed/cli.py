@@ -12,11 +12,13 @@ import typer
 
 COMMAND_MODULES = (
     "gliofed.commands.data",  # import, site check
+    "gliofed.commands.prepare",  # site prepare (on the site group of commands.data)
     "gliofed.commands.synth",  # synth
     "gliofed.commands.models",  # train, predict, evaluate, explain
     "gliofed.commands.simulate",  # simulate
     "gliofed.commands.qtm",  # qtm simulate|train|predict|grade|fit
     "gliofed.commands.deploy",  # deploy certs
+    "gliofed.commands.operate",  # dashboard, report, track
 )
 
 app = typer.Typer(

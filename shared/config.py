@@ -63,6 +63,7 @@ class RunConfig:
     export: str = "best"  # best (highest pooled validation score of the new global model) | final
     early_stop_patience: int = 0  # stop after this many rounds without a better validation score; 0 = off
     fedbn: bool = False  # FedBN: normalisation layers stay at each site, never sent or averaged
+    tracking_uri: str = ""  # MLflow tracking URI ("" = off), e.g. sqlite:///runs/mlflow.db
 
     def __post_init__(self) -> None:
         _check_options(self)

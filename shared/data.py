@@ -1,7 +1,10 @@
-"""Load, preprocess and cache task inputs: NIfTI -> RAS -> brain/tumour crop -> resample -> z-score.
+"""Load, preprocess and cache task inputs with the bundle's MONAI chain (whole brain, no tumour crop).
 
-Preprocessed arrays are cached on disk (float16 ``.npy``) keyed by the files' content fingerprint and
-the preprocessing parameters, so a second epoch (or a second run) never re-reads NIfTI.
+The chain itself (:mod:`shared.bundle_scripts.transforms`) is the one definition that MODEL_DIR's
+``configs/inference.json`` carries too. ``seg`` is never used to place or size an input: it only
+follows the image as an optional training target. Preprocessed arrays are cached on disk (float16
+``.npz``) keyed by the files' content fingerprint and the preprocessing parameters, so a second epoch
+(or a second run) never re-reads NIfTI.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from shared.bundle_scripts.transforms import PREPROCESS_VERSION, SEG_LABELS, build_preprocessing
 from shared.tasks import TaskSample, TaskSpec
 
-PREPROCESS_VERSION = 1
-SEG_CLASSES = (0, 1, 2, 4)  # stored as indices 0..3 when a segmentation target is requested
+SEG_CLASSES = SEG_LABELS  # stored as indices 0..3 when a segmentation target is requested
 
 nifti_loads = 0  # counts NIfTI reads (tests use it to prove the cache works)
 
@@ -44,96 +47,52 @@ def file_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_ras(path: Path) -> np.ndarray:
-    """Read a 3D NIfTI, reoriented to RAS, as float32."""
-    global nifti_loads
-    from shared.imageio import load_canonical  # size limit checked before any voxel is read
-
-    nifti_loads += 1
-    return load_canonical(path)
-
-
-def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    idx = np.nonzero(mask)
-    if len(idx[0]) == 0:
-        return tuple(slice(0, s) for s in mask.shape)
-    return tuple(
-        slice(max(int(i.min()) - margin, 0), min(int(i.max()) + 1 + margin, s))
-        for i, s in zip(idx, mask.shape, strict=True)
-    )
-
-
-def _centre_box(
-    centre: Sequence[float], size: Sequence[int], shape: Sequence[int]
-) -> tuple[slice, ...]:
-    out = []
-    for c, n, s in zip(centre, size, shape, strict=True):
-        n = min(n, s)
-        lo = round(c - n / 2)
-        lo = min(max(lo, 0), s - n)
-        out.append(slice(lo, lo + n))
-    return tuple(out)
-
-
-def _resize(vol: np.ndarray, size: Sequence[int], mode: str) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(vol))[None, None]
-    if mode == "nearest":
-        out = F.interpolate(t, size=tuple(size), mode="nearest")
-    else:
-        out = F.interpolate(t, size=tuple(size), mode="trilinear", align_corners=False)
-    return out[0, 0].numpy()
-
-
-def zscore_in_brain(vol: np.ndarray) -> np.ndarray:
-    """Z-score using the non-zero (brain) voxels; background stays 0."""
-    mask = vol > 0
-    if mask.sum() < 10:
-        mask = np.ones_like(vol, dtype=bool)
-    v = vol[mask]
-    mu, sd = float(v.mean()), float(v.std())
-    out = (vol - mu) / (sd if sd > 1e-6 else 1.0)
-    out[~mask] = 0.0
-    return out.astype(np.float32)
-
-
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How one session's images become a network input."""
+    """How one session's images become a network input: the whole brain resized to ``size``."""
 
     size: tuple[int, int, int]
-    crop: str = "tumour"  # "tumour": box around the seg (x2 margin) when present; "brain": brain box
-    tumour_box_scale: float = 2.0
     with_seg: bool = False
 
     def key(self) -> str:
-        return json.dumps([PREPROCESS_VERSION, self.size, self.crop, self.tumour_box_scale])
+        return json.dumps([PREPROCESS_VERSION, list(self.size)])
+
+
+_chains: dict[tuple, object] = {}
+
+
+def _chain(keys: tuple[str, ...], size: tuple[int, ...], seg: bool):
+    k = (keys, tuple(size), seg)
+    if k not in _chains:
+        _chains[k] = build_preprocessing(keys, size, seg=seg)
+    return _chains[k]
 
 
 def preprocess_session(
-    paths: Sequence[Path], seg: Path | None, cfg: PreprocessConfig
+    paths: Sequence[Path], seg: Path | None, cfg: PreprocessConfig,
+    names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Channels (C, *size) float32 and, when ``seg`` is given, a label map (*size) of SEG_CLASSES idx."""
-    vols = [load_ras(p) for p in paths]
-    shape = vols[0].shape
-    for p, v in zip(paths, vols, strict=True):
-        if v.shape != shape:
-            raise ValueError(f"{p}: shape {v.shape} differs from {paths[0]} {shape}")
-    seg_arr = load_ras(seg) if seg is not None else None
-    brain = np.any(np.stack([v > 0 for v in vols]), axis=0)
-    box = _bbox(brain, margin=2)
-    if cfg.crop == "tumour" and seg_arr is not None and (seg_arr > 0).any():
-        tb = _bbox(seg_arr > 0, margin=0)
-        centre = [(s.start + s.stop) / 2 for s in tb]
-        extent = max(max(s.stop - s.start for s in tb) * cfg.tumour_box_scale, min(shape) * 0.5)
-        box = _centre_box(centre, [int(extent)] * 3, shape)
-    chans = [_resize(zscore_in_brain(v)[box], cfg.size, "trilinear") for v in vols]
-    x = np.stack(chans).astype(np.float32)
-    y = None
-    if seg_arr is not None and cfg.with_seg:
-        lab = np.zeros_like(seg_arr, dtype=np.float32)
-        for i, v in enumerate(SEG_CLASSES):
-            lab[np.rint(seg_arr) == v] = i
-        y = _resize(lab[box], cfg.size, "nearest").astype(np.int64)
+    """Channels (C, *size) float16 from the images alone and, when ``seg`` is given and asked for, a
+    label map (*size) of SEG_CLASSES indices cropped with the images' box."""
+    global nifti_loads
+    names = tuple(names) if names else tuple(f"image{i}" for i in range(len(paths)))
+    if "seg" in names:
+        raise ValueError("'seg' is a training target, never a network input")
+    use_seg = seg is not None and cfg.with_seg
+    data = {n: str(p) for n, p in zip(names, paths, strict=True)}
+    if use_seg:
+        data["seg"] = str(seg)
+    nifti_loads += len(data)
+    try:
+        out = _chain(names, tuple(cfg.size), use_seg)(data)
+    except RuntimeError as exc:  # MONAI hides the reader's own error: read each file to surface it
+        import nibabel as nib
+
+        for f in data.values():
+            np.asarray(nib.load(f).dataobj)  # raises e.g. ImageFileError "... is not a gzip file"
+        raise ValueError(f"cannot preprocess {', '.join(map(str, paths))}: {exc}") from exc
+    x = out["image"].numpy()
+    y = out["seg"].numpy()[0].astype(np.int64) if use_seg else None
     return x, y
 
 
@@ -163,7 +122,8 @@ class SessionCache:
         return self._keys[memo]
 
     def get(
-        self, paths: Sequence[Path], seg: Path | None, cfg: PreprocessConfig
+        self, paths: Sequence[Path], seg: Path | None, cfg: PreprocessConfig,
+        names: Sequence[str] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         k = self.key(paths, seg, cfg)
         if k in self._ram:
@@ -174,8 +134,8 @@ class SessionCache:
                 x = z["x"]
                 y = z["y"] if "y" in z.files else None
         else:
-            x32, y = preprocess_session(paths, seg, PreprocessConfig(**{**cfg.__dict__, "with_seg": True}))
-            x = x32.astype(np.float16)
+            x, y = preprocess_session(paths, seg, PreprocessConfig(size=cfg.size, with_seg=True), names)
+            x = x.astype(np.float16)
             tmp = f.with_name(f"{k}.{os.getpid()}.tmp.npz")
             if y is not None:
                 np.savez(tmp, x=x, y=y.astype(np.uint8))
@@ -188,9 +148,14 @@ class SessionCache:
         return out
 
 
+def input_columns(spec: TaskSpec, use_optional: bool) -> list[str]:
+    """Image columns of one session, in channel order."""
+    return list(spec.inputs) + (list(spec.optional_inputs) if use_optional else [])
+
+
 def session_inputs(sample: TaskSample, spec: TaskSpec, use_optional: bool) -> list[list[Path]]:
     """Image paths per timepoint (baseline first for two-timepoint tasks)."""
-    cols = list(spec.inputs) + (list(spec.optional_inputs) if use_optional else [])
+    cols = input_columns(spec, use_optional)
     sessions = [sample.baseline, sample.case] if spec.timepoints == 2 else [sample.case]
     return [[s.images[c] for c in cols] for s in sessions if s is not None]
 
@@ -256,7 +221,7 @@ class TaskDataset(Dataset):
         for tp, paths in enumerate(session_inputs(s, self.spec, self.use_optional)):
             sess = (s.baseline if tp == 0 and self.spec.timepoints == 2 else s.case)
             segp = sess.images.get("seg") if sess is not None else None
-            x, y = self.cache.get(paths, segp, self.cfg)
+            x, y = self.cache.get(paths, segp, self.cfg, input_columns(self.spec, self.use_optional))
             xs.append(torch.from_numpy(x.astype(np.float16 if self.half else np.float32)))
             if sess is s.case and y is not None:
                 seg = torch.from_numpy(y.astype(np.int64))

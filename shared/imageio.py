@@ -103,13 +103,18 @@ def read_array(path: str | Path, dtype: Any = np.float32) -> tuple[np.ndarray, A
         raise ImageError(f"truncated or corrupt image data ({type(exc).__name__})", path) from None
 
 
+def require_3d(img: Any, path: str | Path) -> Any:
+    """``img`` when its header describes a 3D volume (a trailing singleton axis allowed); ImageError else."""
+    if len([s for s in img.shape if s > 1]) < 3 or len(img.shape) < 3:
+        raise ImageError(f"not a 3D image (shape {tuple(img.shape)})", path)
+    return img
+
+
 def load_canonical(path: str | Path) -> np.ndarray:
     """A 3D image reoriented to RAS as float32 (a trailing singleton 4th axis is dropped)."""
     import nibabel as nib
 
-    img = open_image(path)
-    if len([s for s in img.shape if s > 1]) < 3 or len(img.shape) < 3:
-        raise ImageError(f"not a 3D image (shape {tuple(img.shape)})", path)
+    img = require_3d(open_image(path), path)
     try:
         data = np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)
     except Exception as exc:  # noqa: BLE001

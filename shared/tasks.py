@@ -24,6 +24,7 @@ class TaskSpec:
     input_size: tuple[int, int, int]  # voxels fed to the network (crop/pad target)
     headline_metric: str
     reference: str  # the published number this task is compared with
+    kind: str = "classification"  # or "regression_maps" (qtm); see shared/training/kinds.py
 
     @property
     def num_classes(self) -> int:
@@ -94,6 +95,7 @@ TASKS: dict[str, TaskSpec] = {
         input_size=(32, 32, 16),
         headline_metric="param_mae",
         reference="QTMnet AUC 0.973 vs 2CXM 0.911 for LGG vs HGG (Romano 2026)",
+        kind="regression_maps",
     ),
 }
 

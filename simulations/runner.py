@@ -131,11 +131,11 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
     ``echo`` gets one line per step; ``show_table`` (the CLI renders it) gets the per-site class table
     (``simulations.partition.class_table`` rows) before the federation starts.
     """
+    from server.report import write_report
     from server.runlog import read_rounds
     from shared.tasks import get_task
     from simulations.baselines import run_baselines
     from simulations.partition import class_table
-    from simulations.report import write_report
 
     t0 = time.perf_counter()
     sites_root, cohort, part = prepare_sites(spec, echo)
@@ -144,7 +144,7 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
         show_table(table)
     run = run_config_for(spec, sites_root)
     if not run.resume:  # a fresh run must not pick up an old checkpoint
-        for stale in ("rounds.jsonl", "checkpoints/last.json", "checkpoints/last.pt"):
+        for stale in ("rounds.jsonl", "checkpoints/last.json", "checkpoints/last.pt", "summary.json"):
             (spec.out / stale).unlink(missing_ok=True)
         # simulated sites' privacy ledgers belong to the run: a fresh run starts with none spent
         for ledger in (spec.out / "privacy").glob("site-*.json"):
@@ -170,7 +170,12 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
         "total_seconds": time.perf_counter() - t0,
     }
     (spec.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    return write_report(spec.out, summary)
+    report = write_report(spec.out, summary)
+    if run.tracking_uri:
+        from server.tracking import log_run
+
+        echo(f"MLflow run {log_run(spec.out, run.tracking_uri)} in {run.tracking_uri}")
+    return report
 
 
 def stopped_early(run: RunConfig, rounds: list[dict[str, Any]]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 import subprocess
@@ -85,3 +86,87 @@ def test_compose_and_dockerfiles_are_consistent() -> None:
     assert "--disable-runtime-dependency-installation" in (DEPLOY / "Dockerfile.server").read_text()
     r = subprocess.run(["sh", "-n", str(DEPLOY / "site-entrypoint.sh")], capture_output=True, check=False)
     assert r.returncode == 0
+
+
+UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
+
+
+def test_systemd_analyze_verify_passes_on_every_unit(tmp_path: Path) -> None:
+    """`systemd-analyze verify` on each unit as installed (the /opt/gliofed venv is this venv)."""
+    import shutil
+    import sys
+
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install -y systemd)")
+    venv = str(Path(sys.executable).parent.parent)
+    assert len(UNITS) == 2
+    for unit in UNITS:
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text().replace("/opt/gliofed/.venv", venv))
+        r = subprocess.run([tool, "verify", "--man=no", str(copy)], capture_output=True, text=True,
+                           check=False)
+        assert r.returncode == 0 and unit.name + ":" not in r.stderr, r.stderr
+
+
+def test_units_use_absolute_read_only_paths_and_a_writable_flower_home() -> None:
+    env = dict(line.split("=", 1) for line in (DEPLOY / "site.env.example").read_text().splitlines()
+               if "=" in line and not line.startswith("#"))
+    for unit in UNITS:
+        text = unit.read_text()
+        settings = [ln.split("=", 1) for ln in text.splitlines() if "=" in ln and not ln.startswith("#")]
+        writable = " ".join(v for k, v in settings if k == "ReadWritePaths").split()
+        for key, value in settings:
+            if key.endswith("Paths"):
+                assert all(p.startswith("/") for p in value.split()), f"{unit.name}: {key}={value}"
+            if key == "Environment" and value.split("=", 1)[0] in ("FLWR_HOME", "MPLCONFIGDIR"):
+                path = value.split("=", 1)[1]
+                assert any(path.startswith(w + "/") for w in writable), f"{unit.name}: {value}"
+        assert "KillMode=control-group" in text
+    node = (DEPLOY / "systemd" / "gliofed-supernode.service").read_text()
+    assert f"ReadOnlyPaths={env['GLIOFED_DATA_PATH']}" in node
+    assert "gliofed deploy supervise -- /opt/gliofed/.venv/bin/flower-supernode" in node
+    assert "exec gliofed deploy supervise -- flower-supernode" in (
+        DEPLOY / "site-entrypoint.sh").read_text()
+
+
+_DAEMON = """
+import signal, subprocess, sys, time
+# like the SuperNode: a child that outlives us unless someone ends our process group; it ignores
+# SIGTERM, so only the supervisor's SIGKILL after the grace period ends it
+kid = subprocess.Popen(["sh", "-c", "trap '' TERM; while true; do sleep 1; done"])
+print(kid.pid, flush=True)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))
+time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("supervised", [True, False])
+def test_supervise_leaves_no_process_behind_when_the_daemon_is_stopped(supervised: bool) -> None:
+    import signal
+    import sys
+    import time
+
+    cmd = [sys.executable, "-c", _DAEMON]
+    if supervised:
+        cmd = [sys.executable, "-m", "gliofed", "deploy", "supervise", "--grace", "2", "--", *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    kid = int(proc.stdout.readline())
+    try:
+        proc.send_signal(signal.SIGTERM)  # to the supervisor (or the bare daemon) only
+        assert proc.wait(timeout=20) == (0 if supervised else 3)
+        deadline = time.time() + 10
+        while _alive(kid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _alive(kid) is (not supervised)  # the bare daemon leaves its child running
+    finally:
+        if _alive(kid):
+            os.kill(kid, signal.SIGKILL)

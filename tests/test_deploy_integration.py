@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -111,7 +112,9 @@ def federation(tmp_path: Path):
                  for i, s in enumerate(("hosp-a", "hosp-b"))}
 
         def start_site(site: str, key: str | None = None, ca: bool = True, retries: int = 0):
-            args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+            # as the systemd unit and the Docker entrypoint run it: under `gliofed deploy supervise`
+            args = [str(BIN / "gliofed"), "deploy", "supervise", "--grace", "10", "--",
+                    str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
                     "--auth-supernode-private-key", str(keys.site_keys[key or site][0]),
                     "--node-config", f'data-path="{sites.get(site, tmp_path)}" site-id="{site}"',
                     "--port", str(free_port())]
@@ -129,7 +132,23 @@ def federation(tmp_path: Path):
 def _run(procs: Procs, app: Path, run_dir: Path, rounds: int, extra: str = "") -> subprocess.CompletedProcess:
     cfg = (f"num-server-rounds={rounds} run-dir='{run_dir}' input-size=16 network='small_cnn' "
            f"min-available-nodes=2 quorum-timeout=20 round-timeout=120 batch-size=4 {extra}")
-    return procs.flwr("run", str(app), "hospital-net", "--stream", "-c", cfg, timeout=420)
+    return procs.flwr("run", str(app), "hospital-net", "--stream", "-c", cfg, timeout=900)
+
+
+def _session(sid: int) -> list[str]:
+    """Live (not zombie) processes of session ``sid``: what a site started."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (d / "cmdline").read_text().replace("\0", " ")
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            out.append(f"{d.name} {cmd[:120]}")
+    return out
 
 
 def _rounds(run_dir: Path) -> list[dict]:
@@ -158,6 +177,16 @@ def test_tls_federation_with_authenticated_sites(federation, tmp_path: Path) -> 
     assert [x["round"] for x in rows] == [1, 2] and all(x["replied"] == 2 for x in rows)
     meta = json.loads((run_dir / "model" / "configs" / "metadata.json").read_text())
     assert meta["task"] == "grading" and meta["provenance"]["rounds"] == 2
+    # sites are named by their site-id everywhere; the ServerApp writes the report and the site log
+    assert all(set(x["sites"]) == {"hosp-a", "hosp-b"} for x in rows)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and set(status["sites"]) == {"hosp-a", "hosp-b"}
+    log = (run_dir / "sites.log").read_text()
+    for site in ("hosp-a", "hosp-b"):
+        assert re.search(rf"site {site} is node {status['sites'][site]['node_id']}\n", log), log
+        assert f"round 2 {site}: trained " in log
+    report = (run_dir / "report.html").read_text()
+    assert "A deployed federation" in report and "hosp-a" in report and "hosp-b" in report
 
     # Restarting the ServerApp with resume continues after the last completed round.
     r = _run(procs, app, run_dir, rounds=3, extra="resume=true")
@@ -167,16 +196,45 @@ def test_tls_federation_with_authenticated_sites(federation, tmp_path: Path) -> 
     # Killing one site mid-run: the run finishes with the other (quorum deadline + round timeout).
     run2 = tmp_path / "run2"
     cfg = (f"num-server-rounds=3 run-dir='{run2}' input-size=16 network='small_cnn' "
-           "min-available-nodes=2 quorum-timeout=5 round-timeout=60 batch-size=4")
+           "min-available-nodes=2 quorum-timeout=5 round-timeout=180 batch-size=4")
     runner = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "hospital-net", "--stream", "-c", cfg],
                               cwd=tmp_path, env=procs.env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     procs.procs["run2"] = runner
     wait_for(lambda: len(_rounds(run2)) >= 1, 300, "round 1 of the second run")
     procs.stop("hosp-b")
-    out, _ = runner.communicate(timeout=400)
+    out, _ = runner.communicate(timeout=900)
     assert runner.returncode == 0, out[-3000:]
     rows = _rounds(run2)
     assert [x["round"] for x in rows] == [1, 2, 3]
     assert rows[-1]["replied"] == 1
     assert (run2 / "model" / "models" / "model.pt").is_file()
+    assert "hosp-b (node " in (run2 / "sites.log").read_text()  # the killed site went offline
+
+
+def test_a_stopped_run_leaves_no_process_at_the_sites(federation, tmp_path: Path) -> None:
+    """`flwr stop` on a run whose sites are training, then the sites stop their daemons (SIGTERM to
+    the supervisor only, as systemd or `docker stop` would): no site process may be left behind."""
+    procs, app, _keys, start_site = federation
+    start_site("hosp-a")
+    start_site("hosp-b")
+    run3 = tmp_path / "run3"
+    cfg = (f"num-server-rounds=3 run-dir='{run3}' input-size=16 network='small_cnn' "
+           "min-available-nodes=2 quorum-timeout=60 round-timeout=600 batch-size=4 local-epochs=300")
+    r = procs.flwr("run", str(app), "hospital-net", "-c", cfg)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_id = re.search(r"run (\d+)", r.stdout).group(1)
+    wait_for(lambda: '"state": "training"' in (run3 / "status.json").read_text()
+             if (run3 / "status.json").is_file() else False, 300, "sites training in run 3")
+    r = procs.flwr("stop", run_id, "hospital-net")
+    assert r.returncode == 0, r.stdout + r.stderr
+    from server.dashboard.data import RunView
+
+    wait_for(lambda: RunView(run3).snapshot()["state"] == "stopped", 120,
+             "the dashboard to show run 3 stopped")
+    assert "run stopped" in (run3 / "sites.log").read_text()
+    for site in ("hosp-a", "hosp-b"):
+        supervisor = procs.procs.pop(site)
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=60) == 0
+        wait_for(lambda sid=supervisor.pid: not _session(sid), 30, f"{site}'s processes to end")

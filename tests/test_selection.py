@@ -164,7 +164,7 @@ def test_export_and_patience_options_are_checked():
 
 
 def test_the_report_marks_the_exported_round_and_compares_its_model(tmp_path):
-    from simulations.report import comparison, write_report
+    from server.report import comparison, write_report
 
     def row(rnd, test_auc, val_auc, best):
         return {"round": rnd, "pooled": {"auc": test_auc, "num_examples": 8.0}, "replied": 2,

@@ -36,6 +36,25 @@ def certs(
                    f"(register: flwr supernode register {pub} <federation>)")
 
 
+@deploy_app.command("supervise", context_settings={"allow_extra_args": True,
+                                                  "ignore_unknown_options": True})
+def supervise(
+    cmd: Annotated[list[str], typer.Argument(help="The daemon and its arguments, after `--`.")],
+    grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL for what the "
+                                              "daemon leaves behind.")] = 20.0,
+) -> None:
+    """Run a site daemon (flower-supernode) so that stopping it also stops the SuperExec and every
+    flwr-clientapp it started (used by the systemd unit and the Docker entrypoint)."""
+    from client.supervise import supervise as run_supervised
+
+    try:
+        code = run_supervised(cmd, grace=grace)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `deploy certs`."""
+    """Add `deploy certs` and `deploy supervise`."""
     app.add_typer(deploy_app, name="deploy")

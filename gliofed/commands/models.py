@@ -157,19 +157,13 @@ def _bundle(model_dir: Path):
 def _eligible(model_dir: Path, cohort: Path, require_label: bool = True,
               allow_outside: list[Path] = (), max_image_mb: float = 0.0):
     from shared.tasks import get_task, select_samples
-    from shared.training import TrainConfig
+    from shared.training.bundle import train_config_from_meta
 
     model, meta = _bundle(model_dir)
     spec = get_task(meta["task"])
     c = _load_cohort(cohort, allow_outside, max_image_mb)
     samples, skipped = select_samples(spec, c, require_label=require_label)
-    tc = meta["train_config"]
-    cfg = TrainConfig(task=spec.name, network=meta["network"]["name"],
-                      input_size=tuple(tc["input_size"]), batch_size=tc.get("batch_size", 4),
-                      subtraction=tc.get("subtraction", False), augment=False,
-                      stem_stride=meta["network"].get("stem_stride", 2),
-                      clinical=tuple(meta["network"].get("clinical", [])))
-    return model, meta, spec, cfg, samples, skipped
+    return model, meta, spec, train_config_from_meta(meta), samples, skipped
 
 
 def predict(
@@ -231,11 +225,9 @@ def explain(
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")],
     case: Annotated[list[str], typer.Option("--case", help="case_id (repeatable); default: 4 test cases")] = [],  # noqa: B006
 ) -> None:
-    """Grad-CAM and saliency maps overlaid on the slice through the tumour, one PNG per case."""
-    import torch
-
-    from shared.training.explain import grad_cam, plot_explanations, saliency
-    from shared.training.loop import _dataset, _first_conv_in_channels
+    """Grad-CAM and saliency maps of the predicted class (the mask only drawn as a contour), one PNG per case."""
+    from shared.training.explain import explain_cases
+    from shared.training.loop import _first_conv_in_channels
 
     net, _meta, spec, cfg, samples, _ = _eligible(model, cohort)
     samples = _screened(samples, spec, cfg, _first_conv_in_channels(net))
@@ -243,22 +235,9 @@ def explain(
         s for s in samples if s.split == "test"][:4]
     if not chosen:
         _fail("no matching eligible cases to explain")
-    out.mkdir(parents=True, exist_ok=True)
-    ds = _dataset(chosen, spec, cfg.resolved(), train=False, in_channels=_first_conv_in_channels(net))
-    for i, s in enumerate(chosen):
-        x, seg = ds.load(i)
-        x = x.float()
-        with torch.no_grad():
-            logits = net(x[None])  # clinical covariates (if any) count as missing here
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        pred = int(logits.argmax(1))
-        cam = grad_cam(net, x[None], pred)
-        sal = saliency(net, x[None], pred)
-        segn = seg.numpy() if seg is not None else None
-        title = f"{s.case_id}: true {s.label}, predicted {spec.classes[pred]}"
-        p = plot_explanations(x.numpy(), cam, sal, segn, title, out / f"{s.case_id}_explain.png",
-                              list(spec.inputs))
-        typer.echo(f"wrote {p}")
+    for row in explain_cases(net, chosen, spec, cfg, out):
+        typer.echo(f"wrote {row['png']} (Grad-CAM {row['cam_inside']:.2f}, saliency "
+                   f"{row['saliency_inside']:.2f} of the mass inside the lesion)")
 
 
 def register(app: typer.Typer) -> None:

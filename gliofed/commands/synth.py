@@ -27,6 +27,9 @@ def synth(
     recurrence_ratio: Annotated[
         float, typer.Option(help="Fraction of recurrence (vs radiation necrosis) cases.")
     ] = 0.82,
+    lesion_scale: Annotated[
+        float, typer.Option(help="Multiply lesion sizes (e.g. 1.3 for a test cohort of larger lesions).")
+    ] = 1.0,
     gallery: Annotated[Path | None, typer.Option(help="Also write a class gallery PNG.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
@@ -50,7 +53,7 @@ def synth(
         generate_cohort(
             out, cases=cases, sites=sites, shape=shape, spacing=spacing, tasks=task_list, seed=seed,
             workers=workers, progress=not quiet, near_threshold=near_threshold,
-            recurrence_ratio=recurrence_ratio,
+            recurrence_ratio=recurrence_ratio, lesion_scale=lesion_scale,
         )
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -23,6 +23,7 @@ import torch
 from shared.dce._tensor import as_tensor
 from shared.dce.lls import cumtrapz, lls_2cxm, lls_etofts, shift_aif
 from shared.dce.models import Grid, ktrans_from_2cxm, twocxm_rates
+from shared.device import pick_device
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,16 +42,6 @@ BOUNDS_ETOFTS: dict[str, tuple[float, float, float]] = {
     "delay": (-10.0, 10.0, 0.0),
 }
 
-
-def pick_device(device: str = "auto") -> torch.device:
-    """'auto' -> CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {device!r} requested but CUDA is not available here (use auto or cpu)"
-        )
-    return torch.device(device)
 
 
 def _fd_jacobian(

@@ -1,4 +1,8 @@
-"""Grad-CAM and saliency maps overlaid on the input slice through the tumour (PNG)."""
+"""Grad-CAM and saliency maps for every task network, their share inside the lesion, and PNG overlays.
+
+The expert mask is never an input here either: it is only drawn as a contour and used to measure how
+much of an explanation falls on the lesion (:func:`mass_inside`).
+"""
 
 from __future__ import annotations
 
@@ -11,19 +15,26 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _last_conv(model: nn.Module) -> nn.Module:
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Conv3d):
-            last = m
-    if last is None:
-        raise ValueError("model has no Conv3d layer for Grad-CAM")
-    return last
+def last_active_conv(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The last Conv3d that runs when the class is predicted (not, e.g., an idle segmentation head)."""
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
+             for m in model.modules() if isinstance(m, nn.Conv3d)]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not order:
+        raise ValueError("model has no Conv3d layer on its classification path for Grad-CAM")
+    return order[-1]
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> np.ndarray:
-    """Grad-CAM of class ``target`` at the last 3D conv, upsampled to the input (D, H, W), in [0, 1]."""
-    layer = _last_conv(model)
+    """Grad-CAM of class ``target`` at the last 3D conv that runs, upsampled to the input, in [0, 1]."""
+    layer = last_active_conv(model, x)
     acts: list[torch.Tensor] = []
     grads: list[torch.Tensor] = []
     h1 = layer.register_forward_hook(lambda m, i, o: acts.append(o))
@@ -41,7 +52,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> np.ndarray:
     a, g = acts[-1].detach(), grads[-1].detach()
     cam = F.relu((g.mean(dim=(2, 3, 4), keepdim=True) * a).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[2:], mode="trilinear", align_corners=False)[0, 0]
-    cam = cam.numpy()
+    cam = cam.detach().float().numpy()
     return cam / cam.max() if cam.max() > 0 else cam
 
 
@@ -52,7 +63,7 @@ def saliency(model: nn.Module, x: torch.Tensor, target: int) -> np.ndarray:
     logits = model(x)
     logits = logits[0] if isinstance(logits, tuple) else logits
     logits[0, target].backward()
-    s = x.grad.detach().abs().amax(1)[0].numpy()
+    s = x.grad.detach().abs().amax(1)[0].float().numpy()
     return s / s.max() if s.max() > 0 else s
 
 
@@ -84,3 +95,47 @@ def plot_explanations(image: np.ndarray, cam: np.ndarray, sal: np.ndarray, seg: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def mass_inside(heat: np.ndarray, mask: np.ndarray, dilate: int = 2) -> float:
+    """Share of a map's total mass inside ``mask`` dilated by ``dilate`` voxels (NaN if empty)."""
+    from scipy.ndimage import binary_dilation
+
+    m = binary_dilation(mask > 0, iterations=dilate) if dilate > 0 else mask > 0
+    total = float(heat.sum())
+    return float(heat[m].sum() / total) if total > 0 and m.any() else float("nan")
+
+
+def explain_cases(model: nn.Module, samples, spec, cfg, out: Path | None = None) -> list[dict]:
+    """Grad-CAM and saliency of the predicted class for each sample; a PNG each when ``out`` is given.
+
+    Returns one dict per case: case_id, label, predicted class, and the share of Grad-CAM and
+    saliency mass inside the dilated lesion mask (NaN without a mask).
+    """
+    from shared.training.loop import _dataset, _first_conv_in_channels
+
+    cfg = cfg.resolved()
+    ds = _dataset(samples, spec, cfg, train=False, in_channels=_first_conv_in_channels(model),
+                  with_seg=True)
+    model = model.cpu().float().eval()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, s in enumerate(samples):
+        x, seg = ds.load(i)
+        x = x.float()[None]
+        with torch.no_grad():
+            logits = model(x)  # clinical covariates (if any) count as missing here
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        pred = int(logits.argmax(1))
+        cam, sal = grad_cam(model, x, pred), saliency(model, x, pred)
+        segn = seg.numpy() if seg is not None else None
+        row = {"case_id": s.case_id, "label": s.label, "predicted": spec.classes[pred],
+               "cam_inside": mass_inside(cam, segn) if segn is not None else float("nan"),
+               "saliency_inside": mass_inside(sal, segn) if segn is not None else float("nan")}
+        if out is not None:
+            title = f"{s.case_id}: true {s.label}, predicted {spec.classes[pred]}"
+            row["png"] = str(plot_explanations(x[0].numpy(), cam, sal, segn, title,
+                                               out / f"{s.case_id}_explain.png", list(spec.inputs)))
+        rows.append(row)
+    return rows

@@ -21,8 +21,10 @@ from shared.data import (
     input_channels,
     optional_inputs_available,
 )
+from shared.device import pick_device
 from shared.models import build_model
 from shared.tasks import TaskSample, TaskSpec, get_task
+from shared.training.kinds import kind_adapter
 from shared.training.metrics import classification_metrics, score_histograms
 
 Privatize = Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple]
@@ -47,7 +49,7 @@ class TrainConfig:
     cache_dir: str | None = None
     dp_compatible: bool = False
     augment: bool = True
-    balance: str = "weighted_loss"  # weighted_loss | none
+    balance: str = "weighted_loss"  # weighted_loss | sampler (class-balanced batches) | none
     patience: int = 5
     subtraction: bool = False  # rano: add the follow-up minus baseline image
     seg_weight: float = 0.5  # unet_encoder: weight of the joint segmentation loss
@@ -55,6 +57,8 @@ class TrainConfig:
     clinical: tuple[str, ...] = ()  # numeric cohort columns fused with the image features (rano)
 
     def resolved(self) -> TrainConfig:
+        if self.balance not in ("weighted_loss", "sampler", "none"):
+            raise ValueError(f"balance {self.balance!r}: choose weighted_loss, sampler or none")
         spec = get_task(self.task)
         return replace(self, network=self.network or spec.default_network,
                        input_size=tuple(self.input_size or spec.input_size))
@@ -79,15 +83,6 @@ class EvalResult:
     case_ids: list[str] = field(default_factory=list)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
-    return dev
-
-
 def model_inputs(spec: TaskSpec, cfg: TrainConfig, samples: Sequence[TaskSample] = ()) -> dict:
     use_opt = optional_inputs_available(samples, spec)
     return {"use_optional": use_opt,
@@ -98,10 +93,9 @@ def build_task_model(spec: TaskSpec, cfg: TrainConfig, in_channels: int | None =
     """The task's network; ``in_channels`` defaults to the required inputs (optional ones excluded)."""
     cfg = cfg.resolved()
     torch.manual_seed(cfg.seed)
-    if spec.name == "qtm":
-        from shared.qtm.net import build_qtmnet
-
-        return build_qtmnet()
+    adapter = kind_adapter(spec)
+    if adapter is not None:
+        return adapter.build(spec, cfg)
     ch = in_channels or input_channels(spec, False, cfg.subtraction)
     seg = 4 if cfg.network == "unet_encoder" else 0
     return build_model(cfg.network, ch, spec.num_classes, dp_compatible=cfg.dp_compatible,
@@ -110,15 +104,15 @@ def build_task_model(spec: TaskSpec, cfg: TrainConfig, in_channels: int | None =
 
 def _device_augment(cfg: TrainConfig) -> bool:
     """Augment whole batches on the GPU (CPU augmentation starves a GPU); per sample on the CPU."""
-    return cfg.augment and resolve_device(cfg.device).type == "cuda"
+    return cfg.augment and pick_device(cfg.device).type == "cuda"
 
 
-def _dataset(samples, spec, cfg, *, train: bool, in_channels: int) -> TaskDataset:
+def _dataset(samples, spec, cfg, *, train: bool, in_channels: int, with_seg: bool = False) -> TaskDataset:
     use_opt = input_channels(spec, True, cfg.subtraction) == in_channels and bool(spec.optional_inputs)
     return TaskDataset(samples, spec, cfg.input_size, SessionCache(cfg.cache_dir),
                        augment=train and cfg.augment and not _device_augment(cfg), use_optional=use_opt,
-                       half=resolve_device(cfg.device).type == "cuda",
-                       subtraction=cfg.subtraction, with_seg=cfg.network == "unet_encoder",
+                       half=pick_device(cfg.device).type == "cuda",
+                       subtraction=cfg.subtraction, with_seg=with_seg or cfg.network == "unet_encoder",
                        clinical=cfg.clinical, seed=cfg.seed)
 
 
@@ -151,17 +145,25 @@ def train_epochs(
     if not samples:
         raise ValueError(f"no eligible {spec.name} training samples")
     cfg = cfg.resolved()
-    if spec.name == "qtm":
-        return _train_qtm(model, samples, cfg, epochs, proximal_mu, global_state, privatize)
+    adapter = kind_adapter(spec)
+    if adapter is not None:
+        return adapter.train(model, samples, spec, cfg, epochs=epochs, proximal_mu=proximal_mu,
+                             global_state=global_state, privatize=privatize)
     t0 = time.perf_counter()
-    dev = resolve_device(cfg.device)
+    dev = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ds = _dataset(samples, spec, cfg, train=True, in_channels=_first_conv_in_channels(model))
     batch = min(cfg.batch_size, len(ds))
     if privatize is None and not ds.augment and ResidentBatches.fits(ds, dev):
         loader = ResidentBatches(ds, batch, dev, cfg.seed)  # GPU: the whole set on the device
     else:  # loader workers measured slower than none for 3D volumes (IPC of large tensors)
-        loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=cfg.num_workers,
+        sampler = None
+        if cfg.balance == "sampler" and privatize is None:  # every class equally often per epoch
+            w = _class_weights(ds.labels(), spec.num_classes)[torch.tensor(ds.labels())]
+            sampler = torch.utils.data.WeightedRandomSampler(
+                w.double(), len(ds), replacement=True, generator=torch.Generator().manual_seed(cfg.seed))
+        loader = DataLoader(ds, batch_size=batch, shuffle=sampler is None, sampler=sampler,
+                            num_workers=cfg.num_workers,
                             drop_last=False, pin_memory=dev.type == "cuda",
                             persistent_workers=cfg.num_workers > 0,
                             generator=torch.Generator().manual_seed(cfg.seed))
@@ -250,7 +252,7 @@ def _progress(enabled: bool, total: int, desc: str):
 def predict_probs(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSpec,
                   cfg: TrainConfig) -> np.ndarray:
     cfg = cfg.resolved()
-    dev = resolve_device(cfg.device)
+    dev = pick_device(cfg.device)
     ds = _dataset(samples, spec, cfg, train=False, in_channels=_first_conv_in_channels(model))
     loader = DataLoader(ds, batch_size=max(cfg.batch_size, 1), shuffle=False,
                         num_workers=cfg.num_workers)
@@ -270,8 +272,9 @@ def predict_probs(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSpe
 def evaluate_model(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSpec,
                    cfg: TrainConfig) -> EvalResult:
     """Metrics, confusion matrix and score histograms of ``model`` on labelled ``samples``."""
-    if spec.name == "qtm":
-        return _evaluate_qtm(model, samples, cfg)
+    adapter = kind_adapter(spec)
+    if adapter is not None:
+        return adapter.evaluate(model, samples, spec, cfg)
     probs = predict_probs(model, samples, spec, cfg)
     idx = {c: i for i, c in enumerate(spec.classes)}
     labels = np.array([idx[s.label] for s in samples], dtype=np.int64)
@@ -324,25 +327,3 @@ def write_history(history: list[dict], path: Path) -> None:
     import json
 
     path.write_text("\n".join(json.dumps(r) for r in history) + "\n")
-
-
-def _train_qtm(model, samples, cfg, epochs, proximal_mu, global_state, privatize) -> TrainResult:
-    """QTMnet (regression to perfusion maps) through the same federation interface."""
-    from shared.qtm.train import examples_from_samples, train_qtmnet
-
-    if privatize is not None:
-        raise ValueError("dp = opacus is not supported for the qtm task (no per-patient classifier "
-                         "records to clip); use dp = none or central")
-    out = train_qtmnet(model, examples_from_samples(samples), epochs, lr=cfg.lr,
-                       batch_size=cfg.batch_size, device=str(resolve_device(cfg.device)),
-                       seed=cfg.seed, proximal_mu=proximal_mu, global_state=global_state)
-    return TrainResult(num_examples=len(samples), loss=out["loss"], metrics={"loss": out["loss"]},
-                       seconds=out["seconds"])
-
-
-def _evaluate_qtm(model, samples, cfg) -> EvalResult:
-    from shared.qtm.train import evaluate_qtmnet, examples_from_samples
-
-    metrics = evaluate_qtmnet(model, examples_from_samples(samples), str(resolve_device(cfg.device)))
-    return EvalResult(len(samples), metrics, None, None, np.zeros((0, 0)), np.zeros(0, np.int64),
-                      [s.case_id for s in samples])

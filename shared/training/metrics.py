@@ -98,6 +98,36 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: Seque
     return out
 
 
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], metric: str,
+                 n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``metric`` (a key of :func:`classification_metrics`), resampling
+    cases with replacement; resamples where the metric is undefined (a class absent) are skipped."""
+    rng = np.random.default_rng(seed)
+    n, k = len(labels), len(classes)
+    preds = probs.argmax(1)
+    needs_scores = metric.startswith("auc")  # the others follow from the confusion matrix alone
+    vals = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        with np.errstate(all="ignore"):
+            m = (classification_metrics(labels[idx], probs[idx], classes) if needs_scores
+                 else metrics_from_confusion(confusion(labels[idx], preds[idx], k), classes))
+            v = m.get(metric, np.nan)
+        if not np.isnan(v):
+            vals.append(v)
+    if not vals:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def per_class_recall(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """Recall (sensitivity) of each class; NaN for a class with no cases."""
+    conf = confusion(labels, probs.argmax(1), len(classes))
+    rows = conf.sum(1)
+    return {c: float(conf[i, i] / rows[i]) if rows[i] else float("nan") for i, c in enumerate(classes)}
+
+
 def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path,
              title: str = "") -> Path:
     import matplotlib

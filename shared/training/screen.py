@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.imageio import ImageError, open_image
+from shared.imageio import ImageError, open_image, require_3d
 from shared.tasks import TaskSample, TaskSpec
 
 
@@ -64,7 +64,9 @@ def screen_samples(samples: Sequence[TaskSample], spec: TaskSpec, cfg, in_channe
     for i, s in enumerate(samples):
         try:
             for path in _input_paths(s, spec, use_optional):
-                open_image(path)
+                img = open_image(path)
+                if ds is not None:  # every network input but a DCE series is one 3D volume
+                    require_3d(img, path)
             if ds is not None:
                 ds.load(i)
         except Exception as exc:  # noqa: BLE001 - any failure of one case skips that case only

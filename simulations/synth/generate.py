@@ -147,8 +147,12 @@ def _session_files(out: Path, case_id: str, grid, crop, images: np.ndarray, seg:
 
 
 def render_patient(plan: PatientPlan, out: Path, seed: int, grid_spec: GridSpec, sites: int,
-                   near_threshold: float) -> list[dict[str, object]]:
-    """Render and write one patient's session(s); returns its cohort.csv rows."""
+                   near_threshold: float, lesion_scale: float = 1.0) -> list[dict[str, object]]:
+    """Render and write one patient's session(s); returns its cohort.csv rows.
+
+    ``lesion_scale`` scales every tumour-class and recurrence/necrosis lesion (size shift for test
+    cohorts built differently from the training cohort); RANO pairs keep their measured sizes.
+    """
     from simulations.synth.anatomy import load_template, make_grid
     from simulations.synth.render import case_tissue_looks, random_deformation, render_session
     from simulations.synth.scanner import acquire, site_profile
@@ -218,10 +222,13 @@ def render_patient(plan: PatientPlan, out: Path, seed: int, grid_spec: GridSpec,
         return rows
     if plan.pool == "recurrence":
         builder = build_recurrence if plan.kind == "recurrence" else build_radiation_necrosis
-        sess = render_session(anat, grid, deform, builder(prng, anat), looks)
+        les = [l.scaled(lesion_scale) for l in builder(prng, anat)] if lesion_scale != 1.0 else builder(prng, anat)
+        sess = render_session(anat, grid, deform, les, looks)
         emit(plan.patient_id, sess, 0, {"timepoint": "post-treatment", "recurrence": plan.kind})
         return rows
-    lesions = build_class(plan.kind, prng, anat, min_radius=0.7 * grid.spacing)
+    lesions = build_class(plan.kind, prng, anat, min_radius=0.7 * grid.spacing / lesion_scale)
+    if lesion_scale != 1.0:
+        lesions = [l.scaled(lesion_scale) for l in lesions]
     sess = render_session(anat, grid, deform, lesions, looks)
     row: dict[str, object] = {"timepoint": "baseline"}
     if plan.pool == "typing":
@@ -257,6 +264,7 @@ def generate_cohort(
     progress: bool = True,
     near_threshold: float = 0.0,
     recurrence_ratio: float = 0.82,
+    lesion_scale: float = 1.0,
 ) -> Path:
     """Write a synthetic multi-site cohort to ``out_dir`` (cohort.csv + NIfTI) and return ``out_dir``.
 
@@ -264,6 +272,7 @@ def generate_cohort(
     be given; neither means ``shape=64``. ``near_threshold`` in [0, 1] lets RANO SPD ratios come closer
     to the 50 % / 125 % cut-offs (0: at least 10 points away; 1: anywhere). ``workers`` defaults to all
     cores; the files do not depend on it. Files are identical for the same arguments on any machine.
+    ``lesion_scale`` (default 1) multiplies lesion sizes: test cohorts with sizes training never saw.
     """
     from shared.cohort import write_cohort
     from simulations.synth.anatomy import load_template, make_grid
@@ -284,7 +293,9 @@ def generate_cohort(
     results: dict[int, list[dict[str, object]]] = {}
     total = sum(2 if p.pool == "rano" else 1 for p in plans)
     bar = _progress(progress, total)
-    args = (out, seed, spec, sites, near_threshold)
+    if not 0.25 <= lesion_scale <= 4.0:
+        raise ValueError(f"lesion_scale {lesion_scale} is outside 0.25-4")
+    args = (out, seed, spec, sites, near_threshold, lesion_scale)
     try:
         if n_workers == 1:
             import nibabel.openers

@@ -1,5 +1,8 @@
-"""The simulation report: RUN_DIR/report.html with PNGs (learning curves, FL vs centralised vs
-local-only on the same pooled test set, per-site metrics, bytes moved and time per round)."""
+"""The run report: RUN_DIR/report.html with PNGs (learning curves, FL vs centralised vs local-only on
+the same pooled test set when a simulation trained baselines, per-site metrics with bootstrap CIs, bytes
+moved and time per round). ``write_run_report(run_dir)`` renders any run folder: a simulation's
+(``summary.json``) or a deployed run's (``run_config.json``, ``rounds.jsonl``, ``status.json``), where
+sites are named by their ``site-id``."""
 
 from __future__ import annotations
 
@@ -76,6 +79,12 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
     if chosen:
         ax.plot([chosen["round"]], [_num(chosen["pooled"].get(key))], "*", ms=16, color="gold",
                 mec="k", zorder=5, label=f"exported model (round {chosen['round']})")
+    cis = summary.get("cis") or {}
+    band = [(r["round"], cis[r["round"]]["pooled"][key]) for r in rounds
+            if key in (cis.get(r["round"]) or {}).get("pooled", {})]
+    if band:
+        ax.fill_between([b[0] for b in band], [b[1][0] for b in band], [b[1][1] for b in band],
+                        color="C0", alpha=0.15, label="pooled, bootstrap 95% CI")
     if any("central" in r for r in rounds):
         ax.plot(xs, [_num(r.get("central", {}).get(key)) for r in rounds], "s--", label="federated, server test set")
     if base:
@@ -84,7 +93,8 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
         for i, (name, r) in enumerate(sorted(base["local"].items())):
             ax.axhline(_num(r["final"].get(key)), ls=":", lw=1, color=f"C{3 + i % 6}",
                        label=f"local-only {name} (final)")
-    ax.set(xlabel="round (baselines: after the same number of local epochs)", ylabel=f"{key} on pooled test set",
+    ax.set(xlabel="round (baselines: after the same number of local epochs)" if base else "round",
+           ylabel=f"{key} on pooled test set",
            title="Learning curves")
     ax.set_xticks(xs)
     ax.legend(fontsize=7, loc="lower right")
@@ -93,6 +103,14 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
     fig.tight_layout(); fig.savefig(run_dir / figs[-1][0], dpi=110); plt.close(fig)
 
     comp = comparison(summary)
+    if base:
+        figs.append(_comparison_plot(run_dir, comp, key))
+    return _more_plots(run_dir, summary, key, figs)
+
+
+def _comparison_plot(run_dir: Path, comp: dict[str, float], key: str) -> tuple[str, str]:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     names = list(comp)
     colors = ["C0" if n == "federated" else "C2" if n == "centralised" else "C7" for n in names]
@@ -106,9 +124,15 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
     ax.set(xlabel=f"final {key} on the same pooled test set" + (" (lower is better)" if lower_better else ""),
            xlim=(0, right), title="Federated vs centralised vs local-only")
     ax.invert_yaxis()
-    figs.append(("comparison.png", "Final comparison"))
-    fig.tight_layout(); fig.savefig(run_dir / figs[-1][0], dpi=110); plt.close(fig)
+    fig.tight_layout(); fig.savefig(run_dir / "comparison.png", dpi=110); plt.close(fig)
+    return "comparison.png", "Final comparison"
 
+
+def _more_plots(run_dir: Path, summary: dict[str, Any], key: str, figs: list) -> list:
+    import matplotlib.pyplot as plt
+
+    rounds = summary["rounds"]
+    xs = [r["round"] for r in rounds]
     sites = sorted({s for r in rounds for s in r.get("sites", {})})
     if sites:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -176,41 +200,124 @@ def _selection_note(summary: dict[str, Any]) -> str:
             "is that round's model on the pooled test set.</p>")
 
 
+def _with_ci(value: Any, ci: list[float] | None) -> str:
+    v = _num(value)
+    if not math.isfinite(v):
+        return "n/a"
+    inside = ci and ci[0] - 1e-9 <= v <= ci[1] + 1e-9  # exact site AUC vs binned-score interval
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if inside else f"{v:.3f}"
+
+
+def _intro(summary: dict[str, Any]) -> str:
+    spec = summary["spec"]
+    if summary.get("baselines") is not None and "partition" in spec:
+        return (f"Partition <code>{html.escape(str(spec['partition']))}</code>, seed {spec['seed']}, "
+                f"network {html.escape(str(spec['network']))}, {spec['size']}<sup>3</sup> inputs, "
+                f"{spec['local_epochs']} local epoch(s) per round. All models are scored on the same "
+                f"pooled test set ({(summary.get('baselines') or {}).get('test_cases', 'n/a')} cases): "
+                f"the union of the sites' test splits. Federation wall time {summary['fl_seconds']:.1f} s "
+                f"(includes Ray start-up), total {summary['total_seconds']:.1f} s.")
+    return (f"A deployed federation (no baselines: the server never sees the sites' data). Network "
+            f"{html.escape(str(spec.get('network') or 'task default'))}, {spec.get('local_epochs')} "
+            f"local epoch(s) per round, seed {spec.get('seed')}. Pooled metrics are exact: the sites' "
+            f"confusion matrices and score histograms are summed. Run wall time "
+            f"{summary['fl_seconds']:.1f} s. Per-site outcome of every round: "
+            f"<a href=\"sites.log\">sites.log</a>.")
+
+
 def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     """Write the PNGs and ``report.html``; returns the HTML path."""
+    from server.evalci import round_cis
+
     run_dir = Path(run_dir)
+    summary = {**summary, "cis": summary.get("cis") or round_cis(run_dir)}
     figs = _plots(run_dir, summary)
     key = headline(summary)
+    cis = summary["cis"]
     comp = [{"model": k, key: v} for k, v in comparison(summary).items()]
     chosen = chosen_round(summary)
     rounds = [
         {"round": r["round"], "exported": "\u2605 exported" if r["round"] == chosen else "",
-         f"val {key} (n)": _val_cell(r, key), f"pooled {key}": _num(r["pooled"].get(key)),
+         f"val {key} (n)": _val_cell(r, key),
+         f"pooled {key} [95% CI]": _with_ci(r["pooled"].get(key),
+                                           (cis.get(r["round"]) or {}).get("pooled", {}).get(key)),
          "pooled balanced acc.": _num(r["pooled"].get("balanced_accuracy")),
+         "test cases": int(_num(r["pooled"].get("num_examples")) or 0)
+         if math.isfinite(_num(r["pooled"].get("num_examples"))) else "n/a",
          "sites replied": f"{r['replied']}/{r['sampled']}", "seconds": _num(r["seconds"]),
          "MiB sent": r["bytes_sent"] / 2**20, "MiB received": r["bytes_received"] / 2**20}
         for r in summary["rounds"]
     ]
-    per_site = [{"site": s, **{k: _num(v) for k, v in m.items() if k in (key, "accuracy",
-                 "balanced_accuracy", "num-examples")}}
-                for s, m in sorted((summary["rounds"][-1].get("sites") or {}).items())] \
-        if summary["rounds"] else []
+    last = summary["rounds"][-1] if summary["rounds"] else {}
+    last_ci = (cis.get(last.get("round")) or {}).get("sites", {})
+    per_site = [{"site": s,
+                 f"{key} [95% CI]": _with_ci(m.get(key), last_ci.get(s, {}).get(key)),
+                 "balanced acc. [95% CI]": _with_ci(m.get("balanced_accuracy"),
+                                                    last_ci.get(s, {}).get("balanced_accuracy")),
+                 "test cases": int(_num(m.get("num-examples", m.get("num_examples", 0)))),
+                 "training s": _num((last.get("site_train_seconds") or {}).get(s))}
+                for s, m in sorted((last.get("sites") or {}).items())]
     spec = summary["spec"]
     imgs = "".join(f'<figure><img src="{f}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}'
                    f"</figcaption></figure>" for f, t in figs)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>gliofed simulation: {html.escape(spec['task'])}</title>
+    ci_note = ("Intervals: bootstrap 95% CI over the test cases (1000 resamples of the summed "
+               "confusion matrices and score histograms)." if cis else
+               "No per-case counts were logged for this run, so no confidence intervals; "
+               "n = test cases is shown instead.")
+    model = ('<p>Exported model: <a href="model/">model/</a> (a MODEL_DIR bundle).</p>'
+             if (run_dir / "model").is_dir() else "")
+    partition = (f"<h2>Partition</h2>{_table(summary['class_table'])}"
+                 if summary.get("class_table") else "")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>gliofed run: {html.escape(spec['task'])}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:inline-block;margin:.5em}}</style></head><body>
 <h1>Federated {html.escape(spec['task'])}: {len(summary['site_names'])} sites, {len(summary['rounds'])} rounds, {html.escape(spec['strategy'])}</h1>
-<p>Partition <code>{html.escape(str(spec['partition']))}</code>, seed {spec['seed']}, network {html.escape(str(spec['network']))},
-{spec['size']}<sup>3</sup> inputs, {spec['local_epochs']} local epoch(s) per round. All models are scored on the same pooled
-test set ({(summary.get('baselines') or {}).get('test_cases', 'n/a')} cases): the union of the sites' test splits.
-Federation wall time {summary['fl_seconds']:.1f} s (includes Ray start-up), total {summary['total_seconds']:.1f} s.</p>
+<p>{_intro(summary)}</p>{model}
 <h2>Result</h2>{_selection_note(summary)}{_table(comp)}{imgs}
-<h2>Rounds</h2>{_table(rounds)}
+<h2>Rounds</h2><p>{ci_note}</p>{_table(rounds)}
 <h2>Per site (last round, global model on each site's test split)</h2>{_table(per_site)}
-<h2>Partition</h2>{_table(summary['class_table'])}
+{partition}
 </body></html>"""
     out = run_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     return out
+
+
+def summary_from_run_dir(run_dir: str | Path) -> dict[str, Any]:
+    """The report's input for any run folder (a simulation's summary.json is used when present)."""
+    import json
+
+    from server.runlog import read_rounds
+    from server.status import read_status
+
+    run_dir = Path(run_dir)
+    rounds = read_rounds(run_dir)
+    if not rounds:
+        raise FileNotFoundError(f"{run_dir}: no rounds.jsonl with a finished round (not a gliofed "
+                                "run folder, or the run has not finished a round yet)")
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        summary["rounds"] = rounds
+        return summary
+    cfg_path = run_dir / "run_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    status = read_status(run_dir) or {}
+    sites = sorted({s for r in rounds for s in (r.get("sites") or {})}
+                   | {s for r in rounds for s in (r.get("site_train_seconds") or {})})
+    seconds = sum(_num(r.get("seconds")) for r in rounds)
+    if status.get("finished") and status.get("started"):
+        seconds = float(status["finished"]) - float(status["started"])
+    return {
+        "spec": {"task": cfg.get("task", status.get("task", "grading")),
+                 "strategy": cfg.get("strategy", status.get("strategy", "?")),
+                 "network": cfg.get("network", ""), "local_epochs": cfg.get("local-epochs"),
+                 "seed": cfg.get("seed")},
+        "run_config": cfg, "site_names": sites, "class_table": [], "rounds": rounds,
+        "baselines": None, "fl_seconds": seconds, "total_seconds": seconds,
+    }
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    """Render ``RUN_DIR/report.html`` for any run folder."""
+    return write_report(Path(run_dir), summary_from_run_dir(run_dir))

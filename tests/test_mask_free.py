@@ -1,0 +1,178 @@
+"""Inputs come from the images alone, and MODEL_DIR runs under MONAI's bundle runner without gliofed."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from shared.cohort import read_cohort
+from shared.data import SessionCache, TaskDataset
+from shared.tasks import TASKS, select_samples
+from shared.training import TrainConfig, build_task_model, predict_probs
+from shared.training.bundle import export_bundle
+
+PROJECT_PACKAGES = ("shared", "gliofed", "client", "server", "simulations")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    from simulations.synth import generate_cohort
+
+    root = tmp_path_factory.mktemp("maskfree")
+    return generate_cohort(root / "site", cases=16, sites=1, shape=32, seed=11, workers=1,
+                           progress=False, tasks=("grading", "typing", "rano"))
+
+
+def _blank_seg_copy(site: Path, dest: Path) -> Path:
+    """The same cohort (byte-identical image files) with every seg cell emptied."""
+    import shutil
+
+    shutil.copytree(site / "images", dest / "images")
+    rows = list(csv.DictReader((site / "cohort.csv").open()))
+    assert any(r["seg"] for r in rows)
+    for r in rows:
+        r["seg"] = ""
+    with (dest / "cohort.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return dest
+
+
+@pytest.mark.parametrize("task,network", [("grading", "small_cnn"), ("typing", "unet_encoder"),
+                                          ("rano", "small_cnn")])
+def test_blank_seg_gives_bit_identical_inputs_and_predictions(site, tmp_path, task, network):
+    spec = TASKS[task]
+    blank = _blank_seg_copy(site, tmp_path / "blank")
+    with_seg, _ = select_samples(spec, read_cohort(site), require_label=False)
+    no_seg, _ = select_samples(spec, read_cohort(blank), require_label=False)
+    assert [s.case_id for s in with_seg] == [s.case_id for s in no_seg] and len(with_seg) >= 2
+    assert all("seg" in s.case.images for s in with_seg) and not any("seg" in s.case.images for s in no_seg)
+    cfg = TrainConfig(task=task, network=network, input_size=(16, 16, 16), augment=False,
+                      cache_dir=str(tmp_path / "c"))
+    a = TaskDataset(with_seg, spec, (16, 16, 16), SessionCache(tmp_path / "c1"), with_seg=True)
+    b = TaskDataset(no_seg, spec, (16, 16, 16), SessionCache(tmp_path / "c2"), with_seg=True)
+    for i in range(len(a)):
+        ia, ib = a[i], b[i]
+        assert torch.equal(ia["x"], ib["x"]), with_seg[i].case_id
+        assert (ia["seg"] >= 0).all() and (ib["seg"] == -100).all()  # the mask is only a target
+    model = build_task_model(spec, cfg)
+    pa = predict_probs(model, with_seg, spec, cfg)
+    pb = predict_probs(model, no_seg, spec, replace_cache(cfg, tmp_path / "c3"))
+    assert np.array_equal(pa, pb)
+
+
+def replace_cache(cfg: TrainConfig, path: Path) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(cfg, cache_dir=str(path))
+
+
+def _blocker(folder: Path) -> Path:
+    """A sitecustomize that makes every gliofed package unimportable in a subprocess."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"BLOCKED = {PROJECT_PACKAGES!r}\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ModuleNotFoundError(f'{name} is blocked: the bundle must not need gliofed')\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
+    return folder
+
+
+def _read(path: Path) -> dict[str, dict[str, str]]:
+    return {r["case_id"]: r for r in csv.DictReader(path.open())}
+
+
+@pytest.mark.parametrize("task,network", [("grading", "resnet10"), ("rano", "unet_encoder")])
+def test_model_dir_runs_under_monai_bundle_runner_without_gliofed(site, tmp_path, task, network):
+    from gliofed.cli import app
+
+    spec = TASKS[task]
+    blank = _blank_seg_copy(site, tmp_path / "blank")  # the runner never needs a mask either
+    samples, _ = select_samples(spec, read_cohort(site))
+    cfg = TrainConfig(task=task, network=network, input_size=(16, 16, 16), augment=False,
+                      cache_dir=str(tmp_path / "c"), subtraction=task == "rano")
+    cfg = cfg.resolved()
+    from shared.training import model_inputs, train_epochs
+
+    model = build_task_model(spec, cfg, model_inputs(spec, cfg, samples)["in_channels"])
+    train_epochs(model, samples, spec, cfg, epochs=1)
+    model_dir = export_bundle(model, spec, cfg, tmp_path / "model", {"mode": "test"})
+    ours = tmp_path / "gliofed.csv"
+    res = CliRunner().invoke(app, ["predict", "--model", str(model_dir), "--cohort", str(blank),
+                                   "--out", str(ours)])
+    assert res.exit_code == 0, res.output
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(_blocker(tmp_path / "block"))
+    probe = subprocess.run([sys.executable, "-c", "import shared"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, check=False)
+    assert probe.returncode != 0 and "blocked" in probe.stderr  # the blocker really blocks
+    out = tmp_path / "monai_out"
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+         str(model_dir / "configs" / "inference.json"), "--bundle_root", str(model_dir),
+         "--dataset_dir", str(blank), "--output_dir", str(out)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    theirs, mine = _read(out / "predictions.csv"), _read(ours)
+    assert list(theirs) == list(mine) and len(mine) >= 2
+    header = next(csv.reader((out / "predictions.csv").open()))
+    assert header == ["case_id", "label", *[f"prob_{c}" for c in spec.classes]]
+    for cid, row in mine.items():
+        assert theirs[cid]["label"] == row["label"]
+        for c in spec.classes:
+            assert abs(float(theirs[cid][f"prob_{c}"]) - float(row[f"prob_{c}"])) < 1e-3, cid
+
+
+@pytest.mark.parametrize("task,network", [("typing", "unet_encoder"), ("grading", "resnet10"),
+                                          ("rano", "densenet121")])
+def test_explain_works_for_every_task_network(site, tmp_path, task, network):
+    from shared.training.explain import explain_cases, last_active_conv
+
+    spec = TASKS[task]
+    samples, _ = select_samples(spec, read_cohort(site))
+    size = 32 if network == "densenet121" else 16  # DenseNet's four poolings need 32^3
+    cfg = TrainConfig(task=task, network=network, input_size=(size,) * 3, augment=False,
+                      cache_dir=str(tmp_path / "c"))
+    model = build_task_model(spec, cfg)
+    if network == "unet_encoder":  # the seg head's convs must not be taken for the class path
+        layer = last_active_conv(model, torch.zeros(1, 1, 16, 16, 16))
+        assert all(layer is not h for h in model.seg_head)
+    rows = explain_cases(model, samples[:2], spec, cfg, tmp_path / "x")
+    assert [r["case_id"] for r in rows] == [s.case_id for s in samples[:2]]
+    for r in rows:
+        assert Path(r["png"]).stat().st_size > 5000
+        assert r["predicted"] in spec.classes
+        assert 0.0 < r["saliency_inside"] < 1.0  # the mask is read for the measurement only
+
+
+def test_mass_inside_measures_the_share_on_the_dilated_lesion():
+    from shared.training.explain import mass_inside
+
+    mask = np.zeros((10, 10, 10), np.uint8)
+    mask[4:6, 4:6, 4:6] = 1
+    heat = np.zeros((10, 10, 10))
+    heat[5, 5, 5] = 3.0
+    heat[0, 0, 0] = 1.0
+    assert mass_inside(heat, mask, dilate=0) == pytest.approx(0.75)
+    heat[2, 5, 5] = 4.0  # two voxels from the lesion: inside only once dilated
+    assert mass_inside(heat, mask, dilate=0) == pytest.approx(3 / 8)
+    assert mass_inside(heat, mask, dilate=2) == pytest.approx(7 / 8)
+
+
+def test_unknown_balance_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="weighted_loss, sampler or none"):
+        TrainConfig(task="typing", balance="oversample").resolved()
