@@ -48,23 +48,26 @@ def _parse(base: RunConfig, run_items: tuple, node_items: tuple) -> tuple[RunCon
     return run, NodeConfig.from_flower(dict(node_items), run)
 
 
-def train_plain(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
+def train_plain(content: RecordDict, run: RunConfig, node: NodeConfig,
+                state: RecordDict | None = None) -> RecordDict:
     """A plain train request; refused when the run asks for SecAgg+ (never send a lone update)."""
     if run.secagg:
         raise SiteError("secagg-required", "run config sets secagg = true: this site sends its "
                         "update only masked (SecAgg+), not in a plain train reply")
-    return train_site(content, run, node)
+    return train_site(content, run, node, state)
 
 
 Configs = Callable[[Context], tuple[RunConfig, NodeConfig]]
 
 
 def reply(msg: Message, ctx: Context, handler: Callable[..., RecordDict], configs: Configs) -> Message:
-    """Run ``handler`` under the site policy (audited); an exception becomes an error reply of fixed
-    words."""
+    """Run ``handler(content, run, node, ctx.state)`` under the site policy (audited); an exception
+    becomes an error reply of fixed words (``ctx.state`` lasts across rounds: FedBN keeps the site's
+    normalisation layers there)."""
     try:
         out = enforced(msg.metadata.message_type, msg, ctx,
-                       lambda run, node: handler(msg.content, run, node), configs, safe_reason)
+                       lambda run, node: handler(msg.content, run, node, ctx.state), configs,
+                       safe_reason)
         return Message(out, reply_to=msg)
     except Exception as err:
         log.warning("site handler failed: %s", err, exc_info=True)

@@ -7,10 +7,11 @@ file paths or images.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -23,6 +24,8 @@ from shared.contract import (
     ELIGIBLE,
     ELIGIBLE_PREFIX,
     ELIGIBLE_TOTAL,
+    EVAL_SPLIT,
+    FEDBN_STATE,
     METRICS,
     NUM_CLASSES,
     NUM_EXAMPLES,
@@ -35,6 +38,7 @@ from shared.contract import (
     is_number,
     state_dict,
 )
+from shared.fedbn import norm_keys, split_norm
 from shared.learning import learning_core, train_config_for
 
 log = logging.getLogger(__name__)
@@ -72,7 +76,7 @@ class SiteError(RuntimeError):
 
 @dataclass
 class Site:
-    """A site's usable samples for one task, split into train and test."""
+    """A site's usable samples for one task, split into train, validation and test."""
 
     site_id: str
     spec: Any  # shared.tasks.TaskSpec
@@ -80,6 +84,34 @@ class Site:
     test: list
     counts: dict[str, int]  # eligible-<split>-<class> -> count
     skipped: int = 0  # eligible cases left out because an image is unusable (reasons in the log)
+    val: list = field(default_factory=list)  # scores each new global model (model selection)
+
+
+VAL_FRACTION = 0.15  # share of training patients carved out for validation when a site has no val split
+MIN_CARVE_PATIENTS = 4  # a stratum with fewer training patients gives none to validation
+
+
+def carve_validation(train: list, seed: int) -> tuple[list, list]:
+    """(train, val): a deterministic, patient-level validation split carved out of ``train``.
+
+    For sites whose cohort names no ``val`` cases. Patients are grouped by label (stratified), ordered
+    by a seeded SHA-256 of the patient id and the first ``round(VAL_FRACTION * n)`` of each group go to
+    validation, so the split is the same on every machine and every round.
+    """
+    groups: dict[str, list[str]] = {}
+    for s in train:
+        pid = s.case.patient_id
+        stratum = groups.setdefault(str(s.label), [])
+        if pid not in stratum:
+            stratum.append(pid)
+    val_patients: set[str] = set()
+    for pids in groups.values():
+        if len(pids) < MIN_CARVE_PATIENTS:
+            continue
+        ranked = sorted(pids, key=lambda p: hashlib.sha256(f"val:{seed}:{p}".encode()).hexdigest())
+        val_patients.update(ranked[:max(1, round(VAL_FRACTION * len(pids)))])
+    return ([s for s in train if s.case.patient_id not in val_patients],
+            [s for s in train if s.case.patient_id in val_patients])
 
 
 _SITES: dict[tuple, Site] = {}
@@ -127,27 +159,52 @@ def load_site(run: RunConfig, node: NodeConfig) -> Site:
         cols = Counter(reason.split(":")[0] for _, reason in skipped)
         raise SiteError("no-usable-cases", f"every eligible case was skipped: {skipped[0][1]}, ...",
                         column=cols.most_common(1)[0][0], count=len(skipped))
-    train = [s for s in samples if s.split in ("train", "val")]
+    train = [s for s in samples if s.split == "train"]
+    val = [s for s in samples if s.split == "val"]
+    if not val:
+        train, val = carve_validation(train, run.seed)
+        log.info("site %s: no val split in the cohort; %d training case(s) carved out for validation",
+                 node.site_id, len(val))
     test = [s for s in samples if s.split == "test"]
     counts: dict[str, int] = {}
-    for split, group in (("train", train), ("test", test)):
+    for split, group in (("train", train), ("val", val), ("test", test)):
         for s in group:
             k = f"{ELIGIBLE_PREFIX}{split}-{s.label if s.label is not None else 'all'}"
             counts[k] = counts.get(k, 0) + 1
-    site = Site(node.site_id, spec, train, test, counts, len(skipped))
+    site = Site(node.site_id, spec, train, test, counts, len(skipped), val=val)
     _SITES[key] = site
     return site
 
 
-def load_received(model: Any, arrays: ArrayRecord, run: RunConfig) -> dict:
-    """Put the server's weights into ``model``; weights of another network are a ``model-mismatch``."""
-    state = arrays.to_torch_state_dict()
+def load_received(model: Any, arrays: ArrayRecord, run: RunConfig,
+                  state: RecordDict | None = None) -> dict:
+    """Put the server's weights into ``model``; weights of another network are a ``model-mismatch``.
+
+    With FedBN the site's own normalisation layers (kept in ``ctx.state`` = ``state`` since its last
+    training) replace the global ones. Returns the received state dict.
+    """
+    received = arrays.to_torch_state_dict()
+    weights = dict(received)
+    if run.fedbn and state is not None and FEDBN_STATE in state:
+        weights.update(state[FEDBN_STATE].to_torch_state_dict())
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(weights)
     except (RuntimeError, KeyError, ValueError) as err:
         raise SiteError("model-mismatch", f"the received weights do not fit the {run.task} "
                         f"network: {str(err).splitlines()[0][:200]}", task=run.task) from None
-    return state
+    return received
+
+
+def reply_arrays(model: Any, run: RunConfig, state: RecordDict | None) -> ArrayRecord:
+    """The weights a train reply carries; with FedBN the normalisation layers go to ``ctx.state``
+    instead (they never leave the site)."""
+    weights = state_dict(model)
+    if not run.fedbn:
+        return ArrayRecord(weights)
+    shared, norm = split_norm(weights, norm_keys(model))
+    if state is not None:
+        state[FEDBN_STATE] = ArrayRecord(norm)
+    return ArrayRecord(shared)
 
 
 def obtain_privatizer(run: RunConfig, node: NodeConfig, num_samples: int, epochs: int) -> Any:
@@ -167,8 +224,10 @@ def _site_config(site: Site) -> ConfigRecord:
     return ConfigRecord({SITE_ID: site.site_id})
 
 
-def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
+def train_site(content: RecordDict, run: RunConfig, node: NodeConfig,
+               state: RecordDict | None = None) -> RecordDict:
     """Local training from the received global weights; reply weights, example count, train metrics.
+    ``state`` is the site's Flower ``ctx.state`` (FedBN keeps the site's normalisation layers there).
 
     With local DP the ledger is charged for exactly the DP steps taken (``local-epochs`` x the DP
     loader's batches), and a request that would pass ``max-epsilon`` is refused untrained.
@@ -182,7 +241,7 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordD
     epochs = run.local_epochs
     cfg = train_config_for(run, device=_device(run, node), epochs=epochs)
     model = core.build_model(site.spec, cfg)
-    state = load_received(model, content[ARRAYS], run)
+    received = load_received(model, content[ARRAYS], run, state)
     train = site.train
     if run.dp == "opacus":
         from client.privacy import one_sample_per_patient
@@ -192,7 +251,7 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordD
     t0 = time.perf_counter()
     try:
         res = core.train(model, train, site.spec, cfg, epochs=epochs, proximal_mu=mu,
-                         global_state=state if mu > 0 else None, privatize=privatizer,
+                         global_state=received if mu > 0 else None, privatize=privatizer,
                          progress=False)
     finally:
         if privatizer is not None:
@@ -206,15 +265,18 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordD
     metrics[SKIPPED] = int(site.skipped)
     return RecordDict(
         {
-            ARRAYS: ArrayRecord(state_dict(model)),
+            ARRAYS: reply_arrays(model, run, state),
             METRICS: MetricRecord(metrics),
             CONFIG: _site_config(site),
         }
     )
 
 
-def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
-    """Metrics of the received model on the site's own test split, plus confusion and histograms.
+def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig,
+                  state: RecordDict | None = None) -> RecordDict:
+    """Metrics of the received model on the site's own test split (or, when the message's config says
+    ``eval-split = "val"``, its validation split), plus confusion and histograms. With FedBN the
+    site's own normalisation layers are used (``state`` = ``ctx.state``).
 
     Below ``min-report-cases`` test cases the reply carries no metric at all (the federation counts
     the site as absent); a score histogram is sent only when every non-empty bin holds that many.
@@ -222,19 +284,23 @@ def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> Reco
     from client.disclosure import enough_cases, k_anonymous_rows
 
     site = load_site(run, node)
-    if not site.test:
-        raise SiteError("no-test-cases", count=site.skipped, task=run.task)
+    config = content[CONFIG] if CONFIG in content else ConfigRecord()
+    split = "val" if str(config.get(EVAL_SPLIT, "test")) == "val" else "test"
+    samples = site.val if split == "val" else site.test
+    if not samples:
+        raise SiteError("no-test-cases", f"no eligible {split} cases", count=site.skipped,
+                        task=run.task)
     k = node.min_report_cases
-    if not enough_cases(len(site.test), k):
-        log.warning("site %s: %d test case(s) < min-report-cases %d: no evaluation metrics sent",
-                    site.site_id, len(site.test), k)
+    if not enough_cases(len(samples), k):
+        log.warning("site %s: %d %s case(s) < min-report-cases %d: no evaluation metrics sent",
+                    site.site_id, len(samples), split, k)
         return RecordDict({METRICS: MetricRecord({SKIPPED: int(site.skipped)}),
                            CONFIG: _site_config(site)})
     core = learning_core()
     cfg = train_config_for(run, device=_device(run, node))
     model = core.build_model(site.spec, cfg)
-    load_received(model, content[ARRAYS], run)
-    ev = core.evaluate(model, site.test, site.spec, cfg)
+    load_received(model, content[ARRAYS], run, state)
+    ev = core.evaluate(model, samples, site.spec, cfg)
     metrics: dict[str, Any] = {k: float(v) for k, v in ev.metrics.items() if is_number(v)}
     metrics[NUM_EXAMPLES] = int(ev.num_examples)
     metrics[SKIPPED] = int(site.skipped)
@@ -251,7 +317,8 @@ def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> Reco
     return RecordDict({METRICS: MetricRecord(metrics), CONFIG: _site_config(site)})
 
 
-def query_site(content: RecordDict, run: RunConfig, node: NodeConfig) -> RecordDict:
+def query_site(content: RecordDict, run: RunConfig, node: NodeConfig,
+               state: RecordDict | None = None) -> RecordDict:
     """Eligible case counts per split and class for the run's task (no ids, only counts)."""
     site = load_site(run, node)
     counts: dict[str, Any] = {k: int(v) for k, v in site.counts.items()}

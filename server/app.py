@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def serve(grid: Grid, run: RunConfig | Mapping[str, Any]) -> Path:
     """Run the federation and export the global model; returns the MODEL_DIR."""
-    from server.model import export_global_model, federation_provenance
+    from server.model import export_global_model, federation_provenance, selection_provenance
     from server.rounds import run_rounds
     from server.status import RunStatus
 
@@ -36,16 +36,20 @@ def serve(grid: Grid, run: RunConfig | Mapping[str, Any]) -> Path:
     except BaseException as err:
         status.failed(err)
         raise
-    last = result.rounds[-1] if result.rounds else {}
+    chosen = selection_provenance(run, result)
+    arrays = result.best_arrays if chosen["exported"] == "best" else result.arrays
+    row = next((r for r in result.rounds if r["round"] == chosen["round"]), {})
     model_dir = Path(run.run_dir) / "model"
     export_global_model(
-        result.arrays,
+        arrays,
         run,
         model_dir,
-        federation_provenance(run, result.sites, result.rounds),
-        {"pooled": last.get("pooled", {}), "central": last.get("central", {})},
+        {**federation_provenance(run, result.sites, result.rounds), "selection": chosen},
+        {"round": chosen["round"], "pooled": row.get("pooled", {}), "central": row.get("central", {}),
+         "val": (row.get("val") or {}).get("pooled", {})},
     )
-    log.info("global model exported to %s", model_dir)
+    log.info("global model of round %s (%s) exported to %s", chosen["round"], chosen["reason"],
+             model_dir)
     finish(run, status, model_dir)
     return model_dir
 

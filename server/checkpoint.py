@@ -184,10 +184,16 @@ def _marked(run_dir: str | Path, name: str) -> int | None:
         return None
 
 
-def mark_best(run_dir: str | Path, rnd: int) -> None:
-    """Name round ``rnd`` the best (model selection): pruning never removes it."""
+def mark_best(run_dir: str | Path, rnd: int, **info: Any) -> None:
+    """Name round ``rnd`` the best (model selection): pruning never removes it. ``info`` (the metric,
+    its value, n, ...) is stored beside the round in ``best.json``."""
     checkpoint_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(checkpoint_dir(run_dir) / BEST, {"round": int(rnd)})
+    _write_json_atomic(checkpoint_dir(run_dir) / BEST, {"round": int(rnd), **info})
+
+
+def clear_best(run_dir: str | Path) -> None:
+    """Forget a previous run's best round (a fresh run in the same folder starts with none)."""
+    (checkpoint_dir(run_dir) / BEST).unlink(missing_ok=True)
 
 
 def rounds_to_keep(run_dir: str | Path, keep_last: int) -> set[int]:

@@ -90,7 +90,36 @@ def federation_provenance(run: RunConfig, sites: list[str],
             "epsilon": _epsilon(run, rows),
         },
         "seed": run.seed,
+        "fedbn": run.fedbn,
+        **({"fedbn_note": "normalisation layers stayed at the sites (FedBN): this model carries the "
+                          "initial ones; a site uses its own"} if run.fedbn else {}),
     }
+
+
+def selection_provenance(run: RunConfig, result: Any) -> dict[str, Any]:
+    """Which round's global model is exported and why (``result``: ``server.rounds.FederationResult``).
+
+    ``export = "best"`` takes the round whose new global model scored best on the sites' pooled
+    validation splits; without any validation score (no site holds a validation split) the final
+    round is exported and the reason says so.
+    """
+    sel = result.selection
+    final = result.rounds[-1]["round"] if result.rounds else 0
+    out: dict[str, Any] = {
+        "requested": run.export, "final_round": final, "rounds_run": len(result.rounds),
+        "stopped_early": result.stopped_early, "early_stop_patience": run.early_stop_patience,
+        "metric": sel.metric if sel else None, "split": "val (pooled over the sites)",
+        "best_round": sel.best_round if sel else None, "best_value": sel.best_value if sel else None,
+    }
+    if run.export == "best" and sel is not None and sel.best_round is not None:
+        better = "highest" if sel.higher_is_better else "lowest"
+        return {**out, "exported": "best", "round": sel.best_round, "value": sel.best_value,
+                "reason": f"{better} pooled validation {sel.metric} ({sel.best_value:.4g}) of the "
+                          f"new global model, rounds 1-{final}"}
+    why = ("export = final" if run.export == "final"
+           else "export = best, but no round had a validation score (no site holds a val split)")
+    value = (result.rounds[-1].get("selection") or {}).get("value") if result.rounds else None
+    return {**out, "exported": "final", "round": final, "value": value, "reason": why}
 
 
 def export_global_model(arrays: ArrayRecord, run: RunConfig, out_dir: str | Path,

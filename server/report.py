@@ -25,11 +25,27 @@ def headline(summary: dict[str, Any]) -> str:
     return get_task(summary["spec"]["task"]).headline_metric
 
 
+def chosen_round(summary: dict[str, Any]) -> int | None:
+    """The round whose global model was exported: the best by pooled validation score (``export =
+    "best"``, the default) or the last one (``export = "final"``, or no round had a validation score)."""
+    rounds = summary["rounds"]
+    if not rounds:
+        return None
+    best = (rounds[-1].get("selection") or {}).get("best_round")
+    final = (summary.get("run_config") or {}).get("export", "best") == "final"
+    return rounds[-1]["round"] if final or best is None else int(best)
+
+
+def _chosen_row(summary: dict[str, Any]) -> dict[str, Any]:
+    rnd = chosen_round(summary)
+    return next((r for r in summary["rounds"] if r["round"] == rnd), {})
+
+
 def comparison(summary: dict[str, Any]) -> dict[str, float]:
-    """Final headline metric of FL (pooled), centralised and each local-only model."""
+    """Headline metric of the exported FL model (pooled), centralised and each local-only model."""
     key = headline(summary)
     rounds = summary["rounds"]
-    out = {"federated": _num(rounds[-1]["pooled"].get(key)) if rounds else math.nan}
+    out = {"federated": _num(_chosen_row(summary).get("pooled", {}).get(key)) if rounds else math.nan}
     base = summary.get("baselines") or {}
     if base:
         out["centralised"] = _num(base["centralised"]["final"].get(key))
@@ -56,6 +72,13 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     ax.plot(xs, [_num(r["pooled"].get(key)) for r in rounds], "o-", label=f"federated ({summary['spec']['strategy']}), pooled")
+    if any("val" in r for r in rounds):
+        ax.plot(xs, [_num((r.get("val") or {}).get("pooled", {}).get(key)) for r in rounds], "x:",
+                color="C0", label="federated, pooled validation (selects the round)")
+    chosen = _chosen_row(summary)
+    if chosen:
+        ax.plot([chosen["round"]], [_num(chosen["pooled"].get(key))], "*", ms=16, color="gold",
+                mec="k", zorder=5, label=f"exported model (round {chosen['round']})")
     cis = summary.get("cis") or {}
     band = [(r["round"], cis[r["round"]]["pooled"][key]) for r in rounds
             if key in (cis.get(r["round"]) or {}).get("pooled", {})]
@@ -156,6 +179,27 @@ def _cell(v: Any) -> str:
     return html.escape("" if v is None else str(v))
 
 
+def _val_cell(row: dict[str, Any], key: str) -> str:
+    pooled = (row.get("val") or {}).get("pooled") or {}
+    value = _num(pooled.get(key))
+    return "n/a" if not math.isfinite(value) else f"{value:.3f} ({int(pooled.get('num_examples', 0))})"
+
+
+def _selection_note(summary: dict[str, Any]) -> str:
+    rounds = summary["rounds"]
+    rnd = chosen_round(summary)
+    if rnd is None:
+        return ""
+    sel = rounds[-1].get("selection") or {}
+    if rnd == sel.get("best_round") and (summary.get("run_config") or {}).get("export") != "final":
+        why = (f"the best pooled validation {sel.get('metric')} ({sel.get('best_value'):.3f}) of the "
+               f"new global model over rounds 1-{rounds[-1]['round']}")
+    else:
+        why = "the final round (export = final, or no round had a validation score)"
+    return (f"<p>Exported model: <b>round {rnd}</b>, {html.escape(why)}. The federated result below "
+            "is that round's model on the pooled test set.</p>")
+
+
 def _with_ci(value: Any, ci: list[float] | None) -> str:
     v = _num(value)
     if not math.isfinite(v):
@@ -191,8 +235,10 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     key = headline(summary)
     cis = summary["cis"]
     comp = [{"model": k, key: v} for k, v in comparison(summary).items()]
+    chosen = chosen_round(summary)
     rounds = [
-        {"round": r["round"],
+        {"round": r["round"], "exported": "\u2605 exported" if r["round"] == chosen else "",
+         f"val {key} (n)": _val_cell(r, key),
          f"pooled {key} [95% CI]": _with_ci(r["pooled"].get(key),
                                            (cis.get(r["round"]) or {}).get("pooled", {}).get(key)),
          "pooled balanced acc.": _num(r["pooled"].get("balanced_accuracy")),
@@ -227,7 +273,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:inline-block;margin:.5em}}</style></head><body>
 <h1>Federated {html.escape(spec['task'])}: {len(summary['site_names'])} sites, {len(summary['rounds'])} rounds, {html.escape(spec['strategy'])}</h1>
 <p>{_intro(summary)}</p>{model}
-<h2>Result</h2>{_table(comp)}{imgs}
+<h2>Result</h2>{_selection_note(summary)}{_table(comp)}{imgs}
 <h2>Rounds</h2><p>{ci_note}</p>{_table(rounds)}
 <h2>Per site (last round, global model on each site's test split)</h2>{_table(per_site)}
 {partition}

@@ -22,13 +22,22 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from server.checkpoint import Checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from server.checkpoint import (
+    Checkpoint,
+    clear_best,
+    load_checkpoint,
+    read_round,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from server.model import central_evaluator, initial_arrays
 from server.pooled import round_metrics
 from server.privacy import central_epsilon, noisy_rounds
 from server.quorum import SubsetGrid, query_eligibility, wait_for_quorum
 from server.runlog import RunLog
 from server.secagg import SecAggTrainStep
+from server.selection import Selection, mark_best_round, validate_round
 from server.strategy import accepted_replies, build_strategy, restore_strategy_state, strategy_state
 from server.train_step import PlainTrainStep, TrainOutcome, TrainStep
 from shared.config import RunConfig
@@ -48,9 +57,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FederationResult:
-    arrays: ArrayRecord
+    arrays: ArrayRecord  # the final global model
     rounds: list[dict[str, Any]] = field(default_factory=list)
     sites: list[str] = field(default_factory=list)
+    selection: Selection | None = None  # the best round by pooled validation score
+    best_arrays: ArrayRecord | None = None  # its global model (None: no round had a score)
+    stopped_early: bool = False  # early-stop-patience ended the run before num-server-rounds
 
 
 def start_state(run: RunConfig, run_dir: Path, strategy: Any = None) -> tuple[ArrayRecord, list, int]:
@@ -71,11 +83,18 @@ def start_state(run: RunConfig, run_dir: Path, strategy: Any = None) -> tuple[Ar
     return ArrayRecord(state_dict(ckpt.weights)), list(ckpt.history), ckpt.round + 1
 
 
-def participants(grid: Grid, run: RunConfig,
-                 eligible: dict[int, dict[str, int]]) -> tuple[list[int], list[int], int, int]:
+def holders(nodes: list[int], eligible: dict[int, dict[str, int]], split: str) -> list[int]:
+    """The nodes whose eligibility counts name cases of ``split`` (test or val)."""
+    return [n for n in nodes
+            if any(k.startswith(f"{ELIGIBLE_PREFIX}{split}-") for k in eligible.get(n, {}))]
+
+
+def participants(grid: Grid, run: RunConfig, eligible: dict[int, dict[str, int]]
+                 ) -> tuple[list[int], list[int], list[int], int, int]:
     """Wait for the quorum, ask new nodes what they hold (``eligible`` is updated in place).
 
-    Returns (nodes with training data, nodes with a test split, query bytes sent, received).
+    Returns (nodes with training data, with a test split, with a validation split, query bytes sent,
+    received).
     """
     nodes = wait_for_quorum(grid, run)
     new = [n for n in nodes if n not in eligible]
@@ -84,9 +103,8 @@ def participants(grid: Grid, run: RunConfig,
         found, q_sent, q_recv = query_eligibility(grid, new, run)
         eligible.update(found)
     trainers = [n for n in nodes if eligible.get(n, {}).get(ELIGIBLE_TOTAL, 0) > 0]
-    testers = [n for n in nodes
-               if any(k.startswith(f"{ELIGIBLE_PREFIX}test-") for k in eligible.get(n, {}))]
-    return trainers, testers, q_sent, q_recv
+    testers = holders(nodes, eligible, "test")
+    return trainers, testers, holders(nodes, eligible, "val"), q_sent, q_recv
 
 
 def evaluate_round(grid: Grid, run: RunConfig, rnd: int, strategy: Any, arrays: ArrayRecord,
@@ -104,13 +122,15 @@ def evaluate_round(grid: Grid, run: RunConfig, rnd: int, strategy: Any, arrays: 
 
 
 def traffic(train: TrainOutcome, e_out: list, e_replies: list, q_sent: int, q_recv: int,
-            arrays: ArrayRecord) -> dict[str, Any]:
-    """The run log's byte counters for one round."""
+            arrays: ArrayRecord, v_out: list, v_replies: list) -> dict[str, Any]:
+    """The run log's byte counters for one round (v_*: the validation messages)."""
     e_sent, e_recv = payload_bytes(e_out), payload_bytes(e_replies)
-    return {"bytes_sent": train.sent + e_sent + q_sent,
-            "bytes_received": train.received + e_recv + q_recv,
+    v_sent, v_recv = payload_bytes(v_out), payload_bytes(v_replies)
+    return {"bytes_sent": train.sent + e_sent + v_sent + q_sent,
+            "bytes_received": train.received + e_recv + v_recv + q_recv,
             "bytes": {"train_sent": train.sent, "train_received": train.received,
                       "eval_sent": e_sent, "eval_received": e_recv,
+                      "val_sent": v_sent, "val_received": v_recv,
                       "query_sent": q_sent, "query_received": q_recv,
                       "model": int(arrays.count_bytes())}}
 
@@ -130,20 +150,32 @@ def run_rounds(
     strategy = build_strategy(run)  # sends the evaluate messages; trains too in a plain run
     step = train_step_for(run, strategy)
     arrays, history, first = start_state(run, run_dir, strategy)
+    selection, best_arrays = best_so_far(run, run_dir, history, arrays)
+    stopped_early = False
     runlog = RunLog(run_dir, first_round=first)
     central = central_evaluator(run)
     eligible: dict[int, dict[str, int]] = {}
     sites_seen: set[str] = {s for row in history for s in row.get("sites", {})}
     try:
         for rnd in range(first, run.num_server_rounds + 1):
+            if selection.should_stop(run.early_stop_patience):
+                log.info("early stop before round %d: no better validation %s for %d round(s) "
+                         "(best: round %s)", rnd, selection.metric, selection.stale_rounds(),
+                         selection.best_round)
+                stopped_early = True
+                break
             t0 = time.perf_counter()
-            trainers, testers, q_sent, q_recv = participants(grid, run, eligible)
+            trainers, testers, validators, q_sent, q_recv = participants(grid, run, eligible)
             if not trainers:
                 raise RuntimeError(f"round {rnd}: no connected site has eligible data for {run.task}")
             train = step(grid, rnd, arrays, trainers, eligible)
             if train.arrays is not None:
                 arrays = train.arrays
             t_train = time.perf_counter() - t0
+            v_out, v_replies, val = validate_round(grid, run, rnd, arrays, validators)
+            improved = selection.update(rnd, val.get("pooled", {}))
+            if improved:
+                best_arrays = arrays
             e_out, e_replies, fed = evaluate_round(grid, run, rnd, strategy, arrays, testers)
             sites_seen.update(train.trained)
             row: dict[str, Any] = {
@@ -156,10 +188,12 @@ def run_rounds(
                 "sampled": train.sampled,
                 "replied": train.replied,
                 "failed": train.sampled - train.replied,
-                **traffic(train, e_out, e_replies, q_sent, q_recv, arrays),
+                **traffic(train, e_out, e_replies, q_sent, q_recv, arrays, v_out, v_replies),
                 "train": train.metrics,
                 **train.row,
                 **fed,
+                "val": val,
+                "selection": selection.record(val.get("pooled", {})),
             }
             if run.dp == "central":
                 row["dp"] = {"epsilon": central_epsilon(run, noisy_rounds([*history, row])),
@@ -170,6 +204,8 @@ def run_rounds(
             history.append(row)
             save_checkpoint(run_dir, Checkpoint(rnd, numpy_weights(arrays), strategy_state(strategy),
                                                 rng_state(), history), keep_last=run.keep_checkpoints)
+            if improved:
+                mark_best_round(run_dir, selection, int(val["pooled"].get("num_examples", 0)))
             runlog.write(row)
             log.info("round %d (%s): %d/%d sites, pooled %s", rnd, step.label, train.replied,
                      train.sampled, fed["pooled"])
@@ -177,4 +213,20 @@ def run_rounds(
                 on_round_end(rnd, row)
     finally:
         runlog.close()
-    return FederationResult(arrays=arrays, rounds=history, sites=sorted(sites_seen))
+    return FederationResult(arrays=arrays, rounds=history, sites=sorted(sites_seen),
+                            selection=selection, best_arrays=best_arrays, stopped_early=stopped_early)
+
+
+def best_so_far(run: RunConfig, run_dir: Path, history: list[dict[str, Any]],
+                arrays: ArrayRecord) -> tuple[Selection, ArrayRecord | None]:
+    """The selection state at the start of a run: empty (a stale ``best.json`` is removed), or on
+    resume replayed from the run log, with the best round's weights read from its checkpoint."""
+    selection = Selection.for_run(run, history)
+    if not history:
+        clear_best(run_dir)
+        return selection, None
+    if selection.best_round is None:
+        return selection, None
+    if selection.best_round == history[-1]["round"]:
+        return selection, arrays
+    return selection, ArrayRecord(state_dict(read_round(run_dir, selection.best_round).weights))

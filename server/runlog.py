@@ -49,6 +49,9 @@ class RunLog:
             for key, value in (row.get(group) or {}).items():
                 if isinstance(value, (int, float)) and value is not None:
                     self._writer.add_scalar(f"{group}/{key}", value, step)
+        for key, value in ((row.get("val") or {}).get("pooled") or {}).items():
+            if isinstance(value, (int, float)):
+                self._writer.add_scalar(f"val/{key}", value, step)
         for site, metrics in (row.get("sites") or {}).items():
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and value is not None:

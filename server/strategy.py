@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import strategy as flwr_strategy
 
+from server.fedbn import with_global_norm
 from server.privacy import wrap_central_dp
 from server.validation import validate_replies
 from shared.config import STRATEGIES, RunConfig
@@ -108,8 +109,10 @@ def accepted_replies(replies: Iterable[Message], run: RunConfig, phase: str,
                      global_arrays: Any = None) -> list[Message]:
     """THE place replies are filtered before aggregation (``phase`` is "train" or "evaluate").
 
-    Drops error replies (logged), runs update validation when ``validate-updates`` is on, and sorts by
-    site so aggregation sums in the same order on every run (bitwise-identical resume).
+    Drops error replies (logged), gives train replies the global normalisation layers under FedBN
+    (``server/fedbn.py``: the server averages only the rest), runs update validation when
+    ``validate-updates`` is on, and sorts by site so aggregation sums in the same order on every run
+    (bitwise-identical resume).
     """
     ok: list[Message] = []
     for msg in replies:
@@ -118,6 +121,8 @@ def accepted_replies(replies: Iterable[Message], run: RunConfig, phase: str,
                         msg.metadata.src_node_id, msg.error.reason)
             continue
         ok.append(msg)
+    if run.fedbn and phase == "train" and global_arrays is not None:
+        ok = with_global_norm(ok, run, global_arrays)
     if run.validate_updates and phase == "train" and ok:
         ok = list(validate_replies(ok, run, global_arrays))
     return sorted(ok, key=site_of)

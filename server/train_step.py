@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
+from server.fedbn import keep_global_norm
 from server.quorum import SubsetGrid
 from server.strategy import accepted_replies
 from shared.config import RunConfig
@@ -60,6 +61,8 @@ class PlainTrainStep:
         replies = list(grid.send_and_receive(out, timeout=run.round_timeout))
         good = accepted_replies(replies, run, "train", global_arrays=arrays)
         new_arrays, aggregated = strategy.aggregate_train(rnd, good) if good else (None, None)
+        if run.fedbn and new_arrays is not None:
+            new_arrays = keep_global_norm(new_arrays, run, arrays)
         return TrainOutcome(
             arrays=new_arrays,
             sampled=len(out),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 DP_MODES = ("none", "opacus", "central")
+EXPORTS = ("best", "final")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class RunConfig:
     secagg_num_shares: int = 0  # key shares per site: 0 = every sampled site, else odd >= 3
     secagg_reconstruction_threshold: int = 0  # shares needed to unmask: 0 = a majority of them
     validate_updates: bool = False
+    export: str = "best"  # best (highest pooled validation score of the new global model) | final
+    early_stop_patience: int = 0  # stop after this many rounds without a better validation score; 0 = off
+    fedbn: bool = False  # FedBN: normalisation layers stay at each site, never sent or averaged
     tracking_uri: str = ""  # MLflow tracking URI ("" = off), e.g. sqlite:///runs/mlflow.db
 
     def __post_init__(self) -> None:
@@ -104,7 +108,26 @@ def _check_options(cfg: RunConfig) -> None:
             f"run config: dp='central' cannot be combined with strategy={cfg.strategy!r} (median, "
             f"trimmed-mean and Krum-type rules are not averages, so the DP noise calibration does "
             f"not hold); use one of {', '.join(CENTRAL_DP_STRATEGIES)}")
+    if cfg.export not in EXPORTS:
+        raise ValueError(f"run config: export={cfg.export!r} is not one of {', '.join(EXPORTS)}")
+    if cfg.early_stop_patience < 0:
+        raise ValueError(f"run config: early-stop-patience={cfg.early_stop_patience} must be >= 0 "
+                         "(rounds without a better validation score; 0 = off)")
     _check_secagg(cfg)
+    _check_fedbn(cfg)
+
+
+def _check_fedbn(cfg: RunConfig) -> None:
+    """FedBN sends part of the model; the paths that need the whole update cannot take it (yet)."""
+    if not cfg.fedbn:
+        return
+    if cfg.secagg:
+        raise ValueError("run config: fedbn = true cannot be combined with secagg = true (the SecAgg+ "
+                         "path masks the whole weight vector; FedBN sites send only the shared part)")
+    if cfg.dp == "central":
+        raise ValueError('run config: fedbn = true cannot be combined with dp = "central" (Flower\'s '
+                         "client-side clipping compares the whole received and sent weights); "
+                         'use dp = "opacus"')
 
 
 def _check_secagg(cfg: RunConfig) -> None:

@@ -47,9 +47,12 @@ SCORE_HIST = "score-hist"  # flattened K x 2 x BINS int counts (positives / nega
 NUM_CLASSES = "num-classes"
 ELIGIBLE_TOTAL = "eligible-total"
 ELIGIBLE_PREFIX = "eligible-"  # eligible-<split>-<class> counts in query replies
+EVAL_SPLIT = "eval-split"  # evaluate config: "val" scores the site's validation split (default: test)
+FEDBN_STATE = "fedbn-norm"  # ArrayRecord in a site's ctx.state: its own normalisation layers (FedBN)
 
 __all__ = [
-    "ARRAYS", "CONFIG", "CONFUSION", "ELIGIBLE", "ELIGIBLE_PREFIX", "ELIGIBLE_TOTAL", "METRICS",
+    "ARRAYS", "CONFIG", "CONFUSION", "ELIGIBLE", "ELIGIBLE_PREFIX", "ELIGIBLE_TOTAL", "EVAL_SPLIT",
+    "FEDBN_STATE", "METRICS",
     "NUM_CLASSES", "NUM_EXAMPLES", "PROXIMAL_MU", "SCORE_HIST", "SERVER_ROUND", "SITE_ID",
     "TRAIN_LOSS", "TRAIN_SECONDS", "NodeConfig", "RunConfig", "is_number", "numpy_weights",
     "payload_bytes", "site_of", "state_dict",

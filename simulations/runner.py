@@ -153,7 +153,7 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
     run_federation(spec, run, len(part.sites))
     fl_seconds = time.perf_counter() - t_fl
     rounds = read_rounds(spec.out)
-    if len(rounds) < spec.rounds:
+    if len(rounds) < spec.rounds and not stopped_early(run, rounds):
         raise RuntimeError(f"{spec.out}/rounds.jsonl: the federation finished only {len(rounds)} of "
                            f"{spec.rounds} rounds (see the log above)")
     echo(f"federated ({spec.strategy}, {len(rounds)} rounds, pooled test set): "
@@ -176,6 +176,14 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
 
         echo(f"MLflow run {log_run(spec.out, run.tracking_uri)} in {run.tracking_uri}")
     return report
+
+
+def stopped_early(run: RunConfig, rounds: list[dict[str, Any]]) -> bool:
+    """Whether ``early-stop-patience`` ended the run (no better validation score for that long)."""
+    if run.early_stop_patience <= 0 or not rounds:
+        return False
+    best = (rounds[-1].get("selection") or {}).get("best_round") or 0
+    return rounds[-1]["round"] - best >= run.early_stop_patience
 
 
 def _fmt(metrics: dict[str, Any]) -> str:

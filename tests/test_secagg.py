@@ -80,7 +80,7 @@ def test_secagg_run_equals_plain_fedavg_and_no_update_leaves_a_site_in_clear(
     for row in rows:
         assert (row["sampled"], row["replied"], row["failed"]) == (4, 4, 0)
         assert row["secagg"] == {"num_shares": 4, "reconstruction_threshold": 3,
-                                 "max_weight": 8.0, "unmasked": True}
+                                 "max_weight": 6.0, "unmasked": True}  # 8 train, 2 to val
         assert set(row["sites"]) == {f"site-{i}" for i in range(4)}
         assert row["pooled"]["num_examples"] == 4 * 4  # each site's 4 test cases, pooled
         assert row["bytes"]["train_received"] > 0 and row["train"]["train-loss"] > 0

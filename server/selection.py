@@ -1,0 +1,117 @@
+"""Global model selection: score each round's NEW global model on the sites' validation splits.
+
+After aggregation the round loop sends the new global weights to every site holding a validation split
+(``eval-split = "val"``); the replies pool exactly like the test metrics (summed confusion matrices and
+score histograms, ``server/pooled.py``), so the score of round r is the score of round r's model (no
+one-round lag as when the next round's training replies carry it). The selection metric is the task's
+headline metric (``shared/tasks.py``; lower is better for errors such as ``param_mae``). The best round
+so far is kept (strictly better only: on ties the earlier round stays), named in
+``checkpoints/best.json`` and exported by default (``export = "best"``); ``early-stop-patience`` stops a
+run that has not improved for that many rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from server.checkpoint import mark_best
+from server.pooled import round_metrics
+from server.strategy import accepted_replies
+from shared.config import RunConfig
+from shared.contract import ARRAYS, CONFIG, EVAL_SPLIT, METRICS, SERVER_ROUND, site_of
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = ("param_mae", "loss", "mae", "rmse")
+
+
+def selection_metric(run: RunConfig) -> tuple[str, bool]:
+    """(metric name, higher is better) used to pick the best round."""
+    from shared.tasks import get_task
+
+    name = get_task(run.task).headline_metric
+    return name, name not in LOWER_IS_BETTER
+
+
+def validate_round(grid: Grid, run: RunConfig, rnd: int, arrays: ArrayRecord,
+                   validators: list[int]) -> tuple[list, list, dict[str, Any]]:
+    """Every validator scores ``arrays`` on its validation split; (messages out, replies, metrics)."""
+    if not validators:
+        return [], [], {}
+    config = ConfigRecord({EVAL_SPLIT: "val", SERVER_ROUND: rnd})
+    out = [Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=n,
+                   message_type=MessageType.EVALUATE) for n in validators]
+    replies = list(grid.send_and_receive(out, timeout=run.round_timeout))
+    site_val = {site_of(m): dict(m.content[METRICS])
+                for m in accepted_replies(replies, run, "evaluate")}
+    return out, replies, round_metrics(site_val) if site_val else {}
+
+
+@dataclass
+class Selection:
+    """The best round so far by pooled validation score, and how long since it improved."""
+
+    metric: str
+    higher_is_better: bool
+    best_round: int | None = None
+    best_value: float | None = None
+    last_round: int = 0
+
+    @classmethod
+    def for_run(cls, run: RunConfig, history: list[dict[str, Any]]) -> Selection:
+        """A fresh tracker, or the one a resumed run had (replayed from the run-log rows)."""
+        metric, higher = selection_metric(run)
+        sel = cls(metric, higher)
+        for row in history:
+            sel.update(int(row["round"]), (row.get("val") or {}).get("pooled", {}))
+        return sel
+
+    def update(self, rnd: int, pooled_val: dict[str, Any]) -> bool:
+        """Take round ``rnd``'s pooled validation metrics; True when it is the new best."""
+        self.last_round = rnd
+        value = pooled_val.get(self.metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        better = (self.best_value is None
+                  or (value > self.best_value if self.higher_is_better else value < self.best_value))
+        if better:
+            self.best_round, self.best_value = rnd, float(value)
+        return better
+
+    def stale_rounds(self) -> int:
+        """Rounds since the best one (all rounds so far when none has a validation score)."""
+        return self.last_round - (self.best_round or 0)
+
+    def should_stop(self, patience: int) -> bool:
+        return patience > 0 and self.stale_rounds() >= patience
+
+    def record(self, pooled_val: dict[str, Any]) -> dict[str, Any]:
+        """The run-log entry of one round: its score and the best so far."""
+        value = pooled_val.get(self.metric)
+        return {"metric": self.metric, "higher_is_better": self.higher_is_better,
+                "value": float(value) if isinstance(value, (int, float)) else None,
+                "n": int(pooled_val.get("num_examples", 0)),
+                "best_round": self.best_round, "best_value": self.best_value}
+
+
+def mark_best_round(run_dir: str | Path, sel: Selection, n: int) -> None:
+    """``checkpoints/best.json`` names the best round with the metric and value that chose it."""
+    mark_best(run_dir, sel.best_round, metric=sel.metric, value=sel.best_value, n=n,
+              split="val", higher_is_better=sel.higher_is_better)
+
+
+def read_best(run_dir: str | Path) -> dict[str, Any] | None:
+    """The content of ``checkpoints/best.json``, or None when the run has none."""
+    path = Path(run_dir) / "checkpoints" / "best.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
