@@ -95,7 +95,8 @@ def test_api_snapshot_of_a_finished_run(finished_run):
     assert sites["hosp-a"]["node_id"] == "101" and sites["node-303"]["state"] == "failed"
     lo, hi = snap["cis"]["2"]["pooled"]["accuracy"]
     assert lo <= snap["rounds"][-1]["pooled"]["accuracy"] <= hi
-    assert snap["best"]["round"] in (1, 2) and snap["best"]["source"] == "rounds.jsonl"
+    chosen = json.loads((finished_run / "checkpoints" / "best.json").read_text())  # model selection
+    assert snap["best"]["round"] == chosen["round"] and snap["best"]["source"] == "checkpoints/best.json"
     assert snap["links"] == {"report": True, "model": True, "sites_log": True}
     assert any(c["name"].startswith("round-0002") and c["bytes"] > 0 for c in snap["checkpoints"])
 
@@ -109,6 +110,10 @@ def test_best_round_is_the_servers_selection_when_it_wrote_one(finished_run, tmp
     best = RunView(run).snapshot()["best"]
     assert best["round"] == 1 and best["source"] == "checkpoints/best.json"
     assert best["value"] == _rows(run)[0]["pooled"]["auc"]
+    (run / "checkpoints" / "best.json").unlink()  # no selection written: the best logged round
+    best = RunView(run).snapshot()["best"]
+    aucs = [r["pooled"]["auc"] for r in _rows(run)]
+    assert best["source"] == "rounds.jsonl" and best["round"] == 1 + aucs.index(max(aucs))
 
 
 def test_files_are_served_read_only_and_only_from_the_run_folder(finished_run):
