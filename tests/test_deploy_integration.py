@@ -116,7 +116,10 @@ def federation(tmp_path: Path):
             args = [str(BIN / "gliofed"), "deploy", "supervise", "--grace", "10", "--",
                     str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
                     "--auth-supernode-private-key", str(keys.site_keys[key or site][0]),
-                    "--node-config", f'data-path="{sites.get(site, tmp_path)}" site-id="{site}"',
+                    # a few test cases per site: below the default min-report-cases (10) every
+                    # metric would be withheld (that rule has its own tests)
+                    "--node-config",
+                    f'data-path="{sites.get(site, tmp_path)}" site-id="{site}" min-report-cases=1',
                     "--port", str(free_port())]
             if ca:
                 args += ["--root-certificates", str(keys.ca_cert)]
