@@ -214,7 +214,8 @@ def test_secagg_in_the_ray_simulation_engine(tmp_path, sites_root):
 
     cfg = RunConfig.from_flower(run_config(tmp_path / "run", sites_root, **{
         "secagg": True, "min-available-nodes": 4, "quorum-timeout": 60.0})).to_flower()
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
+    run_simulation(server_app=make_server_app(cfg),
+                   client_app=make_client_app(cfg, {"min-report-cases": 1}),  # tiny synthetic sites
                    num_supernodes=4,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"logging_level": "ERROR"}})
