@@ -54,10 +54,11 @@ def screen_samples(samples: Sequence[TaskSample], spec: TaskSpec, cfg, in_channe
     cfg = cfg.resolved()
     ok: list[TaskSample] = []
     skipped: list[tuple[str, str]] = []
-    if in_channels is None and spec.name != "qtm":
+    volumes = spec.kind == "classification"  # the other kinds read their own inputs (e.g. 4D DCE)
+    if in_channels is None and volumes:
         in_channels = model_inputs(spec, cfg, samples)["in_channels"]
     ds = None
-    if spec.name != "qtm":
+    if volumes:
         ds = _dataset(list(samples), spec, cfg, train=False, in_channels=in_channels)
         ds.cache.memory = False  # screening only warms the disk cache
     use_optional = bool(ds is not None and ds.use_optional)
