@@ -7,6 +7,7 @@ file paths or images.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -31,6 +32,7 @@ from shared.contract import (
     NUM_EXAMPLES,
     PROXIMAL_MU,
     SCORE_HIST,
+    SERVER_ROUND,
     SITE_ID,
     SKIPPED,
     TRAIN_LOSS,
@@ -240,6 +242,9 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig,
     mu = float(config.get(PROXIMAL_MU, 0.0))
     epochs = run.local_epochs
     cfg = train_config_for(run, device=_device(run, node), epochs=epochs)
+    # a new shuffle and augmentation draw every round (the same seed would replay round 1's batches)
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.replace(cfg, seed=run.seed + int(config.get(SERVER_ROUND, 0)))
     model = core.build_model(site.spec, cfg)
     received = load_received(model, content[ARRAYS], run, state)
     train = site.train

@@ -33,12 +33,17 @@ def metrics_from_sums(confusion: np.ndarray | None, hist: np.ndarray | None) -> 
 
 def round_metrics(site_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """{"sites": per-site scalars, "weighted": example-weighted means, "pooled": exact pooled,
-    "withheld": sites that sent no metrics (fewer test cases than their min-report-cases)}.
+    "withheld": sites that sent no metrics (fewer test cases than their min-report-cases),
+    "ci": bootstrap 95% intervals {"pooled": {metric: [lo, hi]}, "sites": {site: {...}}} from the same
+    counts (``server/evalci.py``)}.
 
     Pooled AUC comes from summed score histograms only when every site that sent a confusion matrix
     also sent its histogram (a site withholds one whose bins would single out too few cases).
     """
+    from server.evalci import bootstrap_cis
+
     sites: dict[str, dict[str, float]] = {}
+    site_ci: dict[str, dict[str, list[float]]] = {}
     confusion = hist = None
     withheld = sorted(s for s, m in site_metrics.items() if NUM_EXAMPLES not in m)
     site_metrics = {s: m for s, m in site_metrics.items() if NUM_EXAMPLES in m}
@@ -49,6 +54,9 @@ def round_metrics(site_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if CONFUSION in m and k:
             c = np.asarray(m[CONFUSION], dtype=np.int64).reshape(k, k)
             confusion = c if confusion is None else confusion + c
+            own = (np.asarray(m[SCORE_HIST], dtype=np.int64).reshape(k, 2, -1)
+                   if SCORE_HIST in m else None)
+            site_ci[site] = bootstrap_cis(c, own)
         if SCORE_HIST in m and k and hist_complete:
             h = np.asarray(m[SCORE_HIST], dtype=np.int64).reshape(k, 2, -1)
             hist = h if hist is None else hist + h
@@ -62,4 +70,6 @@ def round_metrics(site_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
     pooled = metrics_from_sums(confusion, hist)
     if confusion is None and weighted:  # regression (qtm): per-case means pool exactly by weighting
         pooled = {**weighted, "num_examples": float(total)}
-    return {"sites": sites, "weighted": weighted, "pooled": pooled, "withheld": withheld}
+    ci = {"pooled": bootstrap_cis(confusion, hist) if confusion is not None else {},
+          "sites": site_ci}
+    return {"sites": sites, "weighted": weighted, "pooled": pooled, "withheld": withheld, "ci": ci}

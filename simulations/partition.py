@@ -1,8 +1,11 @@
 """Patient-level, seeded partitions of one cohort into K simulated sites.
 
 Schemes: ``iid`` (class-stratified round robin), ``dirichlet:ALPHA`` (per-class Dirichlet label skew),
-``quantity:ALPHA`` (Dirichlet site sizes, labels untouched), ``site`` (the cohort's own ``site`` column)
-and ``fets:CSV`` (a FeTS ``partitioning_*.csv`` with Partition_ID and Subject_ID columns). Every patient
+``quantity:ALPHA`` (Dirichlet site sizes, labels untouched), ``site`` (the cohort's own ``site`` column;
+``scanner`` is the same grouping, named for a cohort whose sites differ by scanner profile only, which
+``gliofed simulate`` generates itself), ``fets:CSV`` (a FeTS ``partitioning_*.csv`` with Partition_ID and
+Subject_ID columns: those exact subjects) and ``sizes:CSV`` (only the site *sizes* of such a file, or of
+a ``site,patients`` file, scaled to this cohort: a real federation's quantity skew on any cohort). Every patient
 lands in exactly one site; each site folder gets a cohort.csv whose image paths point at the source
 cohort (no images are copied) and whose splits are the source cohort's, so the pooled test set is the
 union of the sites' test splits.
@@ -51,7 +54,7 @@ def partition_cohort(cohort: Cohort, spec: TaskSpec, sites: int, scheme: str,
     patients = sorted(labels)
     rng = np.random.default_rng(seed)
     kind, _, arg = scheme.partition(":")
-    if kind == "site":
+    if kind in ("site", "scanner"):
         by_site: dict[str, list[str]] = defaultdict(list)
         site_col = {c.patient_id: c.site or "unknown" for c in cohort.cases}
         for p in patients:
@@ -60,6 +63,12 @@ def partition_cohort(cohort: Cohort, spec: TaskSpec, sites: int, scheme: str,
         return Partition(scheme, tuple(tuple(sorted(by_site[n])) for n in names), tuple(names))
     if kind == "fets":
         return _fets_partition(Path(arg), patients, cohort, scheme)
+    if kind == "sizes":
+        sizes = scaled_sizes(read_site_sizes(Path(arg)), len(patients))
+        order = [str(p) for p in rng.permutation(patients)]
+        cuts = np.cumsum(sizes)[:-1]
+        return Partition(scheme, tuple(tuple(sorted(g)) for g in np.split(np.array(order), cuts)),
+                         tuple(f"site-{i}" for i in range(len(sizes))))
     if sites < 1:
         raise ValueError(f"--sites must be >= 1 (got {sites})")
     if sites > len(patients):
@@ -97,7 +106,8 @@ def partition_cohort(cohort: Cohort, spec: TaskSpec, sites: int, scheme: str,
             raise ValueError(f"{scheme}: could not give every site 2 patients in 100 draws")
     else:
         raise ValueError(
-            f"unknown partition {scheme!r}; use iid, dirichlet:ALPHA, quantity:ALPHA, site or fets:CSV"
+            f"unknown partition {scheme!r}; use iid, dirichlet:ALPHA, quantity:ALPHA, site, scanner, "
+            "fets:CSV or sizes:CSV"
         )
     return Partition(scheme, tuple(tuple(sorted(g)) for g in groups),
                      tuple(f"site-{i}" for i in range(sites)))
@@ -111,6 +121,52 @@ def _alpha(arg: str, scheme: str) -> float:
     if alpha <= 0:
         raise ValueError(f"{scheme}: ALPHA must be > 0")
     return alpha
+
+
+MIN_SITE_PATIENTS = 2  # a scaled site keeps at least this many patients (one may land in test)
+
+
+def read_site_sizes(path: Path) -> list[int]:
+    """Site sizes (largest first) from a FeTS ``Partition_ID,Subject_ID`` file (rows per partition) or
+    a ``site,patients`` file (one row per site)."""
+    if not path.is_file():
+        raise ValueError(f"{path}: site-sizes file not found")
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or ())
+        counts: dict[str, int] = defaultdict(int)
+        if {"Partition_ID", "Subject_ID"} <= cols:
+            for row in reader:
+                counts[row["Partition_ID"].strip()] += 1
+        elif {"site", "patients"} <= cols:
+            for row in reader:
+                try:
+                    counts[row["site"].strip()] += int(row["patients"])
+                except ValueError:
+                    raise ValueError(f"{path}: patients={row['patients']!r} is not a whole number "
+                                     f"(site {row['site']!r})") from None
+        else:
+            raise ValueError(f"{path}: needs columns Partition_ID,Subject_ID (FeTS) or site,patients")
+    sizes = sorted((n for n in counts.values() if n > 0), reverse=True)
+    if not sizes:
+        raise ValueError(f"{path}: no site with patients")
+    return sizes
+
+
+def scaled_sizes(sizes: list[int], total: int, floor: int = MIN_SITE_PATIENTS) -> list[int]:
+    """``sizes`` scaled to ``total`` patients (largest remainder), every site at least ``floor``;
+    the relative order (largest first) is kept."""
+    k = len(sizes)
+    if k * floor > total:
+        raise ValueError(f"{k} sites of at least {floor} patients need {k * floor} eligible patients; "
+                         f"the cohort has {total} (generate more cases)")
+    spare = total - k * floor  # shared in proportion to the sizes above the floor
+    want = np.asarray(sizes, dtype=np.float64)
+    share = want / want.sum() * spare
+    out = np.floor(share).astype(int)
+    for i in np.argsort(-(share - out), kind="stable")[:spare - int(out.sum())]:
+        out[i] += 1
+    return [int(v) + floor for v in out]
 
 
 def _fets_partition(path: Path, patients: list[str], cohort: Cohort, scheme: str) -> Partition:

@@ -50,6 +50,10 @@ class SimulationSpec:
     ray_address: str = ""  # "" = start a local Ray; "auto" or HOST:PORT = join an existing cluster
     extra: dict[str, Any] = field(default_factory=dict)  # more run-config keys (kebab-case)
     min_report_cases: int = 1  # node config of every simulated site (synthetic patients)
+    progress: bool = True  # progress bars (cohort synthesis, baselines)
+    cross_site: bool = True  # NVFlare's matrix: local-only and global models on every site's test split
+    loso: bool = False  # leave-one-site-out: K more federations, each scored on the site left out
+    verbose: bool = False  # Flower's INFO log and the sites' (Ray actors') output on the screen
 
 
 def run_config_for(spec: SimulationSpec, sites_root: Path) -> RunConfig:
@@ -83,11 +87,15 @@ def prepare_sites(spec: SimulationSpec, echo: Any = print) -> tuple[Path, Any, A
     elif cohort_dir is None:
         from simulations.synth import generate_cohort
 
-        cohort_dir = spec.out / "cohort"
+        # scanner: one class mix at every site, so the sites differ by scanner profile only
+        scanner = spec.partition == "scanner"
+        cohort_dir = spec.out / ("cohort-scanner" if scanner else "cohort")
         if not (cohort_dir / "cohort.csv").is_file():
-            echo(f"generating a synthetic cohort: {spec.cases} cases, {spec.size}^3, in {cohort_dir}")
+            echo(f"generating a synthetic cohort: {spec.cases} cases, {spec.size}^3, in {cohort_dir}"
+                 + (" (same class mix at every site)" if scanner else ""))
             generate_cohort(cohort_dir, cases=spec.cases, sites=max(spec.sites, 2), shape=spec.size,
-                            tasks=[spec.task], seed=spec.seed)
+                            tasks=[spec.task], seed=spec.seed, progress=spec.progress,
+                            label_skew=not scanner)
     cohort = read_cohort(cohort_dir, seed=spec.seed)
     if cohort.errors:
         raise ValueError(f"{cohort_dir}/cohort.csv: {cohort.errors[0]}")
@@ -101,27 +109,41 @@ def prepare_sites(spec: SimulationSpec, echo: Any = print) -> tuple[Path, Any, A
     return sites_root, cohort, part
 
 
-def run_federation(spec: SimulationSpec, run: RunConfig, num_sites: int) -> None:
-    """Run the ServerApp and ``num_sites`` ClientApps with Flower's Ray simulation engine."""
+def run_federation(spec: SimulationSpec, run: RunConfig, num_sites: int,
+                   echo: Callable[[str], Any] | None = None) -> None:
+    """Run the ServerApp and ``num_sites`` ClientApps with Flower's Ray simulation engine.
+
+    In-process ``run_simulation`` (deprecated in Flower 1.41 in favour of ``flwr run``) is kept on
+    purpose: the harness partitions, trains baselines and scores the cross-site matrix in the same
+    process, and ``flwr run`` rewrites pyproject.toml and leaves a SuperLink running (README). Unless
+    ``spec.verbose``, the screen shows progress and results only: Flower's INFO lines and its
+    deprecation notice are filtered, Ray's accelerator FutureWarning is answered by setting
+    ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`` (no GPU share: leave the device variables alone), and the
+    sites' own output (Ray actors) stays in Ray's log folder; site failures still come back as error
+    replies that the server reports. ``echo`` gets one line per finished round.
+    """
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, spec.cpus_per_client)))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     import torch
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
     from server.app import make_server_app
+    from simulations.progress import QuietFlower, RoundWatcher
 
     gpus = spec.gpus_per_client if torch.cuda.is_available() else 0.0
-    run_simulation(
-        server_app=make_server_app(run),
-        client_app=make_client_app(run, {"min-report-cases": spec.min_report_cases}),
-        num_supernodes=num_sites,
-        backend_config={
-            "client_resources": {"num_cpus": spec.cpus_per_client, "num_gpus": gpus},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": True,
-                          **({"address": spec.ray_address} if spec.ray_address else {})},
-        },
-    )
+    with QuietFlower(enabled=not spec.verbose), RoundWatcher(Path(run.run_dir), run, echo):
+        run_simulation(
+            server_app=make_server_app(run),
+            client_app=make_client_app(run, {"min-report-cases": spec.min_report_cases}),
+            num_supernodes=num_sites,
+            backend_config={
+                "client_resources": {"num_cpus": spec.cpus_per_client, "num_gpus": gpus},
+                "init_args": {"logging_level": "ERROR", "log_to_driver": spec.verbose,
+                              **({"address": spec.ray_address} if spec.ray_address else {})},
+            },
+        )
 
 
 def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
@@ -134,7 +156,6 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
     from server.report import write_report
     from server.runlog import read_rounds
     from shared.tasks import get_task
-    from simulations.baselines import run_baselines
     from simulations.partition import class_table
 
     t0 = time.perf_counter()
@@ -150,25 +171,19 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
         for ledger in (spec.out / "privacy").glob("site-*.json"):
             ledger.unlink()
     t_fl = time.perf_counter()
-    run_federation(spec, run, len(part.sites))
+    run_federation(spec, run, len(part.sites), echo)
     fl_seconds = time.perf_counter() - t_fl
     rounds = read_rounds(spec.out)
     if len(rounds) < spec.rounds and not stopped_early(run, rounds):
         raise RuntimeError(f"{spec.out}/rounds.jsonl: the federation finished only {len(rounds)} of "
                            f"{spec.rounds} rounds (see the log above)")
-    echo(f"federated ({spec.strategy}, {len(rounds)} rounds, pooled test set): "
-         f"{_fmt(rounds[-1].get('pooled', {}))}")
-    baselines: dict[str, Any] = {}
-    if spec.baselines:
-        site_dirs = [sites_root / f"site-{i}" for i in range(len(part.sites))]
-        baselines = run_baselines(
-            run, site_dirs, progress=lambda name, m: echo(f"{name}: {_fmt(m)}"))
     summary = {
         "spec": {k: str(v) if isinstance(v, Path) else v for k, v in vars(spec).items()},
         "run_config": run.to_flower(), "site_names": list(part.names), "class_table": table,
-        "rounds": rounds, "baselines": baselines, "fl_seconds": fl_seconds,
-        "total_seconds": time.perf_counter() - t0,
+        "rounds": rounds, "fl_seconds": fl_seconds,
     }
+    summary.update(evaluate_arms(spec, run, sites_root, len(part.sites), echo))
+    summary["total_seconds"] = time.perf_counter() - t0
     (spec.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     report = write_report(spec.out, summary)
     if run.tracking_uri:
@@ -176,6 +191,37 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
 
         echo(f"MLflow run {log_run(spec.out, run.tracking_uri)} in {run.tracking_uri}")
     return report
+
+
+def evaluate_arms(spec: SimulationSpec, run: RunConfig, sites_root: Path, num_sites: int,
+                  echo: Callable[[str], Any]) -> dict[str, Any]:
+    """Baselines (centralised, local-only), the cross-site matrix and leave-one-site-out, as asked."""
+    from shared.tasks import get_task
+    from simulations.baselines import run_baselines, site_samples, without_models
+    from simulations.crosseval import GLOBAL, cross_site_matrix, leave_one_site_out, load_exported
+
+    out: dict[str, Any] = {"baselines": {}}
+    classify = bool(get_task(run.task).classes)  # the matrix and LOSO score classification tasks
+    cross, loso = spec.cross_site and classify, spec.loso and classify
+    if not (spec.baselines or cross or loso):
+        return out
+    site_dirs = [sites_root / f"site-{i}" for i in range(num_sites)]
+    per_site = site_samples(site_dirs, run.task, run.seed)
+    global_model = load_exported(run, spec.out / "model") if cross or loso else None
+    base: dict[str, Any] = {}
+    if spec.baselines or cross:
+        base = run_baselines(run, site_dirs, per_site=per_site,
+                             progress=lambda name, m: echo(f"{name}: {_fmt(m)}"))
+        out["baselines"] = without_models(base)
+    if cross:
+        models = {GLOBAL: global_model, **{f"local-only {n}": r["model"]
+                                           for n, r in base.get("local", {}).items()}}
+        out["cross_site"] = cross_site_matrix(run, per_site, models)
+    if loso:
+        out["loso"] = leave_one_site_out(
+            run, sites_root, per_site, global_model,
+            lambda sub, k: run_federation(spec, sub, k), spec.out / "loso", echo)
+    return out
 
 
 def stopped_early(run: RunConfig, rounds: list[dict[str, Any]]) -> bool:
@@ -188,4 +234,8 @@ def stopped_early(run: RunConfig, rounds: list[dict[str, Any]]) -> bool:
 
 def _fmt(metrics: dict[str, Any]) -> str:
     keys = ("auc", "balanced_accuracy", "accuracy", "param_mae", "vp-mre-tumour", "ps-mre-tumour")
-    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float))
+    ci = metrics.get("ci") or {}
+    shown = [f"{k} {metrics[k]:.3f}" + (f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if k in ci else "")
+             for k in keys if isinstance(metrics.get(k), float)]
+    n = metrics.get("n", metrics.get("num_examples"))
+    return ", ".join(shown) + (f" (n={int(n)})" if isinstance(n, (int, float)) else "")

@@ -56,8 +56,13 @@ def _counts(total: int, weights: dict[str, float]) -> dict[str, int]:
 
 
 def plan_cohort(cases: int, sites: int, tasks: Sequence[str], seed: int,
-                recurrence_ratio: float = 0.82, hgg_fraction: float = 0.6) -> list[PatientPlan]:
-    """Patients of the cohort (see the module docstring for how ``cases`` is shared out)."""
+                recurrence_ratio: float = 0.82, hgg_fraction: float = 0.6,
+                label_skew: bool = True) -> list[PatientPlan]:
+    """Patients of the cohort (see the module docstring for how ``cases`` is shared out).
+
+    ``label_skew=False``: every site gets the same class mix (each class dealt round robin over the
+    sites), so the sites differ by scanner profile only (feature skew).
+    """
     if isinstance(tasks, str):  # "grading,typing" or "grading"
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = tuple(dict.fromkeys(tasks))
@@ -96,6 +101,13 @@ def plan_cohort(cases: int, sites: int, tasks: Sequence[str], seed: int,
     for pool, pool_kinds in pools.items():
         kinds = list(pool_kinds)
         order = rng.permutation(len(kinds))
+        if not label_skew:
+            dealt: dict[str, int] = {}
+            for i in order:
+                k = kinds[i]
+                plans.append(PatientPlan(0, "", pool, k, dealt.setdefault(k, 0) % sites))
+                dealt[k] += 1
+            continue
         prefs = {k: rng.gamma(1.0, 1.0, sites) + 0.05 for k in sorted(set(kinds))}
         for i in order:
             k = kinds[i]
@@ -265,6 +277,7 @@ def generate_cohort(
     near_threshold: float = 0.0,
     recurrence_ratio: float = 0.82,
     lesion_scale: float = 1.0,
+    label_skew: bool = True,
 ) -> Path:
     """Write a synthetic multi-site cohort to ``out_dir`` (cohort.csv + NIfTI) and return ``out_dir``.
 
@@ -273,6 +286,7 @@ def generate_cohort(
     to the 50 % / 125 % cut-offs (0: at least 10 points away; 1: anywhere). ``workers`` defaults to all
     cores; the files do not depend on it. Files are identical for the same arguments on any machine.
     ``lesion_scale`` (default 1) multiplies lesion sizes: test cohorts with sizes training never saw.
+    ``label_skew=False`` gives every site the same class mix (sites differ by scanner only).
     """
     from shared.cohort import write_cohort
     from simulations.synth.anatomy import load_template, make_grid
@@ -284,7 +298,8 @@ def generate_cohort(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
-    plans = plan_cohort(cases, sites, tasks, seed, recurrence_ratio=recurrence_ratio)
+    plans = plan_cohort(cases, sites, tasks, seed, recurrence_ratio=recurrence_ratio,
+                        label_skew=label_skew)
     anat = load_template()  # loaded once here; forked workers inherit it
     make_grid(anat, shape, spacing)  # validates the grid before any work
     out.mkdir(parents=True, exist_ok=True)
