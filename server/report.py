@@ -47,7 +47,7 @@ def comparison(summary: dict[str, Any]) -> dict[str, float]:
     rounds = summary["rounds"]
     out = {"federated": _num(_chosen_row(summary).get("pooled", {}).get(key)) if rounds else math.nan}
     base = summary.get("baselines") or {}
-    if base:
+    if base.get("centralised"):
         out["centralised"] = _num(base["centralised"]["final"].get(key))
         local = {n: _num(r["final"].get(key)) for n, r in base["local"].items()}
         for name, v in local.items():
@@ -56,6 +56,48 @@ def comparison(summary: dict[str, Any]) -> dict[str, float]:
         if finite:
             out["local-only (mean)"] = sum(finite) / len(finite)
     return out
+
+
+def comparison_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The comparison as report rows: model, headline [95% CI], balanced accuracy [95% CI], n, and
+    which round's model it is (the federation's exported round, a baseline's best validation round)."""
+    key = headline(summary)
+    cis = summary.get("cis") or {}
+    chosen = _chosen_row(summary)
+    fed_ci = _row_ci(chosen, cis)
+    rows = [{"model": "federated", f"{key} [95% CI]": _with_ci(chosen.get("pooled", {}).get(key),
+                                                             fed_ci.get(key)),
+             "balanced acc. [95% CI]": _with_ci(chosen.get("pooled", {}).get("balanced_accuracy"),
+                                                fed_ci.get("balanced_accuracy")),
+             "n": _n(chosen.get("pooled", {}).get("num_examples")),
+             "model of round": chosen.get("round", "")}]
+    base = summary.get("baselines") or {}
+    arms = ([("centralised", base["centralised"])] if base.get("centralised") else []) + [
+        (f"local-only {n}", r) for n, r in sorted((base.get("local") or {}).items())]
+    for name, r in arms:
+        f = r.get("final") or {}
+        ci = f.get("ci") or {}
+        rows.append({"model": name, f"{key} [95% CI]": _with_ci(f.get(key), ci.get(key)),
+                     "balanced acc. [95% CI]": _with_ci(f.get("balanced_accuracy"),
+                                                        ci.get("balanced_accuracy")),
+                     "n": _n(f.get("n")), "model of round": r.get("kept_round", f.get("round", ""))})
+    comp = comparison(summary)
+    if "local-only (mean)" in comp:
+        rows.append({"model": "local-only (mean)", f"{key} [95% CI]": _with_ci(comp["local-only (mean)"], None),
+                     "balanced acc. [95% CI]": "", "n": "", "model of round": ""})
+    return rows
+
+
+def _n(v: Any) -> Any:
+    return int(v) if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+
+
+def _row_ci(row: dict[str, Any], cis: dict[Any, Any]) -> dict[str, list[float]]:
+    """A round's pooled CIs: from its own row (``ci``, written by the server), else from the counts."""
+    own = (row.get("ci") or {}).get("pooled")
+    if own:
+        return own
+    return (cis.get(row.get("round")) or {}).get("pooled", {})
 
 
 def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -80,14 +122,13 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
         ax.plot([chosen["round"]], [_num(chosen["pooled"].get(key))], "*", ms=16, color="gold",
                 mec="k", zorder=5, label=f"exported model (round {chosen['round']})")
     cis = summary.get("cis") or {}
-    band = [(r["round"], cis[r["round"]]["pooled"][key]) for r in rounds
-            if key in (cis.get(r["round"]) or {}).get("pooled", {})]
+    band = [(r["round"], _row_ci(r, cis)[key]) for r in rounds if key in _row_ci(r, cis)]
     if band:
         ax.fill_between([b[0] for b in band], [b[1][0] for b in band], [b[1][1] for b in band],
                         color="C0", alpha=0.15, label="pooled, bootstrap 95% CI")
     if any("central" in r for r in rounds):
         ax.plot(xs, [_num(r.get("central", {}).get(key)) for r in rounds], "s--", label="federated, server test set")
-    if base:
+    if base.get("centralised"):
         c = base["centralised"]["curve"]
         ax.plot([p["round"] for p in c], [_num(p.get(key)) for p in c], "^-", label="centralised (pooled data)")
         for i, (name, r) in enumerate(sorted(base["local"].items())):
@@ -103,9 +144,11 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, str]]:
     fig.tight_layout(); fig.savefig(run_dir / figs[-1][0], dpi=110); plt.close(fig)
 
     comp = comparison(summary)
-    if base:
+    if base.get("centralised"):
         figs.append(_comparison_plot(run_dir, comp, key))
-    return _more_plots(run_dir, summary, key, figs)
+    from server.report_matrix import matrix_figures
+
+    return _more_plots(run_dir, summary, key, figs) + matrix_figures(run_dir, summary, key)
 
 
 def _comparison_plot(run_dir: Path, comp: dict[str, float], key: str) -> tuple[str, str]:
@@ -228,20 +271,21 @@ def _intro(summary: dict[str, Any]) -> str:
 def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     """Write the PNGs and ``report.html``; returns the HTML path."""
     from server.evalci import round_cis
+    from server.report_matrix import matrix_tables
 
     run_dir = Path(run_dir)
     summary = {**summary, "cis": summary.get("cis") or round_cis(run_dir)}
     figs = _plots(run_dir, summary)
     key = headline(summary)
     cis = summary["cis"]
-    comp = [{"model": k, key: v} for k, v in comparison(summary).items()]
+    comp = comparison_rows(summary)
     chosen = chosen_round(summary)
     rounds = [
         {"round": r["round"], "exported": "\u2605 exported" if r["round"] == chosen else "",
          f"val {key} (n)": _val_cell(r, key),
-         f"pooled {key} [95% CI]": _with_ci(r["pooled"].get(key),
-                                           (cis.get(r["round"]) or {}).get("pooled", {}).get(key)),
-         "pooled balanced acc.": _num(r["pooled"].get("balanced_accuracy")),
+         f"pooled {key} [95% CI]": _with_ci(r["pooled"].get(key), _row_ci(r, cis).get(key)),
+         "pooled balanced acc. [95% CI]": _with_ci(r["pooled"].get("balanced_accuracy"),
+                                                   _row_ci(r, cis).get("balanced_accuracy")),
          "test cases": int(_num(r["pooled"].get("num_examples")) or 0)
          if math.isfinite(_num(r["pooled"].get("num_examples"))) else "n/a",
          "sites replied": f"{r['replied']}/{r['sampled']}", "seconds": _num(r["seconds"]),
@@ -249,7 +293,8 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         for r in summary["rounds"]
     ]
     last = summary["rounds"][-1] if summary["rounds"] else {}
-    last_ci = (cis.get(last.get("round")) or {}).get("sites", {})
+    last_ci = ((last.get("ci") or {}).get("sites")
+               or (cis.get(last.get("round")) or {}).get("sites", {}))
     per_site = [{"site": s,
                  f"{key} [95% CI]": _with_ci(m.get(key), last_ci.get(s, {}).get(key)),
                  "balanced acc. [95% CI]": _with_ci(m.get("balanced_accuracy"),
@@ -260,8 +305,11 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     spec = summary["spec"]
     imgs = "".join(f'<figure><img src="{f}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}'
                    f"</figcaption></figure>" for f, t in figs)
+    has_ci = bool(cis) or any(r.get("ci") for r in summary["rounds"])
     ci_note = ("Intervals: bootstrap 95% CI over the test cases (1000 resamples of the summed "
-               "confusion matrices and score histograms)." if cis else
+               "confusion matrices and score histograms: a multinomial draw over the confusion cells, "
+               "and for AUC a stratified draw over each class's positive and negative score "
+               "histograms); n = test cases." if has_ci else
                "No per-case counts were logged for this run, so no confidence intervals; "
                "n = test cases is shown instead.")
     model = ('<p>Exported model: <a href="model/">model/</a> (a MODEL_DIR bundle).</p>'
@@ -276,6 +324,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:i
 <h2>Result</h2>{_selection_note(summary)}{_table(comp)}{imgs}
 <h2>Rounds</h2><p>{ci_note}</p>{_table(rounds)}
 <h2>Per site (last round, global model on each site's test split)</h2>{_table(per_site)}
+{matrix_tables(summary, key, _with_ci)}
 {partition}
 </body></html>"""
     out = run_dir / "report.html"

@@ -55,13 +55,17 @@ def cross_site_matrix(run: RunConfig, per_site: dict[str, dict[str, list]],
     return {"models": list(models), "sites": [*sites, POOLED], "cells": cells}
 
 
-def _loso_sites(sites_root: Path, keep: list[str], dest: Path) -> Path:
-    """``dest/site-0..`` holding copies of the cohort.csv of the ``keep`` sites (images are shared)."""
+def _loso_sites(sites_root: Path, keep: list[str], dest: Path, seed: int) -> Path:
+    """``dest/site-0..``: the ``keep`` sites' cohorts, images referenced where they are (not copied)."""
+    from shared.cohort import read_cohort, write_cohort
+    from simulations.partition import cohort_row
+
     if dest.exists():
         shutil.rmtree(dest)
     for i, name in enumerate(keep):
-        (dest / f"site-{i}").mkdir(parents=True)
-        shutil.copy2(sites_root / name / "cohort.csv", dest / f"site-{i}" / "cohort.csv")
+        cohort = read_cohort(sites_root / name, seed=seed)
+        write_cohort(dest / f"site-{i}", [cohort_row(c) for c in cohort.cases],
+                     outside_roots=[cohort.root, *cohort.roots])
     return dest
 
 
@@ -83,7 +87,7 @@ def leave_one_site_out(run: RunConfig, sites_root: Path, per_site: dict[str, dic
             echo(f"leave-one-site-out: {held} has no test cases, skipped")
             continue
         keep = [n for n in names if n != held]
-        root = _loso_sites(sites_root, keep, out / held / "sites")
+        root = _loso_sites(sites_root, keep, out / held / "sites", run.seed)
         sub = run.replace(sites_root=str(root.resolve()), run_dir=str((out / held).resolve()),
                           min_available_nodes=len(keep), resume=False)
         echo(f"leave-one-site-out: federation of {len(keep)} sites without {held}")

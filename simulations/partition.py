@@ -191,7 +191,7 @@ def _fets_partition(path: Path, patients: list[str], cohort: Cohort, scheme: str
                      tuple(f"fets-{n}" for n in names))
 
 
-def _row(case: CaseRecord) -> dict[str, object]:
+def cohort_row(case: CaseRecord) -> dict[str, object]:
     row: dict[str, object] = {
         "case_id": case.case_id, "patient_id": case.patient_id, "timepoint": case.timepoint,
         "baseline_case_id": case.baseline_case_id, "site": case.site, "split": case.split,
@@ -208,7 +208,7 @@ def write_partition(cohort: Cohort, part: Partition, sites_root: Path) -> list[P
     rows: dict[int, list[dict[str, object]]] = defaultdict(list)
     for case in cohort.cases:
         if case.patient_id in site_of:
-            rows[site_of[case.patient_id]].append(_row(case))
+            rows[site_of[case.patient_id]].append(cohort_row(case))
     folders = []
     for i in range(len(part.sites)):
         folder = Path(sites_root) / f"site-{i}"

@@ -223,3 +223,31 @@ def test_every_strategy_runs_a_round_and_changes_the_weights(tmp_path, sites_roo
     pooled = result.rounds[0]["pooled"]
     assert pooled["num_examples"] == 3 * 4  # every site's test split (4 cases each), pooled
     assert pooled["accuracy"] * 12 == pytest.approx(round(pooled["accuracy"] * 12))  # k of 12
+
+
+def test_round_metrics_carry_bootstrap_cis_of_the_pooled_counts():
+    from server.evalci import bootstrap_cis
+    from server.pooled import round_metrics
+    from shared.training.metrics import confusion, score_histograms
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 60)
+    probs = np.clip(labels * 0.3 + rng.uniform(0, 0.7, 60), 0, 1)
+    probs = np.stack([1 - probs, probs], 1)
+    sites, confs, hists = {}, [], []
+    for s, idx in enumerate(np.array_split(np.arange(60), [25])):
+        conf = confusion(labels[idx], probs[idx].argmax(1), 2)
+        hist = score_histograms(probs[idx], labels[idx], 2)
+        confs.append(conf)
+        hists.append(hist)
+        sites[f"s{s}"] = {"num-examples": len(idx), "confusion": conf.reshape(-1).tolist(),
+                          "num-classes": 2, "score-hist": hist.reshape(-1).tolist()}
+    out = round_metrics(sites)
+    pooled = bootstrap_cis(sum(confs), sum(hists))
+    assert out["ci"]["pooled"] == pooled
+    lo, hi = out["ci"]["pooled"]["auc"]
+    assert lo < out["pooled"]["auc"] < hi and hi - lo < 0.4
+    assert out["ci"]["sites"]["s0"] == bootstrap_cis(confs[0], hists[0])
+    # the smaller site's interval is wider than the pooled one (fewer cases)
+    s_lo, s_hi = out["ci"]["sites"]["s0"]["auc"]
+    assert s_hi - s_lo > hi - lo

@@ -91,3 +91,55 @@ def test_bad_schemes_give_one_line_errors(cohort, tmp_path):
         partition_cohort(cohort, SPEC, 500, "iid", 0)
     with pytest.raises(ValueError, match="FeTS partition file not found"):
         partition_cohort(cohort, SPEC, 3, f"fets:{tmp_path / 'nope.csv'}", 0)
+
+
+def test_sizes_scheme_scales_a_federations_site_sizes_to_the_cohort(cohort, tmp_path):
+    from simulations.partition import read_site_sizes, scaled_sizes
+
+    sizes = tmp_path / "sizes.csv"
+    sizes.write_text("site,patients\nbig,500\nmid,100\nsmall,4\n")
+    assert read_site_sizes(sizes) == [500, 100, 4]
+    assert scaled_sizes([500, 100, 4], 120) == [96, 21, 3]  # 2 each, then 114 pro rata (94.4, 18.9, 0.8)
+    part = partition_cohort(cohort, SPEC, 0, f"sizes:{sizes}", seed=1)
+    assert [len(s) for s in part.sites] == [96, 21, 3]
+    flat = [p for s in part.sites for p in s]
+    assert len(set(flat)) == 120
+    assert part != partition_cohort(cohort, SPEC, 0, f"sizes:{sizes}", seed=2)
+    fets = tmp_path / "partitioning.csv"  # FeTS layout: one row per subject, sizes are row counts
+    fets.write_text("Partition_ID,Subject_ID\n" + "".join(f"{1 + (i % 5 == 0)},S{i}\n" for i in range(50)))
+    assert read_site_sizes(fets) == [40, 10]
+    with pytest.raises(ValueError, match="need 80 eligible patients"):
+        scaled_sizes([1] * 40, 60)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("hospital,n\na,3\n")
+    with pytest.raises(ValueError, match="needs columns"):
+        partition_cohort(cohort, SPEC, 0, f"sizes:{bad}", 0)
+
+
+def test_fets_2021_institution_sizes_scale_to_a_small_cohort(cohort):
+    from pathlib import Path
+
+    from simulations.partition import read_site_sizes, scaled_sizes
+
+    here = Path(__file__).resolve().parents
+    found = [p / "shared/reference/fets/partitioning_1.csv" for p in (here[2], here[3])]
+    path = next((p for p in found if p.is_file()), None)
+    if path is None:
+        pytest.skip("shared/reference/fets/partitioning_1.csv (FeTS 2021 institutions) is not next to "
+                    "this checkout: it is reference material, not shipped with gliofed")
+    sizes = read_site_sizes(path)
+    assert len(sizes) == 23 and sizes[0] == 511 and sizes[-1] == 4
+    scaled = scaled_sizes(sizes, 120)
+    assert sum(scaled) == 120 and min(scaled) == 2 and scaled == sorted(scaled, reverse=True)
+
+
+def test_scanner_cohort_plan_gives_every_site_the_same_class_mix():
+    from simulations.synth.generate import plan_cohort
+
+    plans = plan_cohort(90, 3, ["grading"], seed=0, label_skew=False)
+    mix = Counter((p.site, p.kind) for p in plans)
+    for kind in ("hgg", "lgg"):
+        counts = [mix[(s, kind)] for s in range(3)]
+        assert max(counts) - min(counts) <= 1
+    skewed = Counter((p.site, p.kind) for p in plan_cohort(90, 3, ["grading"], seed=0))
+    assert max(abs(skewed[(s, "hgg")] - skewed[(t, "hgg")]) for s in range(3) for t in range(3)) > 1
