@@ -1,56 +1,112 @@
-"""Parity: federated strategies vs centralised vs local-only on a 5-site non-IID synthetic cohort.
+"""Parity: federated strategies vs a compute-matched centralised model vs local-only, over seeds.
 
-    .venv/bin/python benchmarks/fl_parity.py --sites 5 --partition dirichlet:0.5 --rounds 5 \
-        --strategies fedavg,fedprox,fedadam,fedyogi,fedavgm,fedmedian,fedtrimmedavg,krum,multikrum,bulyan
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/fl_parity.py --sites 5 --partition dirichlet:0.5 \
+        --rounds 5 --seeds 0,1,2 --strategies fedavg,fedprox --out runs/bench_parity
+    # feature skew only (sites differ by scanner), and a real federation's site sizes:
+    ... --partition scanner
+    ... --partition sizes:PATH/partitioning_1.csv --cases 300
 
-Every strategy trains on the same cohort, partition, seed and initial weights; the baselines run once
-(with the first strategy). Scores are the pooled test set's binned-histogram AUC (same formula for all).
-Prints one JSON line per strategy and a final table with the ratio to centralised.
+Per seed: one synthetic cohort and partition; every strategy trains on it from the same initial
+weights; the baselines (centralised with the federation's epochs x examples, FLamby's rule; local-only
+per site) train once per seed on the same training cases the sites use. Scores: pooled test set,
+binned-histogram AUC (one formula for all), the federation's exported (best-validation) round.
+Prints one JSON line per run and a table: mean federated/centralised ratio per strategy, mean
+best-vs-final gap, and the small sites' local-only vs global AUC on the pooled test set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 from pathlib import Path
+from typing import Any
+
+
+def _auc(m: dict[str, Any]) -> float:
+    v = m.get("auc")
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.nan
+
+
+def one_run(args: argparse.Namespace, seed: int, strategy: str, baselines: bool, cohort: Path | None,
+            extra: dict[str, str]) -> dict[str, Any]:
+    from server.report import chosen_round
+    from simulations.runner import SimulationSpec, simulate
+
+    out = args.out / f"seed{seed}" / strategy
+    spec = SimulationSpec(task=args.task, sites=args.sites, partition=args.partition, rounds=args.rounds,
+                          local_epochs=args.local_epochs, cases=args.cases, size=args.size,
+                          network=args.network, lr=args.lr, strategy=strategy, out=out, seed=seed,
+                          baselines=baselines, cross_site=False, progress=False, cohort=cohort,
+                          extra=extra)
+    simulate(spec, echo=lambda *a: None)
+    summary = json.loads((out / "summary.json").read_text())
+    curve = [_auc(r["pooled"]) for r in summary["rounds"]]
+    chosen = chosen_round(summary)
+    row = {"seed": seed, "strategy": strategy + "".join(f"+{k}={v}" for k, v in extra.items()),
+           "auc_per_round": curve, "exported_round": chosen,
+           "exported_auc": curve[chosen - 1] if chosen else math.nan, "final_auc": curve[-1],
+           "exported_ci": ((summary["rounds"][chosen - 1].get("ci") or {}).get("pooled") or {}).get("auc"),
+           "test_cases": int(summary["rounds"][-1]["pooled"].get("num_examples", 0))}
+    base = summary.get("baselines") or {}
+    if base.get("centralised"):
+        row["centralised_auc"] = _auc(base["centralised"]["final"])
+        row["local_auc"] = {n: _auc(r["final"]) for n, r in base["local"].items()}
+        row["local_train"] = {n: r["num_train"] for n, r in base["local"].items()}
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="grading")
     ap.add_argument("--sites", type=int, default=5)
     ap.add_argument("--partition", default="dirichlet:0.5")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--strategies", default="fedavg,fedprox")
+    ap.add_argument("--network", default="small_cnn")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--strategies", default="fedavg,fedprox",
+                    help="comma list; NAME+key=value adds run-config keys, e.g. fedavg+fedbn=true")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_parity"))
     args = ap.parse_args()
-    from simulations.runner import SimulationSpec, simulate
 
-    cohort = args.out / "cohort"
-    results = {}
-    baselines = None
-    for i, name in enumerate(args.strategies.split(",")):
-        spec = SimulationSpec(sites=args.sites, partition=args.partition, rounds=args.rounds,
-                              local_epochs=args.local_epochs, cases=args.cases, size=args.size,
-                              strategy=name, out=args.out / name, baselines=i == 0,
-                              cohort=cohort if cohort.is_dir() else None)
-        simulate(spec, echo=lambda *a: None)
-        if i == 0 and not cohort.is_dir():
-            cohort = args.out / name / "cohort"
-        summary = json.loads((args.out / name / "summary.json").read_text())
-        baselines = baselines or summary["baselines"]
-        results[name] = [r["pooled"].get("auc") for r in summary["rounds"]]
-        print(json.dumps({"strategy": name, "pooled_auc_per_round": results[name]}), flush=True)
-    central = baselines["centralised"]["final"]["auc"]
-    local = {k: v["final"]["auc"] for k, v in baselines["local"].items()}
-    print(f"centralised AUC {central:.3f}; local-only " +
-          ", ".join(f"{k} {v:.3f}" for k, v in local.items()))
-    for name, curve in results.items():
-        final = curve[-1]
-        print(f"{name:14s} final AUC {final:.3f}  best {max(curve):.3f}  "
-              f"ratio to centralised {final / central:.3f}")
+    rows: list[dict[str, Any]] = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        central: dict[str, Any] = {}
+        cohort = None
+        for i, item in enumerate(args.strategies.split(",")):
+            name, *opts = item.split("+")
+            extra = dict(o.split("=", 1) for o in opts)
+            row = one_run(args, seed, name, i == 0, cohort, extra)
+            if i == 0:
+                central = {k: row[k] for k in ("centralised_auc", "local_auc", "local_train") if k in row}
+                gen = args.out / f"seed{seed}" / name
+                cohort = next((gen / c for c in ("cohort", "cohort-scanner") if (gen / c).is_dir()), None)
+            row.update(central)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{args.task}, {args.sites} sites, {args.partition}, {args.rounds} rounds x "
+          f"{args.local_epochs} local epochs, seeds {args.seeds}, pooled test n={rows[0]['test_cases']}")
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        mine = [r for r in rows if r["strategy"] == strategy]
+        ratios = [r["exported_auc"] / r["centralised_auc"] for r in mine if r.get("centralised_auc")]
+        gaps = [r["exported_auc"] - r["final_auc"] for r in mine]
+        local_mean = [statistics.fmean(r["local_auc"].values()) for r in mine if r.get("local_auc")]
+        print(f"{strategy:28s} exported AUC {statistics.fmean(r['exported_auc'] for r in mine):.3f}  "
+              f"centralised {statistics.fmean(r['centralised_auc'] for r in mine):.3f}  "
+              f"ratio {statistics.fmean(ratios):.3f} (per seed {', '.join(f'{x:.3f}' for x in ratios)})  "
+              f"mean local-only {statistics.fmean(local_mean):.3f}  "
+              f"best-final gap {', '.join(f'{g:+.3f}' for g in gaps)}")
+    small = [(r["seed"], n, r["local_train"][n], r["local_auc"][n], r["exported_auc"])
+             for r in rows if r.get("local_train") for n in r["local_train"]
+             if r["local_train"][n] <= 10]
+    for seed, name, n, local, fed in small:
+        print(f"small site seed {seed} {name} ({n} training cases): local-only AUC {local:.3f}, "
+              f"global {fed:.3f}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,15 @@ def simulate(
     config: Annotated[
         list[str] | None, typer.Option("--config", "-c", help="Extra run-config KEY=VALUE (repeat).")
     ] = None,
+    cross_site: Annotated[bool, typer.Option(
+        "--cross-site/--no-cross-site",
+        help="Score the global and every local-only model on every site's test split (a heatmap).")
+    ] = D.cross_site,
+    loso: Annotated[bool, typer.Option(
+        "--loso", help="Leave-one-site-out: one more federation per site, each scored on the site "
+                       "it left out (K extra federations).")] = D.loso,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Show Flower's INFO log and the simulated sites' own output.")] = D.verbose,
     min_report_cases: Annotated[int, typer.Option(
         help="Each simulated site's node config min-report-cases: fewest test cases behind a metric "
              "it sends (synthetic patients; a real site's default is 10).")] = 1,
@@ -71,7 +80,8 @@ def simulate(
         strategy=strategy, local_epochs=local_epochs, size=size, cases=cases, seed=seed,
         network=network, lr=lr, batch_size=batch_size, cpus_per_client=cpus_per_client,
         gpus_per_client=gpus_per_client, baselines=not no_baselines, extra=extra,
-        ray_address=ray_address, min_report_cases=min_report_cases,
+        ray_address=ray_address, min_report_cases=min_report_cases, cross_site=cross_site,
+        loso=loso, verbose=verbose,
     )
     try:
         if prepare_only:
