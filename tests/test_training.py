@@ -16,7 +16,13 @@ from shared.models import build_model
 from shared.tasks import TASKS, select_samples
 from shared.training import TrainConfig, evaluate_model, train_epochs
 from shared.training.bundle import export_bundle, load_bundle
-from shared.training.metrics import auc_from_histograms, classification_metrics, score_histograms
+from shared.training.metrics import (
+    BINS,
+    auc_from_histograms,
+    classification_metrics,
+    score_bins,
+    score_histograms,
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +69,14 @@ def test_auc_from_histograms_matches_sklearn_on_binned_scores() -> None:
     p1 = np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1)
     probs = np.stack([1 - p1, p1], 1)
     hist = score_histograms(probs, labels, 2)
-    binned = np.clip((p1 * 100).astype(int), 0, 99)
+    binned = score_bins(p1)
     assert auc_from_histograms(hist[1, 0], hist[1, 1]) == pytest.approx(
         roc_auc_score(labels, binned), abs=1e-12)
+    # a confident model: every probability above 0.99, ranking still informative
+    sure = 1 - np.exp(-rng.uniform(5, 12, 300) - 2 * labels)
+    h = score_histograms(np.stack([1 - sure, sure], 1), labels, 2)
+    assert auc_from_histograms(h[1, 0], h[1, 1]) == pytest.approx(roc_auc_score(labels, sure), abs=0.02)
+    assert score_bins(np.array([0.5]))[0] == BINS // 2 and score_bins(np.array([0.51]))[0] == BINS // 2 + 1
     m = classification_metrics(labels, probs, ("LGG", "HGG"))
     assert 0.7 < m["auc"] < 0.95 and 0 <= m["balanced_accuracy"] <= 1
 
@@ -120,7 +131,7 @@ def test_every_task_trains_evaluates_and_round_trips_as_bundle(site: Path, tmp_p
     train_epochs(model, samples, spec, cfg, epochs=1)
     ev = evaluate_model(model, samples, spec, cfg)
     assert ev.confusion.sum() == len(samples) == ev.num_examples
-    assert ev.score_hist.shape == (spec.num_classes, 2, 100)
+    assert ev.score_hist.shape == (spec.num_classes, 2, BINS)
     from sklearn.metrics import balanced_accuracy_score
 
     assert ev.metrics["balanced_accuracy"] == pytest.approx(

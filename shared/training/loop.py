@@ -25,7 +25,7 @@ from shared.device import pick_device
 from shared.models import build_model
 from shared.tasks import TaskSample, TaskSpec, get_task
 from shared.training.kinds import kind_adapter
-from shared.training.metrics import classification_metrics, score_histograms
+from shared.training.metrics import BINS, classification_metrics, score_histograms
 
 Privatize = Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple]
 
@@ -280,7 +280,7 @@ def evaluate_model(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSp
     labels = np.array([idx[s.label] for s in samples], dtype=np.int64)
     if len(labels) == 0:
         k = spec.num_classes
-        return EvalResult(0, {}, np.zeros((k, k), np.int64), np.zeros((k, 2, 100), np.int64),
+        return EvalResult(0, {}, np.zeros((k, k), np.int64), np.zeros((k, 2, BINS), np.int64),
                           probs, labels, [])
     metrics = classification_metrics(labels, probs, spec.classes)
     conf = np.asarray(metrics.pop("confusion"), dtype=np.int64)
