@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/gliofed simulate --task grading --sites 3 --rounds 3 --out $(RUN_DIR)
+	$(BIN)/gliofed simulate --task grading --sites 3 --out $(RUN_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -34,9 +34,9 @@ def test_simulate_cli_defaults_are_simulation_spec_defaults():
         assert params[name].default == getattr(spec, name), name
     # the simulation's own defaults are the named exceptions; the rest are RunConfig's
     run = RunConfig()
-    assert (spec.strategy, spec.lr, spec.batch_size, spec.seed, spec.rounds) == (
-        run.strategy, run.lr, run.batch_size, run.seed, run.num_server_rounds)
-    assert (spec.local_epochs, run.local_epochs) == (3, 1)
+    assert (spec.strategy, spec.lr, spec.batch_size, spec.seed, spec.local_epochs) == (
+        run.strategy, run.lr, run.batch_size, run.seed, run.local_epochs)
+    assert (spec.rounds, run.num_server_rounds) == (5, 3)
 
 
 def test_simulation_run_config_is_typed_and_carries_the_spec(tmp_path):
