@@ -45,8 +45,8 @@ def test_simulation_run_config_is_typed_and_carries_the_spec(tmp_path):
     spec = SimulationSpec(out=tmp_path / "run", extra={"dp": "opacus", "proximal-mu": "0.5"})
     run = run_config_for(spec, tmp_path / "sites")
     assert isinstance(run, RunConfig)
-    assert (run.local_epochs, run.network, run.input_size, run.dp, run.proximal_mu) == (
-        3, "small_cnn", 32, "opacus", 0.5)
+    assert (run.num_server_rounds, run.network, run.input_size, run.dp, run.proximal_mu) == (
+        5, "resnet10", 32, "opacus", 0.5)
     with pytest.raises(ValueError, match="strategy='fedfoo' is not one of fedavg"):
         run_config_for(SimulationSpec(out=tmp_path, strategy="fedfoo"), tmp_path / "sites")
 
