@@ -31,7 +31,7 @@ def main() -> None:
 
     base = SimulationSpec(sites=a.sites, partition=a.partition, rounds=a.rounds,
                           local_epochs=a.local_epochs, cases=a.cases, size=a.size,
-                          out=a.out / "no-dp", baselines=False)
+                          out=a.out / "no-dp", baselines=False, network="small_cnn")
     results = {}
     for eps in ["none", *a.epsilons.split(",")]:
         extra = {} if eps == "none" else {"dp": "opacus", "target-epsilon": float(eps)}

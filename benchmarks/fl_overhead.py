@@ -30,7 +30,8 @@ def main() -> None:
         from simulations.runner import SimulationSpec, simulate
 
         simulate(SimulationSpec(sites=args.sites, rounds=args.rounds, out=args.out, cases=args.cases,
-                                size=args.size, partition="iid", local_epochs=1, baselines=False))
+                                size=args.size, partition="iid", local_epochs=1, baselines=False,
+                                network="small_cnn"))
     from flwr.app import ConfigRecord
 
     rows = [json.loads(x) for x in (args.out / "rounds.jsonl").read_text().splitlines()]

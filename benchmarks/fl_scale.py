@@ -47,7 +47,7 @@ def run_one(sites: int, rounds: int, out: Path, cohort: Path, size: int) -> dict
         "from pathlib import Path; from simulations.runner import SimulationSpec, simulate; "
         f"simulate(SimulationSpec(sites={sites}, rounds={rounds}, out=Path('{out}'), "
         f"cohort=Path('{cohort}'), size={size}, partition='iid', local_epochs=1, baselines=False, "
-        "batch_size=4))"
+        "batch_size=4, network='small_cnn'))"
     )
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,

@@ -83,7 +83,7 @@ def main() -> None:
 
     base = SimulationSpec(sites=a.sites, partition="iid", rounds=a.rounds, local_epochs=a.local_epochs,
                           cases=a.cases, size=a.size, out=a.out / "base", baselines=False,
-                          extra={"num-malicious": 1, "trimmed-beta": 0.2})
+                          extra={"num-malicious": 1, "trimmed-beta": 0.2}, network="small_cnn")
     sites_root, _, _ = prepare_sites(base, echo=lambda *x: None)
     runs = [("fedavg (no attacker)", "fedavg", False, {})]
     runs += [(s, s, True, {}) for s in a.strategies.split(",")]

@@ -205,7 +205,8 @@ def evaluate_arms(spec: SimulationSpec, run: RunConfig, sites_root: Path, num_si
 
     out: dict[str, Any] = {"baselines": {}}
     classify = bool(get_task(run.task).classes)  # the matrix and LOSO score classification tasks
-    cross, loso = spec.cross_site and classify, spec.loso and classify
+    # the matrix needs the local-only models, which are baselines
+    cross, loso = spec.cross_site and spec.baselines and classify, spec.loso and classify
     if not (spec.baselines or cross or loso):
         return out
     site_dirs = [sites_root / f"site-{i}" for i in range(num_sites)]

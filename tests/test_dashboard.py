@@ -186,7 +186,7 @@ def test_browser_follows_a_running_two_site_simulation(tmp_path):
     sim = subprocess.Popen(
         [sys.executable, "-m", "gliofed", "simulate", "--cohort", str(cohort), "--sites", "2",
          "--rounds", "5", "--partition", "iid", "--size", "16", "--local-epochs", "1",
-         "--no-baselines", "--out", str(out), "-c", "dp=opacus", "-c", "target-epsilon=8"],
+         "--no-baselines", "--network", "small_cnn", "--out", str(out), "-c", "dp=opacus", "-c", "target-epsilon=8"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True)
     try:

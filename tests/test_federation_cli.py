@@ -38,7 +38,7 @@ def test_full_ray_simulation_writes_rounds_model_and_report(tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["simulate", "--cohort", str(cohort), "--sites", "2",
                                    "--rounds", "2", "--partition", "iid", "--size", "16",
-                                   "--local-epochs", "1", "--out", str(out)])
+                                   "--local-epochs", "1", "--network", "small_cnn", "--out", str(out)])
     assert res.exit_code == 0, res.output
     rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]

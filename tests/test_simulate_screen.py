@@ -42,8 +42,9 @@ def test_simulate_screen_shows_progress_and_results_only(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "gliofed", "simulate", "--task", "grading", "--sites", "2", "--rounds", "1",
-         "--cases", "24", "--size", "16", "--local-epochs", "1", "--no-cross-site", "--out",
-         str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=900)
+         "--cases", "24", "--size", "16", "--local-epochs", "1", "--no-cross-site",
+         "--network", "small_cnn", "--out",
+         str(tmp_path / "run")], check=False, capture_output=True, text=True, env=env, timeout=900)
     screen = out.stdout + out.stderr
     assert out.returncode == 0, screen[-3000:]
     assert "round 1/1: pooled auc" in screen and "centralised: auc" in screen
