@@ -54,12 +54,12 @@ def _build_base_strategy(run: RunConfig) -> flwr_strategy.Strategy:
     if name == "fedprox":
         return flwr_strategy.FedProx(**common, proximal_mu=run.proximal_mu)
     if name == "fedadam":
-        return flwr_strategy.FedAdam(**common, eta=run.server_lr, eta_l=run.lr)
+        return flwr_strategy.FedAdam(**common, eta=run.effective_server_lr(), eta_l=run.lr)
     if name == "fedyogi":
-        return flwr_strategy.FedYogi(**common, eta=run.server_lr, eta_l=run.lr)
+        return flwr_strategy.FedYogi(**common, eta=run.effective_server_lr(), eta_l=run.lr)
     if name == "fedavgm":
         return flwr_strategy.FedAvgM(
-            **common, server_learning_rate=1.0, server_momentum=run.server_momentum
+            **common, server_learning_rate=run.effective_server_lr(), server_momentum=run.server_momentum
         )
     if name == "fedmedian":
         return flwr_strategy.FedMedian(**common)

@@ -34,8 +34,9 @@ class RunConfig:
     quorum_action: str = "proceed"  # proceed | stop when the quorum is not reached in time
     round_timeout: float = 3600.0  # seconds a round waits for replies (stragglers are dropped)
     proximal_mu: float = 0.01  # FedProx only
-    server_lr: float = 0.1  # FedAdam/FedYogi server learning rate (eta)
-    server_momentum: float = 0.9  # FedAvgM
+    server_lr: float = 0.0  # server learning rate (FedAdam/FedYogi eta, FedAvgM, SCAFFOLD's eta_g);
+    #                         0 = the strategy's swept default (SERVER_LR_DEFAULTS)
+    server_momentum: float = 0.9  # FedAvgM (swept: benchmarks/server_opt_sweep.py)
     trimmed_beta: float = 0.2  # FedTrimmedAvg
     num_malicious: int = 0  # Krum / MultiKrum / Bulyan
     lr: float = 1e-3
@@ -87,9 +88,17 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+    def effective_server_lr(self) -> float:
+        """``server-lr``, or the strategy's swept default when it is 0 (1.0 for plain averaging)."""
+        return self.server_lr if self.server_lr > 0 else SERVER_LR_DEFAULTS.get(
+            self.strategy.lower(), 1.0)
+
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg",
               "krum", "multikrum", "bulyan")
+# server learning rates chosen by benchmarks/server_opt_sweep.py (benchmarks/README.md, "Server
+# optimisers"): pooled validation AUC, 5 sites, dirichlet 0.5, grading; used when server-lr = 0
+SERVER_LR_DEFAULTS = {"fedadam": 0.01, "fedyogi": 0.01, "fedavgm": 1.0, "scaffold": 1.0}
 SECAGG_STRATEGIES = ("fedavg", "fedprox")  # the aggregations that are a weighted mean
 CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")  # averages only
 
