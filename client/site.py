@@ -16,6 +16,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from client.scaffold import scaffold_correction, scaffold_reply
 from shared.config import NodeConfig, RunConfig
 from shared.contract import (
     ARRAYS,
@@ -30,6 +31,7 @@ from shared.contract import (
     NUM_CLASSES,
     NUM_EXAMPLES,
     PROXIMAL_MU,
+    SCAFFOLD_DELTA,
     SCORE_HIST,
     SITE_ID,
     SKIPPED,
@@ -248,11 +250,12 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig,
 
         train = one_sample_per_patient(train)  # patient-level DP: one record per patient
     privatizer = obtain_privatizer(run, node, len(train), epochs)
+    correction = scaffold_correction(content, run, state, model)
     t0 = time.perf_counter()
     try:
         res = core.train(model, train, site.spec, cfg, epochs=epochs, proximal_mu=mu,
                          global_state=received if mu > 0 else None, privatize=privatizer,
-                         progress=False)
+                         progress=False, **({"after_step": correction} if correction else {}))
     finally:
         if privatizer is not None:
             privatizer.settle()  # the steps taken, also when training stopped half-way
@@ -263,13 +266,16 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig,
     metrics[TRAIN_LOSS] = float(res.loss)
     metrics[TRAIN_SECONDS] = float(time.perf_counter() - t0)
     metrics[SKIPPED] = int(site.skipped)
-    return RecordDict(
+    out = RecordDict(
         {
             ARRAYS: reply_arrays(model, run, state),
             METRICS: MetricRecord(metrics),
             CONFIG: _site_config(site),
         }
     )
+    if correction is not None:
+        out[SCAFFOLD_DELTA] = scaffold_reply(correction, received, model, state)
+    return out
 
 
 def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig,
