@@ -4,7 +4,9 @@
         --out runs/bench_server_opt
 
 Every grid point trains the same 5-site dirichlet-0.5 grading federation (one synthetic cohort and
-partition per seed, shared by all grid points of that seed) with plain FedAvg as the reference. A
+partition per seed, shared by all grid points of that seed; run in process by
+``benchmarks/fl_inprocess.py``: the real round loop and ClientApp, no Ray) with plain FedAvg as the
+reference. A
 grid point is scored by the pooled *validation* AUC of its final global model (the sites' validation
 splits, never the test split), averaged over the seeds; the pooled test AUC is printed beside it. The
 best point of each strategy is the default in ``shared.config.SERVER_LR_DEFAULTS`` /
@@ -34,20 +36,22 @@ def point_name(strategy: str, params: dict[str, float]) -> str:
     return strategy + "".join(f"_{k.split('-')[-1]}{v:g}" for k, v in sorted(params.items()))
 
 
-def final_scores(summary: dict[str, Any]) -> dict[str, Any]:
-    """Final round's pooled validation and test AUC (and n), best validation round."""
-    last = summary["rounds"][-1]
+def final_scores(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final round's pooled validation and test AUC (and n), validation AUC per round."""
+    last = rounds[-1]
     val = (last.get("val") or {}).get("pooled") or {}
     return {"val_auc": val.get("auc"), "val_n": val.get("num_examples"),
             "test_auc": last.get("pooled", {}).get("auc"),
             "test_n": last.get("pooled", {}).get("num_examples"),
             "val_auc_per_round": [((r.get("val") or {}).get("pooled") or {}).get("auc")
-                                  for r in summary["rounds"]]}
+                                  for r in rounds]}
 
 
 def run_point(args: argparse.Namespace, seed: int, strategy: str, params: dict[str, float]
               ) -> dict[str, Any]:
-    from simulations.runner import SimulationSpec, simulate
+    from fl_inprocess import run_inprocess
+
+    from simulations.runner import SimulationSpec
 
     out = args.out / f"seed{seed}" / point_name(strategy, params)
     cohort = args.out / f"seed{seed}" / "cohort"
@@ -57,12 +61,11 @@ def run_point(args: argparse.Namespace, seed: int, strategy: str, params: dict[s
                           cohort=cohort if (cohort / "cohort.csv").is_file() else None,
                           extra=dict(params))
     t0 = time.process_time()
-    simulate(spec, echo=lambda *a: None)
+    rounds = run_inprocess(spec)
     if not (cohort / "cohort.csv").is_file():
         (out / "cohort").rename(cohort)
-    summary = json.loads((out / "summary.json").read_text())
     return {"seed": seed, "strategy": strategy, "params": params,
-            "cpu_seconds_server_process": time.process_time() - t0, **final_scores(summary)}
+            "cpu_seconds": time.process_time() - t0, **final_scores(rounds)}
 
 
 def table(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
