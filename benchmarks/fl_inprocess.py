@@ -28,6 +28,7 @@ class InProcessGrid:
                                        "min-report-cases": min_report_cases}
                              for i in range(num_sites)}
         self.states = {n: RecordDict() for n in self.node_configs}
+        self.exchanges: list[tuple[Any, Any]] = []  # every (message, reply), for counting
         self._identity(0, 0)
 
     @staticmethod
@@ -52,12 +53,24 @@ class InProcessGrid:
                 replies.append(self.app(msg, ctx))
             finally:
                 self._identity(0, 0)
+            self.exchanges.append((msg, replies[-1]))
         return replies
 
 
-def run_inprocess(spec: Any) -> list[dict[str, Any]]:
+def ensure_cohort(cohort: Path, spec: Any) -> Path:
+    """``cohort``, generated first (as ``gliofed simulate`` would for ``spec``) when it holds none, so
+    that several runs share one cohort."""
+    if not (cohort / "cohort.csv").is_file():
+        from simulations.synth import generate_cohort
+
+        generate_cohort(cohort, cases=spec.cases, sites=max(spec.sites, 2), shape=spec.size,
+                        tasks=[spec.task], seed=spec.seed)
+    return cohort
+
+
+def run_inprocess(spec: Any) -> tuple[list[dict[str, Any]], InProcessGrid]:
     """Prepare ``spec``'s sites and run its federation in process; returns the round rows (also in
-    ``spec.out/rounds.jsonl``). ``spec`` is a ``simulations.runner.SimulationSpec``."""
+    ``spec.out/rounds.jsonl``) and the grid. ``spec`` is a ``simulations.runner.SimulationSpec``."""
     from client.app import make_client_app
     from server.rounds import run_rounds
     from simulations.runner import prepare_sites, run_config_for
@@ -68,4 +81,4 @@ def run_inprocess(spec: Any) -> list[dict[str, Any]]:
         (Path(spec.out) / stale).unlink(missing_ok=True)
     app = make_client_app(run, {"min-report-cases": spec.min_report_cases})
     grid = InProcessGrid(len(part.sites), app, run.to_flower(), spec.min_report_cases)
-    return run_rounds(grid, run).rounds
+    return run_rounds(grid, run).rounds, grid

@@ -25,10 +25,10 @@ from typing import Any
 
 GRID: dict[str, list[dict[str, float]]] = {
     "fedavg": [{}],
-    "fedadam": [{"server-lr": lr} for lr in (0.001, 0.003, 0.01, 0.03)],
-    "fedyogi": [{"server-lr": lr} for lr in (0.001, 0.003, 0.01, 0.03)],
+    "fedadam": [{"server-lr": lr} for lr in (0.003, 0.01, 0.03)],
+    "fedyogi": [{"server-lr": lr} for lr in (0.003, 0.01, 0.03)],
     "fedavgm": [{"server-lr": lr, "server-momentum": m} for lr, m in
-                ((1.0, 0.5), (1.0, 0.9), (0.5, 0.9), (0.3, 0.9))],
+                ((1.0, 0.5), (1.0, 0.9), (0.5, 0.9))],
 }
 
 
@@ -49,21 +49,19 @@ def final_scores(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_point(args: argparse.Namespace, seed: int, strategy: str, params: dict[str, float]
               ) -> dict[str, Any]:
-    from fl_inprocess import run_inprocess
+    from fl_inprocess import ensure_cohort, run_inprocess
 
     from simulations.runner import SimulationSpec
 
     out = args.out / f"seed{seed}" / point_name(strategy, params)
-    cohort = args.out / f"seed{seed}" / "cohort"
     spec = SimulationSpec(sites=args.sites, partition=args.partition, rounds=args.rounds,
                           local_epochs=args.local_epochs, cases=args.cases, size=args.size,
                           strategy=strategy, seed=seed, out=out, baselines=False,
-                          cohort=cohort if (cohort / "cohort.csv").is_file() else None,
-                          extra=dict(params))
+                          extra={**params, "cache-dir": str((args.out / f"seed{seed}" / "cache")
+                                                            .resolve())})
+    spec.cohort = ensure_cohort(args.out / f"seed{seed}" / "cohort", spec)
     t0 = time.process_time()
-    rounds = run_inprocess(spec)
-    if not (cohort / "cohort.csv").is_file():
-        (out / "cohort").rename(cohort)
+    rounds, _ = run_inprocess(spec)
     return {"seed": seed, "strategy": strategy, "params": params,
             "cpu_seconds": time.process_time() - t0, **final_scores(rounds)}
 
@@ -92,7 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sites", type=int, default=5)
     ap.add_argument("--partition", default="dirichlet:0.5")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--cases", type=int, default=160)
     ap.add_argument("--size", type=int, default=32)
