@@ -13,7 +13,7 @@ test cases. :func:`personal_section` is the report's table of the last such entr
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -72,10 +72,10 @@ def _pooled_ci(site_metrics: dict[str, dict[str, Any]]) -> dict[str, list[float]
     return bootstrap_cis(confusion, hist) if confusion is not None else {}
 
 
-def personal_section(summary: dict[str, Any], headline: str) -> str:
-    """The report's "Personalised models" section (empty when the run personalised nothing)."""
-    from server.report import _table, _with_ci
-
+def personal_section(summary: dict[str, Any], headline: str, table: Callable[[list], str],
+                     with_ci: Callable[[Any, list[float] | None], str]) -> str:
+    """The report's "Personalised models" section (empty when the run personalised nothing), drawn
+    with the report's own ``table`` and ``with_ci`` cell formatter."""
     rows = [r for r in summary.get("rounds", []) if r.get("personalised")]
     if not rows:
         return ""
@@ -84,12 +84,13 @@ def personal_section(summary: dict[str, Any], headline: str) -> str:
     pooled = p.get("pooled", {})
     head = (f"<p>{html.escape(p.get('mode', ''))}: each site's personalised model on its own test "
             f"split (round {last['round']}); pooled {headline} "
-            f"{_with_ci(pooled.get(headline), p.get('pooled_ci', {}).get(headline))}, "
+            f"{with_ci(pooled.get(headline), p.get('pooled_ci', {}).get(headline))}, "
             f"n = {int(pooled.get('num_examples', 0))} test cases, vs the global model's "
-            f"{_with_ci(last.get('pooled', {}).get(headline), None)} on the same cases.</p>")
-    table = [{"site": s, f"personalised {headline}": m.get(headline, float("nan")),
-              f"global {headline}": (last.get("sites") or {}).get(s, {}).get(headline, float("nan")),
-              "gain": p.get("gain", {}).get(s, float("nan")),
-              "test cases": int(m.get("num-examples", 0))}
-             for s, m in sorted(p.get("sites", {}).items())]
-    return f"<h2>Personalised models</h2>{head}{_table(table)}"
+            f"{with_ci(last.get('pooled', {}).get(headline), None)} on the same cases.</p>")
+    global_sites = last.get("sites") or {}
+    site_rows = [{"site": s, f"personalised {headline}": m.get(headline, float("nan")),
+                  f"global {headline}": global_sites.get(s, {}).get(headline, float("nan")),
+                  "gain": p.get("gain", {}).get(s, float("nan")),
+                  "test cases": int(m.get("num-examples", 0))}
+                 for s, m in sorted(p.get("sites", {}).items())]
+    return f"<h2>Personalised models</h2>{head}{table(site_rows)}"

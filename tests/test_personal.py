@@ -72,6 +72,12 @@ def test_finetune_scores_a_tuned_copy_in_the_last_round_and_leaves_the_global_mo
     assert p["gain"]["site-0"] == pytest.approx(  # on the headline metric (grading: AUC)
         p["sites"]["site-0"]["auc"] - rows[1]["sites"]["site-0"]["auc"])
     assert result.rounds[-1]["personalised"]["pooled"]["auc"] == p["pooled"]["auc"]
+    # the report shows them, next to the global model's score on the same site
+    from server.report import write_run_report
+
+    page = write_run_report(tmp_path / "run").read_text()
+    assert "<h2>Personalised models</h2>" in page and "finetune: each site" in page
+    assert "n = 4 test cases" in page
 
 
 def test_ditto_personal_model_persists_in_ctx_state_across_rounds(tmp_path, sites_root, make_grid,
