@@ -119,6 +119,10 @@ def _check_options(cfg: RunConfig) -> None:
     if cfg.personalise not in PERSONALISE:
         raise ValueError(f"run config: personalise={cfg.personalise!r} is not one of "
                          f"{', '.join(PERSONALISE)}")
+    if cfg.personalise == "ditto" and cfg.secagg:
+        raise ValueError('run config: personalise = "ditto" cannot be combined with secagg = true (the '
+                         "SecAgg+ training path keeps no per-site state for the personal model); "
+                         'use personalise = "finetune"')
     if cfg.finetune_epochs < 1 or cfg.ditto_lambda < 0:
         raise ValueError(f"run config: finetune-epochs={cfg.finetune_epochs} must be >= 1 and "
                          f"ditto-lambda={cfg.ditto_lambda} >= 0")

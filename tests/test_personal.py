@@ -122,5 +122,7 @@ def test_ditto_personal_model_persists_in_ctx_state_across_rounds(tmp_path, site
 def test_personalise_options_are_checked():
     with pytest.raises(ValueError, match="personalise='local'"):
         RunConfig(personalise="local")
+    with pytest.raises(ValueError, match='personalise = "ditto" cannot be combined with secagg'):
+        RunConfig(personalise="ditto", secagg=True)
     with pytest.raises(ValueError, match="finetune-epochs=0"):
         RunConfig(personalise="finetune", finetune_epochs=0)
