@@ -57,6 +57,18 @@ class InProcessGrid:
         return replies
 
 
+def federation_args(ap: Any) -> Any:
+    """The benchmark federation's options on ``ap`` (an argparse parser): 5 sites, Dirichlet 0.5 label
+    skew, 3 rounds of 2 local epochs, 160 synthetic cases at 32^3."""
+    ap.add_argument("--sites", type=int, default=5)
+    ap.add_argument("--partition", default="dirichlet:0.5")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--local-epochs", type=int, default=2)
+    ap.add_argument("--cases", type=int, default=160)
+    ap.add_argument("--size", type=int, default=32)
+    return ap
+
+
 def ensure_cohort(cohort: Path, spec: Any) -> Path:
     """``cohort``, generated first (as ``gliofed simulate`` would for ``spec``) when it holds none, so
     that several runs share one cohort."""

@@ -98,13 +98,9 @@ def _fmt(value: Any, ci: list[float] | None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sites", type=int, default=5)
-    ap.add_argument("--partition", default="dirichlet:0.5")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--local-epochs", type=int, default=2)
-    ap.add_argument("--cases", type=int, default=160)
-    ap.add_argument("--size", type=int, default=32)
+    from fl_inprocess import federation_args
+
+    ap = federation_args(argparse.ArgumentParser())
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--options", default=",".join(OPTIONS))
     ap.add_argument("--cohort-root", type=Path, default=None,

@@ -87,13 +87,9 @@ def table(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sites", type=int, default=5)
-    ap.add_argument("--partition", default="dirichlet:0.5")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--local-epochs", type=int, default=2)
-    ap.add_argument("--cases", type=int, default=160)
-    ap.add_argument("--size", type=int, default=32)
+    from fl_inprocess import federation_args
+
+    ap = federation_args(argparse.ArgumentParser())
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--strategies", default=",".join(GRID))
     ap.add_argument("--out", type=Path, default=Path("runs/bench_server_opt"))
