@@ -25,11 +25,18 @@ from typing import Any
 
 GRID: dict[str, list[dict[str, float]]] = {
     "fedavg": [{}],
-    "fedadam": [{"server-lr": lr} for lr in (0.003, 0.01, 0.03)],
-    "fedyogi": [{"server-lr": lr} for lr in (0.003, 0.01, 0.03)],
+    "fedadam": [{"server-lr": lr} for lr in (0.01, 0.003, 0.03)],
+    "fedyogi": [{"server-lr": lr} for lr in (0.01, 0.003, 0.03)],
     "fedavgm": [{"server-lr": lr, "server-momentum": m} for lr, m in
-                ((1.0, 0.5), (1.0, 0.9), (0.5, 0.9))],
+                ((1.0, 0.9), (1.0, 0.5), (0.5, 0.9))],
 }
+
+
+def grid_points(strategies: list[str]) -> list[tuple[str, dict[str, float]]]:
+    """The grid, breadth first (every strategy's first point, then every second one, ...), so that a
+    sweep cut short still covers every strategy."""
+    depth = max(len(GRID[s]) for s in strategies)
+    return [(s, GRID[s][i]) for i in range(depth) for s in strategies if i < len(GRID[s])]
 
 
 def point_name(strategy: str, params: dict[str, float]) -> str:
@@ -99,15 +106,14 @@ def main() -> None:
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     done = {(r["seed"], r["strategy"], json.dumps(r["params"], sort_keys=True)) for r in rows}
     for seed in (int(s) for s in args.seeds.split(",")):
-        for strategy in args.strategies.split(","):
-            for params in GRID[strategy]:
-                if (seed, strategy, json.dumps(params, sort_keys=True)) in done:
-                    continue
-                row = run_point(args, seed, strategy, params)
-                rows.append(row)
-                with results.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                print(json.dumps(row), flush=True)
+        for strategy, params in grid_points(args.strategies.split(",")):
+            if (seed, strategy, json.dumps(params, sort_keys=True)) in done:
+                continue
+            row = run_point(args, seed, strategy, params)
+            rows.append(row)
+            with results.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
     table(rows)
 
 
