@@ -59,9 +59,10 @@ class Scaffold(FedAvg):
         for msg in replies:
             content = dict(msg.content.items())
             delta = content.pop(SCAFFOLD_DELTA, None)
-            if delta is None:
-                log.warning("scaffold: site %s sent no control-variate update; its weights are "
-                            "averaged, its variate counts as unchanged", site_of(msg))
+            problem = "none sent" if delta is None else self._bad_delta(numpy_weights(delta))
+            if problem:
+                log.warning("scaffold: site %s: control-variate update ignored (%s); its weights are "
+                            "averaged, its variate counts as unchanged", site_of(msg), problem)
             else:
                 deltas.append(numpy_weights(delta))
             plain.append(Message(content=RecordDict(content), metadata=msg.metadata))
@@ -72,6 +73,19 @@ class Scaffold(FedAvg):
         if self.server_lr != 1.0 and self._sent is not None:
             arrays = self._server_step(arrays, self._sent)
         return arrays, metrics
+
+    def _bad_delta(self, delta: dict[str, np.ndarray]) -> str:
+        """Why a site's variate update cannot be used ("" when it can): a key the model lacks, a
+        wrong shape, NaN/Inf."""
+        sent = self._sent if self._sent is not None else {}
+        for k, v in delta.items():
+            if k not in sent:
+                return f"unknown key {k!r}"
+            if tuple(v.shape) != tuple(sent[k].shape):
+                return f"shape {tuple(v.shape)} for {k}"
+            if not np.isfinite(v).all():
+                return f"NaN/Inf in {k}"
+        return ""
 
     def _move_variate(self, deltas: list[dict[str, np.ndarray]], eligible: int) -> None:
         c = {k: np.array(v, dtype=np.float32, copy=True) for k, v in self.control_variate.items()}
