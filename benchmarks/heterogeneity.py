@@ -39,9 +39,10 @@ def pooled_counts(grid: Any, rnd: int) -> tuple[np.ndarray, np.ndarray | None]:
     conf = hist = None
     complete = True
     for msg, reply in grid.exchanges:
+        if msg.metadata.message_type != "evaluate" or reply.has_error():
+            continue
         cfg = msg.content["config"]
-        if (msg.metadata.message_type != "evaluate" or int(cfg.get("server-round", 0)) != rnd
-                or cfg.get("eval-split", "test") != "test" or reply.has_error()):
+        if int(cfg.get("server-round", 0)) != rnd or cfg.get("eval-split", "test") != "test":
             continue
         m = reply.content["metrics"]
         if "confusion" not in m:
