@@ -209,6 +209,7 @@ class Privatizer:
     steps: int = 0
     entry_id: str = ""
     counter: StepCounter | None = field(default=None, repr=False)
+    trained: list[str] = field(default_factory=list)  # parameter names DP-SGD trains (dp-train-layers)
     engine: Any = field(default=None, repr=False)
 
     def plan(self, batches_per_epoch: int) -> tuple[float, float, int]:
@@ -233,6 +234,12 @@ class Privatizer:
         from client.policy import REQUEST, PolicyRefused, SitePolicy
 
         run = self.run
+        from shared.training.dp_layers import LogicalBatches, freeze_for_dp, logical_loader
+
+        self.trained = freeze_for_dp(model, run.dp_train_layers)  # what DP-SGD trains; rest frozen
+        physical = int(getattr(loader, "batch_size", 0) or 0)
+        if run.dp_logical_batch > physical > 0:  # virtual batches: sample logical, step in physical
+            loader = logical_loader(loader, run.dp_logical_batch)
         noise, sample_rate, steps = self.plan(len(loader))
         policy, run_id = REQUEST.get() or (SitePolicy(), "")
         if noise < policy.min_noise_multiplier:
@@ -249,6 +256,8 @@ class Privatizer:
             max_grad_norm=float(run.max_grad_norm), poisson_sampling=True)
         self.engine = engine
         self.counter = StepCounter(loader_p, steps)
+        if run.dp_logical_batch > physical > 0:
+            return model_p, opt_p, LogicalBatches(self.counter, physical, opt_p)
         return model_p, opt_p, self.counter
 
     def settle(self) -> float:
