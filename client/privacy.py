@@ -234,9 +234,9 @@ class Privatizer:
         from client.policy import REQUEST, PolicyRefused, SitePolicy
 
         run = self.run
-        from shared.training.dp_layers import LogicalBatches, freeze_for_dp, logical_loader
+        from shared.training.dp_layers import LogicalBatches, logical_loader, prepare_for_dp
 
-        self.trained = freeze_for_dp(model, run.dp_train_layers)  # what DP-SGD trains; rest frozen
+        self.trained = prepare_for_dp(model, run.dp_train_layers)  # what DP-SGD trains; rest frozen
         physical = int(getattr(loader, "batch_size", 0) or 0)
         if run.dp_logical_batch > physical > 0:  # virtual batches: sample logical, step in physical
             loader = logical_loader(loader, run.dp_logical_batch)

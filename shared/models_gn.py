@@ -11,9 +11,10 @@ The variant is the same network with and without DP (no BatchNorm to swap), so a
 ``gliofed train --network resnet10_gnws`` starts a DP federation of the same network (``init-model``).
 Its state dict has the base network's keys and shapes (``weight``, ``bias`` per convolution).
 
-Opacus has no per-sample-gradient rule for :class:`WSConv3d` (its rules are keyed by exact type): it computes
-its per-sample gradients with functorch (``vmap`` of the layer's own forward), so they are gradients
-with respect to the raw weights, through the standardisation.
+Opacus keys its per-sample-gradient rules by exact type, so it does not treat :class:`WSConv3d` as an
+``nn.Conv3d``: ``shared.training.dp_layers.register_ws_grad_sampler`` (called before every DP wrap)
+gives it a rule for the gradients with respect to the raw weights, through the standardisation
+(without it opacus falls back to functorch: also correct, much slower).
 """
 
 from __future__ import annotations

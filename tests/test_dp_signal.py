@@ -86,11 +86,16 @@ def test_dp_train_layers_selects_by_prefix_and_refuses_what_matches_nothing() ->
 def test_weight_standardised_groupnorm_network_trains_under_opacus_with_exact_per_sample_grads(
         one_thread) -> None:
     """small_cnn_gnws: no BatchNorm, standardised kernels, the base network's keys; opacus' per-sample
-    gradients of its WSConv3d layers (functorch) equal each sample's own gradient."""
+    gradients of its WSConv3d layers (gliofed's rule through the standardisation) equal each sample's
+    own gradient."""
     from opacus import GradSampleModule
 
     from shared.models import build_model
     from shared.models_gn import WSConv3d, assert_dp_trainable
+    from shared.training.dp_layers import register_ws_grad_sampler, ws_conv_grad_sample
+
+    register_ws_grad_sampler()
+    assert GradSampleModule.GRAD_SAMPLERS[WSConv3d] is ws_conv_grad_sample
 
     torch.manual_seed(0)
     model = build_model("small_cnn_gnws", 2, 2)

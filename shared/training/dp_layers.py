@@ -123,3 +123,49 @@ class LogicalBatches:
 
     def __iter__(self) -> Iterator[Any]:
         return split_logical_batches(self.loader, self.physical, self.optimizer)
+
+
+def ws_conv_grad_sample(layer: Any, activations: list, backprops: Any) -> dict:
+    """Opacus per-sample gradients of a :class:`shared.models_gn.WSConv3d` with respect to its raw
+    weights: the convolution's per-sample kernel gradient (unfolded input x output gradient, as
+    opacus does for ``nn.Conv3d``), then the standardisation's Jacobian per output channel,
+    ``dL/dw = (g - mean(g) - w_hat * mean(g * w_hat)) / sigma``, shared by every sample."""
+    import torch
+    from opacus.utils.tensor_utils import unfold3d
+
+    x = activations[0].to(backprops.dtype)
+    n, out_ch = x.shape[0], layer.out_channels
+    ret = {}
+    if layer.weight.requires_grad:
+        cols = unfold3d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
+                        dilation=layer.dilation)
+        b = backprops.reshape(n, out_ch, cols.shape[-1])
+        g = torch.einsum("noq,npq->nop", b, cols)
+        g = g.view(n, layer.groups, -1, layer.groups, layer.in_channels // layer.groups, cols.shape[1]
+                   // layer.in_channels)
+        g = torch.einsum("ngrg...->ngr...", g).reshape(n, out_ch, -1)
+        w = layer.weight.detach().reshape(out_ch, -1)
+        mu = w.mean(1, keepdim=True)
+        sigma = torch.sqrt(w.var(1, unbiased=False, keepdim=True) + layer.eps)
+        w_hat = (w - mu) / sigma
+        g = (g - g.mean(2, keepdim=True) - w_hat * (g * w_hat).mean(2, keepdim=True)) / sigma
+        ret[layer.weight] = g.reshape(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = backprops.reshape(n, out_ch, -1).sum(2)
+    return ret
+
+
+def register_ws_grad_sampler() -> None:
+    """Teach opacus :func:`ws_conv_grad_sample` (else it falls back to functorch: correct, slower)."""
+    from opacus.grad_sample import GradSampleModule
+
+    from shared.models_gn import WSConv3d
+
+    GradSampleModule.GRAD_SAMPLERS.setdefault(WSConv3d, ws_conv_grad_sample)
+
+
+def prepare_for_dp(model: nn.Module, selection: str) -> list[str]:
+    """Before opacus wraps ``model``: its per-sample-gradient rules, and the selection frozen out
+    (:func:`freeze_for_dp`); returns the trained parameter names."""
+    register_ws_grad_sampler()
+    return freeze_for_dp(model, selection)
