@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--public-epochs", type=int, default=15)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--network", default="small_cnn_gnws")
-    ap.add_argument("--train-layers", default="last:3", help="dp-train-layers of pretrained-last")
+    ap.add_argument("--train-layers", default="last:2", help="dp-train-layers of pretrained-last")
     ap.add_argument("--logical-batch", type=int, default=32, help="dp-logical-batch of pretrained-last")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--public-seed", type=int, default=1000)

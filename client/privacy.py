@@ -15,6 +15,12 @@ What the ledger charges is what is trained, never what a configuration says:
 3. The DP loader is wrapped in a counter: every sampled batch is a step, and a step beyond the
    reservation is refused. After training the entry is *settled* at the steps counted.
 
+What DP-SGD trains and in what batches (``shared/training/dp_layers.py``): ``dp-train-layers`` freezes
+the rest of the network before opacus wraps it (no per-sample gradients, no noise there; the accounting
+is unchanged: the noise multiplier, sample rate and steps are those of the trained part), and
+``dp-logical-batch`` samples logical batches (rate logical / N, one ledger step each) that the loop
+trains in physical chunks of ``batch-size``.
+
 The ledger is JSON rewritten atomically: ``fcntl.flock`` on ``<ledger>.lock``, a unique temp file in
 the same folder, fsync, ``os.replace``. Opacus trains the original module's parameters in place, so the
 weights sent back keep plain keys.
