@@ -2,6 +2,9 @@
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dp_utility.py --out /tmp/bench_dp_utility
 
+(``--engine ray`` runs each arm with Flower's Ray simulation engine, as ``gliofed simulate`` does; the
+default runs the same ServerApp loop and ClientApp in this process.)
+
 Three synthetic cohorts from different seeds (so other anatomy deformations, lesions and scanner
 profiles): a *public* cohort (``--public-seed``) the pretrained model is trained on with the CLI
 (``gliofed train``, nothing private), the *private* cohort (``--seed``) partitioned over the sites, and
@@ -69,6 +72,30 @@ def score(model_dir: Path, test_samples, n_boot: int) -> dict:
             "n": len(test_samples)}
 
 
+def federate(spec, engine: str) -> Path:
+    """One arm's federation; returns its exported MODEL_DIR. ``ray``: ``gliofed simulate``'s path
+    (Flower's Ray simulation engine); ``inprocess``: the same partition, run config, ServerApp loop
+    (``server.app.serve``) and ClientApp, with the sites answering in this process (the tests'
+    ``LocalGrid``): no Ray start-up, which took minutes per arm on the shared 2-core machine."""
+    from simulations.runner import prepare_sites, run_config_for, simulate
+
+    if engine == "ray":
+        simulate(spec, echo=lambda *x: None)
+        return spec.out / "model"
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fl_helpers import LocalGrid
+
+    from server.app import serve
+
+    sites_root, _, part = prepare_sites(spec, echo=lambda *x: None)
+    run = run_config_for(spec, sites_root)
+    for stale in [spec.out / "rounds.jsonl", *(spec.out / "privacy").glob("site-*.json")]:
+        stale.unlink(missing_ok=True)  # a fresh run: no earlier round, no privacy spent
+    n = len(part.sites)
+    nodes = {100 + i: {"partition-id": i, "num-partitions": n} for i in range(n)}
+    return Path(serve(LocalGrid(nodes, run.to_flower()), run))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epsilons", default="8,3,1")
@@ -91,11 +118,12 @@ def main() -> None:
     ap.add_argument("--test-seed", type=int, default=2000)
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_dp_utility"))
+    ap.add_argument("--engine", choices=("inprocess", "ray"), default="inprocess")
     a = ap.parse_args()
     a.out = a.out.resolve()
     from shared.cohort import read_cohort
     from shared.tasks import TASKS, select_samples
-    from simulations.runner import SimulationSpec, simulate
+    from simulations.runner import SimulationSpec
 
     t0 = time.perf_counter()
     private = cohort(a.out / "private", a.cases, max(a.sites, 2), a.size, a.seed)
@@ -127,11 +155,11 @@ def main() -> None:
                                   network=a.network, seed=a.seed, cohort=private, out=out,
                                   baselines=False, extra=extra)
             t = time.perf_counter()
-            simulate(spec, echo=lambda *x: None)
+            model_dir = federate(spec, a.engine)
             from server.runlog import read_rounds
 
             last = read_rounds(out)[-1]
-            row = {**score(out / "model", test_samples, a.boot),
+            row = {**score(model_dir, test_samples, a.boot),
                    "site_epsilon": last["train"].get("dp-epsilon"), "seconds": round(time.perf_counter() - t)}
             results[f"{arm}/{eps}"] = row
             print(json.dumps({"arm": arm, "epsilon": eps, **row}), flush=True)
