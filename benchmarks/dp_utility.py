@@ -96,6 +96,35 @@ def federate(spec, engine: str) -> Path:
     return Path(serve(LocalGrid(nodes, run.to_flower()), run))
 
 
+def plot(results: dict, path: Path) -> None:
+    """AUC with its 95% CI against epsilon, one line per arm (non-DP at the right, as infinity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    arms = sorted({k.partition("/")[0] for k in results if "/" in k})
+    for arm in arms:
+        pts = sorted((16.0 if eps == "none" else float(eps), r) for k, r in results.items()
+                     for a_, _, eps in [k.partition("/")] if a_ == arm)
+        xs = [x for x, _ in pts]
+        ys = [r["auc"] for _, r in pts]
+        err = [[r["auc"] - r["ci95"][0] for _, r in pts], [r["ci95"][1] - r["auc"] for _, r in pts]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=arm)
+    if "public-model-alone" in results:
+        ax.axhline(results["public-model-alone"]["auc"], ls="--", c="grey", label="public model alone")
+    ax.set_xscale("log")
+    ax.set_xticks([1, 3, 8, 16], ["1", "3", "8", "no DP"])
+    ax.set_xlabel("epsilon per site (delta 1e-5)")
+    ax.set_ylabel("AUC, independent test cohort (95% CI)")
+    ax.set_title("grading: privacy vs utility")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epsilons", default="8,3,1")
@@ -139,8 +168,10 @@ def main() -> None:
         print(json.dumps({"arm": "public-model-alone", **results["public-model-alone"]}), flush=True)
     for arm in arms:
         epsilons = a.full_epsilons if arm == "pretrained-full" else a.epsilons
-        for eps in (["none"] if arm != "pretrained-full" else []) + epsilons.split(","):
-            # pretrained-full without DP is pretrained-last without DP (every layer trained)
+        order = epsilons.split(",")  # "none" may be placed in the list; else it comes first
+        if "none" not in order and arm != "pretrained-full":
+            order.insert(0, "none")  # pretrained-full without DP = pretrained-last without DP
+        for eps in order:
             extra: dict = {"export": "final"}
             if arm.startswith("pretrained"):
                 extra["init-model"] = str(public_model)
@@ -174,6 +205,7 @@ def main() -> None:
     summary = {"args": {k: str(v) for k, v in vars(a).items()}, "results": results,
                "ratio_to_non_dp": ratios, "wall_s": round(time.perf_counter() - t0)}
     (a.out / "dp_utility.json").write_text(json.dumps(summary, indent=1))
+    plot(results, a.out / "dp_utility.png")
     print(json.dumps(summary))
 
 
