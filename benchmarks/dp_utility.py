@@ -35,13 +35,31 @@ from pathlib import Path
 TARGETS = {"8": 0.90, "3": 0.85}
 
 
-def cohort(path: Path, cases: int, sites: int, shape: int, seed: int) -> Path:
+def cohort(path: Path, cases: int, sites: int, shape: int, seed: int, lesion_scale: float = 1.0) -> Path:
     from simulations.synth import generate_cohort
 
     if not (path / "cohort.csv").is_file():
         generate_cohort(path, cases=cases, sites=sites, shape=shape, seed=seed, tasks=("grading",),
-                        progress=False)
+                        progress=False, lesion_scale=lesion_scale)
     return path
+
+
+def rescore(a: argparse.Namespace) -> None:
+    """Score every finished arm under ``--out`` (and the public model) on a second independent test
+    cohort whose lesions are ``--rescore-lesion-scale`` times the usual size (sizes no cohort had)."""
+    from shared.cohort import read_cohort
+    from shared.tasks import TASKS, select_samples
+
+    scale = a.rescore_lesion_scale
+    shifted = cohort(a.out / f"test-x{scale}", a.test_cases, 2, a.size, a.test_seed + 1, scale)
+    samples, _ = select_samples(TASKS["grading"], read_cohort(shifted))
+    rows = {}
+    for model_dir in sorted([a.out / "public-model", *a.out.glob("*-eps-*/model")]):
+        if (model_dir / "models" / "model.pt").is_file():
+            name = model_dir.name if model_dir.name != "model" else model_dir.parent.name
+            rows[name] = score(model_dir, samples, a.boot)
+            print(json.dumps({"model": name, "lesion_scale": scale, **rows[name]}), flush=True)
+    (a.out / f"dp_utility_lesion_x{scale}.json").write_text(json.dumps(rows, indent=1))
 
 
 def pretrain(a: argparse.Namespace, public: Path) -> Path:
@@ -148,8 +166,14 @@ def main() -> None:
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_dp_utility"))
     ap.add_argument("--engine", choices=("inprocess", "ray"), default="inprocess")
+    ap.add_argument("--rescore-lesion-scale", type=float, default=0.0,
+                    help="train nothing: score the finished arms on a cohort with lesions this many "
+                         "times the usual size")
     a = ap.parse_args()
     a.out = a.out.resolve()
+    if a.rescore_lesion_scale:
+        rescore(a)
+        return
     from shared.cohort import read_cohort
     from shared.tasks import TASKS, select_samples
     from simulations.runner import SimulationSpec
