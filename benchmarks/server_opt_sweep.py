@@ -63,7 +63,7 @@ def run_point(args: argparse.Namespace, seed: int, strategy: str, params: dict[s
     out = args.out / f"seed{seed}" / point_name(strategy, params)
     spec = SimulationSpec(sites=args.sites, partition=args.partition, rounds=args.rounds,
                           local_epochs=args.local_epochs, cases=args.cases, size=args.size,
-                          strategy=strategy, seed=seed, out=out, baselines=False,
+                          strategy=strategy, seed=seed, out=out, baselines=False, network="small_cnn",
                           extra={**params, "cache-dir": str((args.out / f"seed{seed}" / "cache")
                                                             .resolve())})
     spec.cohort = ensure_cohort(args.out / f"seed{seed}" / "cohort", spec)
