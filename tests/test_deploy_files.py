@@ -134,9 +134,9 @@ _DAEMON = """
 import signal, subprocess, sys, time
 # like the SuperNode: a child that outlives us unless someone ends our process group; it ignores
 # SIGTERM, so only the supervisor's SIGKILL after the grace period ends it
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))  # before the pid is printed: no race
 kid = subprocess.Popen(["sh", "-c", "trap '' TERM; while true; do sleep 1; done"])
 print(kid.pid, flush=True)
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))
 time.sleep(300)
 """
 
