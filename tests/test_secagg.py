@@ -56,13 +56,22 @@ def _round_weights(run_dir: Path, rnd: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def plain_run(sites_root, tmp_path_factory):
-    """The same federation without SecAgg+ (2 rounds, 4 sites): (result, run folder)."""
+    """The same federation without SecAgg+ (2 rounds, 4 sites): (result, run folder). On one torch
+    thread like the SecAgg+ runs (the module's ``one_thread`` is function-scoped, so it is not yet in
+    force when this module-scoped fixture runs; 2 threads round differently and AdamW magnifies it)."""
+    import torch
+
     from server.rounds import run_rounds
 
     run_dir = tmp_path_factory.mktemp("plain")
     cfg = run_config(run_dir, sites_root, **{"min-available-nodes": 4})
     nodes = {100 + i: {"partition-id": i, "num-partitions": 4} for i in range(4)}
-    return run_rounds(WireGrid(nodes, cfg), RunConfig.from_flower(cfg)), run_dir
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_rounds(WireGrid(nodes, cfg), RunConfig.from_flower(cfg)), run_dir
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_secagg_run_equals_plain_fedavg_and_no_update_leaves_a_site_in_clear(
