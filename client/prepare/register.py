@@ -42,14 +42,21 @@ def from_sitk(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def coarse(img: sitk.Image, mm: float = 2.0) -> sitk.Image:
-    """``img`` smoothed and resampled to voxels of at least ``mm`` (same axes and extent): what the
-    registrations see (their finest level is 2 mm; full-resolution inputs only cost time)."""
+    """``img`` on voxels of about ``mm`` (same axes and extent): what the registrations and N4 see
+    (their finest level is 2 mm; full-resolution inputs only cost time). Whole factors per axis are
+    block averages (BinShrink: one pass, anti-aliased); other ratios are Gaussian-smoothed and
+    resampled."""
     sp = np.asarray(img.GetSpacing(), float)
     if sp.min() >= mm - 1e-6:
         return img
+    img = sitk.Cast(img, sitk.sitkFloat32)
+    ratio = np.maximum(mm / sp, 1.0)
+    factors = np.maximum(1, np.floor(ratio + 0.25)).astype(int)
+    if np.all(np.abs(ratio - factors) <= 0.25):
+        return sitk.BinShrink(img, [int(f) for f in factors])
     new_sp = np.maximum(sp, mm)
     sigma = np.sqrt(np.maximum(new_sp**2 - sp**2, 0.0)) / 2.355
-    sm = sitk.SmoothingRecursiveGaussian(sitk.Cast(img, sitk.sitkFloat32), sigma.tolist())
+    sm = sitk.SmoothingRecursiveGaussian(img, sigma.tolist())
     size = np.ceil(np.asarray(img.GetSize()) * sp / new_sp).astype(int)
     ref = sitk.Image([int(v) for v in size], sitk.sitkFloat32)
     ref.SetSpacing(new_sp.tolist())
@@ -68,21 +75,44 @@ def head_mask(img: sitk.Image) -> sitk.Image:
     return sitk.BinaryFillhole(sitk.Cast(cc == 1, sitk.sitkUInt8))
 
 
-def n4(img: sitk.Image, voxel_mm: float = 8.0, iterations: tuple[int, ...] = (30, 25, 20)
-       ) -> sitk.Image:
-    """N4 bias-field correction estimated on a copy shrunk to about ``voxel_mm`` voxels (three
-    B-spline fitting levels), applied at full resolution."""
-    shrink = max(1, round(voxel_mm / min(img.GetSpacing())))
+@dataclass
+class BiasField:
+    """N4's multiplicative bias as a smooth log field on a coarse grid; ``offset`` is the intensity
+    shift N4 ran on (its log needs values > 0)."""
+
+    log: sitk.Image
+    offset: float
+
+    def correct(self, img: sitk.Image, transform: sitk.Transform | None = None) -> sitk.Image:
+        """``img`` divided by the bias, the field resampled onto ``img``'s grid through
+        ``transform`` (grid point -> the field's scanner point; identity when None)."""
+        log = sitk.Resample(self.log, img, transform or sitk.Transform(), sitk.sitkLinear, 0.0,
+                            sitk.sitkFloat32, True)  # nearest-value extrapolation at the edges
+        img = sitk.Cast(img, sitk.sitkFloat32)
+        if not self.offset:
+            return img / sitk.Exp(log)
+        return (img + self.offset) / sitk.Exp(log) - self.offset
+
+
+def bias_field(img: sitk.Image, voxel_mm: float = 8.0, iterations: tuple[int, ...] = (30, 25, 20)
+               ) -> BiasField:
+    """N4 bias-field estimate on a copy of ``img`` shrunk to about ``voxel_mm`` voxels (three
+    B-spline fitting levels); the field stays coarse and is applied where it is needed
+    (:meth:`BiasField.correct`: the registration copy, then once on the output grid)."""
     img = sitk.Cast(img, sitk.sitkFloat32)
-    lo = float(np.percentile(sitk.GetArrayViewFromImage(img), 0.5))
-    shifted = img - lo + 1.0 if lo <= 0 else img  # N4 works on log intensities: keep them > 0
+    arr = sitk.GetArrayViewFromImage(img)
+    lo = float(np.percentile(arr[::2, ::2, ::2], 0.5))
+    offset = 1.0 - lo if lo <= 0 else 0.0  # N4 works on log intensities: keep them > 0
+    small = coarse(img + offset if offset else img, voxel_mm)
     f = sitk.N4BiasFieldCorrectionImageFilter()
     f.SetMaximumNumberOfIterations(list(iterations))
-    small = sitk.Shrink(shifted, [shrink] * 3)
     f.Execute(small, head_mask(small))
-    log_bias = f.GetLogBiasFieldAsImage(shifted)
-    out = shifted / sitk.Exp(log_bias)
-    return sitk.Cast(out - 1.0 + lo if lo <= 0 else out, sitk.sitkFloat32)
+    return BiasField(f.GetLogBiasFieldAsImage(small), offset)
+
+
+def n4(img: sitk.Image, voxel_mm: float = 8.0) -> sitk.Image:
+    """``img`` bias-corrected by N4 (estimated at ``voxel_mm``, applied on ``img``'s own grid)."""
+    return bias_field(img, voxel_mm).correct(img)
 
 
 @dataclass
