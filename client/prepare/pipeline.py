@@ -177,7 +177,7 @@ def prepare_session(sess: Session, raw: Path, images_dir: Path, opts: Options) -
                          {c: out[c] * brain for c in SEQ3D if c in out}, prior, brain)
     row["png"] = f"images/{sess.case_id}/{png.name}"
     manifest = {"case_id": sess.case_id, "files": files, "qc": row, "warnings": warnings,
-                "spacing": opts.spacing}
+                "spacing": opts.spacing, "deformable": opts.deformable}
     (case_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     final = images_dir / sess.case_id
     shutil.rmtree(final, ignore_errors=True)  # only an unfinished folder can be there (no manifest)
