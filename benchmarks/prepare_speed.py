@@ -162,7 +162,7 @@ def _score(root: Path, cases: dict, deformable: bool, per: list[tuple[float, flo
 
 def export_for_ants(raw: Path, cases: dict, out: Path) -> None:
     """What the template registration sees (the N4-corrected 2 mm T1ce, the 2 mm template), the
-    template landmarks and where they truly are (LPS), and SimpleITK's two passes (error, seconds),
+    template landmarks and where they truly are (LPS), and SimpleITK's result (error, CPU seconds),
     for ``benchmarks/prepare_ants.py`` to run ANTsPy on in its own environment."""
     import json
 
@@ -173,7 +173,7 @@ def export_for_ants(raw: Path, cases: dict, out: Path) -> None:
     from simulations.synth.raw_scans import LPS, landmarks_mm
 
     out.mkdir(parents=True, exist_ok=True)
-    fixed, brain = register.template(2.0)
+    fixed, _ = register.template(2.0)
     sitk.WriteImage(fixed, str(out / "template.nii.gz"))
     pts = landmarks_mm()
     for cid, case in cases.items():
@@ -184,9 +184,7 @@ def export_for_ants(raw: Path, cases: dict, out: Path) -> None:
         true = case.motion["t1ce"] @ np.linalg.inv(case.out_to_tpl)
         truth = pts @ true[:3, :3].T + true[:3, 3]
         c0 = time.process_time()
-        first = register.to_template(ref)
-        bn = register.resample(brain, ref, first.transform.GetInverse(), label=True)
-        tf = register.refine_to_template(ref, bn, first.transform).transform
+        tf = register.register_to_template(ref).transform
         cpu = time.process_time() - c0
         est = np.array([LPS[:3, :3] @ np.array(tf.TransformPoint(tuple(LPS[:3, :3] @ p))) for p in pts])
         (out / f"{cid}.json").write_text(json.dumps({

@@ -127,10 +127,7 @@ def prepare_session(sess: Session, raw: Path, images_dir: Path, opts: Options) -
     bias = {c: register.bias_field(img) for c, img in small.items()}
     small = {c: bias[c].correct(img) for c, img in small.items()}
     ref = small[ref_col]
-    first = register.to_template(ref)
-    brain_native = register.resample(register.template(2.0)[1], ref, first.transform.GetInverse(),
-                                     label=True)
-    tpl = register.refine_to_template(ref, brain_native, first.transform, deformable=opts.deformable)
+    tpl = register.register_to_template(ref, deformable=opts.deformable)
     coreg = {c: register.rigid(ref, img) for c, img in small.items() if c != ref_col}
     tpl_img, tpl_brain = register.template(opts.spacing)
     out: dict[str, np.ndarray] = {}
