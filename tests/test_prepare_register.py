@@ -71,6 +71,10 @@ def test_bias_field_estimated_coarse_flattens_the_full_grid() -> None:
     field = register.bias_field(register.coarse(biased, 2.0))
     out = sitk.GetArrayFromImage(field.correct(biased))
     body = (arr > 90) & (arr < 110)  # the phantom's flat 100 region
-    cv_before = (arr * ramp)[body].std() / (arr * ramp)[body].mean()
-    cv_after = out[body].std() / out[body].mean()
-    assert cv_after < 0.5 * cv_before, (cv_before, cv_after)
+    k = arr.shape[2] // 3
+
+    def contrast(v: np.ndarray) -> float:  # far end / near end of the ramp's axis, minus 1
+        return abs(v[..., 2 * k:][body[..., 2 * k:]].mean() / v[..., :k][body[..., :k]].mean() - 1)
+
+    before, after = contrast(arr * ramp), contrast(out)
+    assert after < 0.3 * before, (before, after)  # about 0.35 before
