@@ -298,8 +298,10 @@ def register_to_template(moving: sitk.Image, seed: int = SEED, deformable: bool 
     assert best is not None  # to_template returns at least one start
     if deformable:
         fmask = sitk.BinaryDilate(brain, [2, 2, 2])
-        best = RegResult(_bspline(fixed, sitk.Cast(moving, sitk.sitkFloat32), best.transform, fmask,
-                                  seed), best.metric)
+        centre = fixed.TransformContinuousIndexToPhysicalPoint([s / 2 for s in fixed.GetSize()])
+        flat = _as_affine(best.transform, centre)  # a composite inside a composite cannot be written
+        best = RegResult(_bspline(fixed, sitk.Cast(moving, sitk.sitkFloat32), flat, fmask, seed),
+                         best.metric)
     return best
 
 
