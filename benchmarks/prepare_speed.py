@@ -1,14 +1,17 @@
-"""`gliofed site prepare`: seconds per session and peak memory (4 sequences at 1 mm), registration
-accuracy on synthetic round trips, and SimpleITK vs ANTsPy for the template registration.
+"""`gliofed site prepare`: CPU seconds per session and peak memory (4 sequences at 1 mm), registration
+accuracy on synthetic round trips (optionally with ``--deformable``), prediction agreement original vs
+prepared through `gliofed train` / `gliofed predict`, and an export for SimpleITK vs ANTsPy.
 
-    python benchmarks/prepare_speed.py --speed-cases 2 --accuracy-cases 8 --threads 2
+    python benchmarks/prepare_speed.py --speed-cases 2 --cores 2 --accuracy-cases 12 --deformable \
+        --predict-cases 64 --predict-test 16 --ants-export /tmp/ants_cmp
+    /tmp/antsvenv/bin/python benchmarks/prepare_ants.py /tmp/ants_cmp   # a venv with antspyx only
 
 Speed: synthetic sessions (synth anatomy rendered at 2 mm, resampled to a 1 mm scanner grid, moved,
-bias field, skull; DICOM) prepared one at a time with ``--threads`` ITK threads; wall seconds per
-session and the process's peak RSS. Accuracy: round trips at ``--accuracy-spacing`` (known rigid
-motion up to 15 deg / 20 mm): mean landmark error (mm) and brain-mask Dice with bootstrap 95% CIs.
-``--ants``: the same N4-corrected reference registered to the same template by ANTsPy's ``Affine``
-(if antspyx is installed), landmark error and seconds side by side with SimpleITK's two passes.
+bias field, skull; DICOM) prepared one after another in one fresh process pinned to ``--cores`` CPUs
+with as many ITK threads; per session its CPU seconds (all threads) and wall seconds, and the
+process's peak RSS. Wall seconds depend on the machine's load (printed with them); CPU seconds much
+less. Accuracy: round trips at ``--accuracy-spacing`` (known rigid motion up to 15 deg / 20 mm): mean
+landmark error (mm) and brain-mask Dice with bootstrap 95% CIs over cases.
 """
 
 from __future__ import annotations
@@ -48,31 +51,69 @@ def _bootstrap(x: list[float], n: int = 2000, seed: int = 0) -> tuple[float, flo
     return float(a.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def speed(root: Path, n: int, threads: int) -> None:
+def _pin(cores: int) -> int:
+    """Pin this process to its first ``cores`` allowed CPUs (where the OS allows); returns the count."""
+    import os
+
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, allowed[:cores])
+        return len(allowed[:cores])
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _prepare_timed(raw: Path, root: Path, ids: list[str], cores: int, spacing: float,
+                   deformable: bool = False) -> tuple[list[tuple[float, float]], float, int]:
+    """In a fresh process: prepare ``ids`` one at a time; ([(wall s, CPU s)], peak RSS MiB, cores)."""
+    import os
+
+    n = _pin(cores)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    import SimpleITK as sitk
+
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(n)
     from client.prepare import prepare_site
+
+    out = []
+    for cid in ids:
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = prepare_site(raw, root / f"site_{cid}_{deformable}", spacing=spacing, workers=1,
+                           sessions_csv=_sessions(root, raw, [cid]), deformable=deformable)
+        out.append((time.perf_counter() - t0, time.process_time() - c0))
+        if res.errors:
+            raise RuntimeError(f"{cid}: {res.errors}")
+    return out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, n
+
+
+def _in_fresh_process(fn, *args):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def speed(root: Path, n: int, cores: int) -> None:
+    import os
+
     from simulations.synth.raw_scans import synth_case, write_raw_case
 
     raw = root / "raw1mm"
     for i in range(n):
         write_raw_case(raw, _upsample(synth_case(100 + i, 2.0), 2), f"s{i}", seed=200 + i)
-    import os
-
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    per = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        c0 = time.process_time()
-        res = prepare_site(raw, root / f"site1mm_{i}", spacing=1.0, workers=1,
-                           sessions_csv=_sessions(root, raw, [f"s{i}"]))
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        assert res.prepared == [f"s{i}"], res.errors
-        per.append((wall, cpu))
-        print(f"session {i}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    walls = [w for w, _ in per]
-    print(f"SPEED 1 mm, 4 sequences, {threads} threads: {np.mean(walls):.1f} s/session wall "
-          f"(min {min(walls):.1f}, max {max(walls):.1f}, n={n}), "
-          f"{np.mean([c for _, c in per]):.1f} s CPU; peak RSS {rss:.0f} MiB")
+    load0 = os.getloadavg()[0]
+    per, rss, used = _in_fresh_process(_prepare_timed, raw, root, [f"s{i}" for i in range(n)], cores,
+                                       1.0)
+    load1 = os.getloadavg()[0]
+    for i, (w, c) in enumerate(per):
+        print(f"session s{i}: {c:.1f} s CPU, {w:.1f} s wall", flush=True)
+    walls, cpus = [w for w, _ in per], [c for _, c in per]
+    print(f"SPEED prepare 1 mm, 4 sequences, {used} cores/ITK threads, n={n}: "
+          f"{np.mean(cpus):.1f} s CPU/session (min {min(cpus):.1f}, max {max(cpus):.1f}), "
+          f"{np.mean(walls):.1f} s wall/session (min {min(walls):.1f}, max {max(walls):.1f}; "
+          f"load average {load0:.1f} -> {load1:.1f} on {os.cpu_count()} CPUs), "
+          f"peak RSS {rss:.0f} MiB; target <= 60 s wall/session", flush=True)
 
 
 def _sessions(root: Path, raw: Path, studies: list[str]) -> Path:
@@ -83,117 +124,116 @@ def _sessions(root: Path, raw: Path, studies: list[str]) -> Path:
     return p
 
 
-def accuracy(root: Path, n: int, spacing: float, ants: bool) -> None:
-    from client.prepare import prepare_site
-    from simulations.synth.raw_scans import score_preparation, synth_case, write_raw_case
+def accuracy(root: Path, n: int, spacing: float, deformable: bool, ants_export: Path | None,
+             cores: int) -> None:
+    from simulations.synth.raw_scans import synth_case, write_raw_case
 
     raw = root / "rawacc"
     kinds = ("hgg", "lgg", "metastasis", "meningioma")
     cases = {f"a{i}": write_raw_case(raw, synth_case(300 + i, spacing, kinds[i % 4]), f"a{i}",
                                      seed=400 + i) for i in range(n)}
-    t0 = time.perf_counter()
-    res = prepare_site(raw, root / "siteacc", spacing=spacing, workers=1,
-                       sessions_csv=_sessions(root, raw, list(cases)))
-    print(f"accuracy set prepared in {time.perf_counter() - t0:.0f} s; errors: {res.errors}")
+    for mode in (False, True) if deformable else (False,):
+        per, _, _ = _in_fresh_process(_prepare_timed, raw, root, list(cases), cores, spacing, mode)
+        _score(root, cases, mode, per)
+    if ants_export is not None:
+        export_for_ants(raw, cases, ants_export)
+
+
+def _score(root: Path, cases: dict, deformable: bool, per: list[tuple[float, float]]) -> None:
+    from simulations.synth.raw_scans import score_preparation
+
+    label = "affine + B-spline (--deformable)" if deformable else "affine"
     lm, dc, rows = [], [], []
     for cid, case in cases.items():
-        s = score_preparation(case, root / "siteacc" / "images" / cid)
+        s = score_preparation(case, root / f"site_{cid}_{deformable}" / "images" / cid)
         lm.append(s["landmark_mm"])
         dc.append(s["dice"])
-        rows.append(f"{cid} ({case.kind}): landmark {s['landmark_mm']:.2f} mm "
+        rows.append(f"{cid} ({case.kind}, {label}): landmark {s['landmark_mm']:.2f} mm "
                     f"(max {s['landmark_max_mm']:.2f}), Dice {s['dice']:.3f}")
     print("\n".join(rows))
+    ok = sum(a <= 2.0 and d >= 0.90 for a, d in zip(lm, dc))
     m, lo, hi = _bootstrap(lm)
-    print(f"ACCURACY landmark error {m:.2f} mm (95% CI {lo:.2f}-{hi:.2f}), n={n}")
+    print(f"ACCURACY {label}: landmark error {m:.2f} mm (95% CI {lo:.2f}-{hi:.2f}), n={len(lm)}; ",
+          end="")
     m, lo, hi = _bootstrap(dc)
-    print(f"ACCURACY brain-mask Dice {m:.3f} (95% CI {lo:.3f}-{hi:.3f}), n={n}")
-    if ants:
-        compare_ants(raw, cases, spacing)
+    print(f"brain-mask Dice {m:.3f} (95% CI {lo:.3f}-{hi:.3f}); {ok}/{len(lm)} cases within 2 mm and "
+          f"Dice 0.90; {np.mean([c for _, c in per]):.1f} s CPU/session", flush=True)
 
 
-def compare_ants(raw: Path, cases: dict, spacing: float) -> None:
-    """Template registration only: SimpleITK (this pipeline's two passes) vs ANTsPy Affine."""
-    try:
-        import ants
-    except ImportError:
-        print("ANTS not installed (pip install antspyx): comparison skipped")
-        return
+def export_for_ants(raw: Path, cases: dict, out: Path) -> None:
+    """What the template registration sees (the N4-corrected 2 mm T1ce, the 2 mm template), the
+    template landmarks and where they truly are (LPS), and SimpleITK's result (error, CPU seconds),
+    for ``benchmarks/prepare_ants.py`` to run ANTsPy on in its own environment."""
+    import json
+
     import SimpleITK as sitk
 
     from client.prepare import register
     from client.prepare.dicom import load_dicom_dir
     from simulations.synth.raw_scans import LPS, landmarks_mm
 
-    fixed, brain = register.template(2.0)
-    tmp = Path(tempfile.mkdtemp())
-    sitk.WriteImage(fixed, str(tmp / "tpl.nii.gz"))
-    ants_fixed = ants.image_read(str(tmp / "tpl.nii.gz"))
-    out = {"sitk": ([], []), "ants": ([], [])}
+    out.mkdir(parents=True, exist_ok=True)
+    fixed, _ = register.template(2.0)
+    sitk.WriteImage(fixed, str(out / "template.nii.gz"))
+    pts = landmarks_mm()
     for cid, case in cases.items():
         vol, _, _ = load_dicom_dir(raw / cid / "t1ce")
-        ref = register.n4(register.to_sitk(vol.data, vol.affine))
+        small = register.coarse(register.to_sitk(vol.data, vol.affine), 2.0)
+        ref = register.bias_field(small).correct(small)
+        sitk.WriteImage(ref, str(out / f"{cid}_t1ce.nii.gz"))
         true = case.motion["t1ce"] @ np.linalg.inv(case.out_to_tpl)
-        pts = landmarks_mm()
+        truth = pts @ true[:3, :3].T + true[:3, 3]
+        c0 = time.process_time()
+        tf = register.register_to_template(ref).transform
+        cpu = time.process_time() - c0
+        est = np.array([LPS[:3, :3] @ np.array(tf.TransformPoint(tuple(LPS[:3, :3] @ p))) for p in pts])
+        (out / f"{cid}.json").write_text(json.dumps({
+            "kind": case.kind, "template_points_lps": (pts @ LPS[:3, :3].T).tolist(),
+            "true_points_lps": (truth @ LPS[:3, :3].T).tolist(),
+            "sitk_landmark_mm": float(np.linalg.norm(est - truth, axis=1).mean()),
+            "sitk_cpu_s": cpu}))
+    print(f"ANTS export: {len(cases)} cases in {out} (run benchmarks/prepare_ants.py {out} in a "
+          "venv with antspyx)", flush=True)
 
-        def err(fn, true=true, pts=pts) -> float:
-            return float(np.mean([np.linalg.norm(fn(p) - (true[:3, :3] @ p + true[:3, 3]))
-                                  for p in pts]))
 
-        t0 = time.perf_counter()
-        first = register.to_template(ref)
-        bn = register.resample(brain, ref, first.transform.GetInverse(), label=True)
-        tf = register.refine_to_template(ref, bn, first.transform).transform
-        out["sitk"][1].append(time.perf_counter() - t0)
-        out["sitk"][0].append(err(lambda p, tf=tf: LPS[:3, :3] @ np.array(
-            tf.TransformPoint(tuple(LPS[:3, :3] @ p)))))
-        sitk.WriteImage(ref, str(tmp / "mov.nii.gz"))
-        mov = ants.image_read(str(tmp / "mov.nii.gz"))
-        t0 = time.perf_counter()
-        reg = ants.registration(ants_fixed, mov, type_of_transform="Affine")
-        out["ants"][1].append(time.perf_counter() - t0)
-        # ants_apply_transforms_to_points maps fixed-space points to moving space with the
-        # fwdtransforms when whichtoinvert is False (points are LPS/ITK physical points)
-        import pandas as pd
+def _cli(*args: str) -> str:
+    import subprocess
 
-        df = pd.DataFrame((pts @ LPS[:3, :3].T), columns=["x", "y", "z"])
-        moved = ants.apply_transforms_to_points(3, df, reg["invtransforms"],
-                                                whichtoinvert=[True]).to_numpy()
-        est = moved @ LPS[:3, :3].T
-        out["ants"][0].append(float(np.mean(np.linalg.norm(
-            est - (pts @ true[:3, :3].T + true[:3, 3]), axis=1))))
-    for k, (e, t) in out.items():
-        m, lo, hi = _bootstrap(e)
-        print(f"TEMPLATE {k}: landmark {m:.2f} mm (95% CI {lo:.2f}-{hi:.2f}), "
-              f"{np.mean(t):.1f} s/registration, n={len(e)}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    res = subprocess.run([sys.executable, "-m", "gliofed", *args], capture_output=True, text=True,
+                         check=False)
+    if res.returncode:
+        raise RuntimeError(f"gliofed {args[0]} failed ({res.returncode}): {res.stdout}{res.stderr}")
+    return res.stdout
+
+
+def _labels(csv_path: Path) -> dict[str, str]:
+    import csv
+
+    with csv_path.open() as fh:
+        return {r["case_id"]: r["label"] for r in csv.DictReader(fh)}
 
 
 def predict_agreement(root: Path, cases: int, n_test: int, spacing: float, epochs: int) -> None:
-    """A small grading model trained on a synth cohort (MNI field of view at ``spacing``); the test
-    cases are turned into raw DICOM (moved, bias, skull) and prepared; the model's class on the
-    prepared case is compared with its class on the original (seg left out of both)."""
+    """`gliofed train` (grading, small_cnn, 32^3) on a synth cohort; its test cases turned into raw
+    DICOM (moved, bias, skull) and prepared; `gliofed predict` on the original and on the prepared
+    cases; the classes compared case by case (seg is not a model input)."""
     import nibabel as nib
 
     from client.prepare import prepare_site
     from shared.cohort import read_cohort, write_cohort
-    from shared.models import build_model
-    from shared.tasks import TASKS, select_samples
-    from shared.training import TrainConfig, predict_probs, train_epochs
     from simulations.synth import generate_cohort
     from simulations.synth.raw_scans import RawCase, write_raw_case
 
-    spec = TASKS["grading"]
-    site = generate_cohort(root / "cohort", cases=cases, sites=1, spacing=spacing, seed=5, workers=1,
-                           progress=False, tasks=("grading",))
+    site = generate_cohort(root / "cohort", cases=cases, sites=1, spacing=spacing, seed=5,
+                           workers=1, progress=False, tasks=("grading",))
+    model = root / "model"
+    _cli("train", "--task", "grading", "--cohort", str(site), "--out", str(model), "--network",
+         "small_cnn", "--epochs", str(epochs), "--size", "32", "--batch-size", "4", "--cache-dir",
+         str(root / "cache"))
     cohort = read_cohort(site)
-    train, _ = select_samples(spec, cohort, "train")
-    cfg = TrainConfig(task="grading", network="small_cnn", input_size=(32, 32, 32), batch_size=4,
-                      cache_dir=str(root / "cache"))
-    model = build_model("small_cnn", 4, 2)
-    train_epochs(model, train, spec, cfg, epochs=epochs)
-    test = [c for c in cohort.cases if c.split != "train" and "grade" in c.labels][:n_test]
-    raw = root / "rawpred"
-    rows_orig, rows_prep = [], []
+    test = [c for c in cohort.cases if c.split == "test" and "grade" in c.labels][:n_test]
+    raw, orig = root / "rawpred", root / "orig"
+    rows_orig, lines = [], ["case_id,patient_id,grade,t1,t1ce,t2,flair"]
     for i, c in enumerate(test):
         imgs = {s: np.asarray(nib.load(str(c.images[s])).dataobj, np.float32)
                 for s in ("t1", "t1ce", "t2", "flair")}
@@ -202,54 +242,60 @@ def predict_agreement(root: Path, cases: int, n_test: int, spacing: float, epoch
                      out_to_tpl=np.eye(4))
         write_raw_case(raw, rc, c.case_id, seed=900 + i,
                        patient={"PatientName": "Bench^Patient", "PatientID": f"MRN{900 + i}"})
-        base = {"case_id": c.case_id, "patient_id": c.patient_id, "grade": c.labels["grade"],
-                "split": "test"}
-        rows_orig.append({**base, **{s: str(c.images[s]) for s in imgs}})
-        rows_prep.append(base)
-    write_cohort(root / "orig", rows_orig)
+        row = {"case_id": c.case_id, "patient_id": c.patient_id, "grade": c.labels["grade"],
+               "split": "test"}
+        for s in imgs:
+            (orig / c.case_id).mkdir(parents=True, exist_ok=True)
+            shutil.copy(c.images[s], orig / c.case_id / f"{s}.nii.gz")
+            row[s] = f"{c.case_id}/{s}.nii.gz"
+        rows_orig.append(row)
+        lines.append(f"{c.case_id},{c.patient_id},{c.labels['grade']},{c.case_id}/t1,"
+                     f"{c.case_id}/t1ce,{c.case_id}/t2,{c.case_id}/flair")
+    write_cohort(orig, rows_orig)
     sessions = root / "sessions_pred.csv"
-    sessions.write_text("case_id,patient_id,grade,t1,t1ce,t2,flair\n" + "".join(
-        f"{r['case_id']},{r['patient_id']},{r['grade']},{r['case_id']}/t1,{r['case_id']}/t1ce,"
-        f"{r['case_id']}/t2,{r['case_id']}/flair\n" for r in rows_prep))
+    sessions.write_text("\n".join(lines) + "\n")
     res = prepare_site(raw, root / "prep", spacing=spacing, workers=1, sessions_csv=sessions)
     assert not res.errors, res.errors
-    cfg_eval = TrainConfig(task="grading", network="small_cnn", input_size=(32, 32, 32),
-                           batch_size=4, cache_dir=None)
-    s_orig, _ = select_samples(spec, read_cohort(root / "orig"), require_label=True)
-    s_prep, _ = select_samples(spec, read_cohort(root / "prep"), require_label=True)
-    p_orig = predict_probs(model, s_orig, spec, cfg_eval).argmax(1)
-    p_prep = predict_probs(model, s_prep, spec, cfg_eval).argmax(1)
-    truth = np.array([spec.classes.index(s.label) for s in s_orig])
-    agree = (p_orig == p_prep).astype(float)
-    m, lo, hi = _bootstrap(list(agree))
-    print(f"PREDICT agreement original vs prepared {m:.3f} (95% CI {lo:.3f}-{hi:.3f}), "
-          f"n={len(agree)}; accuracy original {(p_orig == truth).mean():.3f}, prepared "
-          f"{(p_prep == truth).mean():.3f}; classes predicted (orig) {np.bincount(p_orig, minlength=2)}")
+    _cli("predict", "--model", str(model), "--cohort", str(orig), "--out", str(root / "p_orig.csv"))
+    _cli("predict", "--model", str(model), "--cohort", str(root / "prep"), "--out",
+         str(root / "p_prep.csv"))
+    p_orig, p_prep = _labels(root / "p_orig.csv"), _labels(root / "p_prep.csv")
+    ids = sorted(set(p_orig) & set(p_prep))
+    truth = {c.case_id: c.labels["grade"] for c in test}
+    agree = [float(p_orig[i] == p_prep[i]) for i in ids]
+    m, lo, hi = _bootstrap(agree)
+    acc_o = np.mean([p_orig[i] == truth[i] for i in ids])
+    acc_p = np.mean([p_prep[i] == truth[i] for i in ids])
+    counts = {k: sum(p_orig[i] == k for i in ids) for k in sorted(set(p_orig.values()))}
+    print(f"PREDICT gliofed predict, original vs prepared: same class {m:.3f} (95% CI {lo:.3f}-"
+          f"{hi:.3f}), n={len(ids)} of {len(test)} test cases ({spacing:g} mm); accuracy original "
+          f"{acc_o:.3f}, prepared {acc_p:.3f}; classes predicted on the originals {counts}",
+          flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--speed-cases", type=int, default=2)
+    ap.add_argument("--cores", type=int, default=2, help="CPUs (and ITK threads) of the preparation")
     ap.add_argument("--accuracy-cases", type=int, default=8)
     ap.add_argument("--accuracy-spacing", type=float, default=2.0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ants", action="store_true")
+    ap.add_argument("--deformable", action="store_true", help="accuracy set also with --deformable")
+    ap.add_argument("--ants-export", type=Path, default=None,
+                    help="write the accuracy set's registration inputs for prepare_ants.py here")
     ap.add_argument("--predict-cases", type=int, default=0, help="synth cohort size (0: skip)")
-    ap.add_argument("--predict-test", type=int, default=8)
-    ap.add_argument("--predict-spacing", type=float, default=4.0)
+    ap.add_argument("--predict-test", type=int, default=16)
+    ap.add_argument("--predict-spacing", type=float, default=3.0)
     ap.add_argument("--predict-epochs", type=int, default=8)
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temp dir)")
     a = ap.parse_args()
-    import SimpleITK as sitk
-
-    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(a.threads)
     root = a.work or Path(tempfile.mkdtemp(prefix="prepare_bench_"))
     root.mkdir(parents=True, exist_ok=True)
     try:
         if a.speed_cases:
-            speed(root, a.speed_cases, a.threads)
+            speed(root, a.speed_cases, a.cores)
         if a.accuracy_cases:
-            accuracy(root, a.accuracy_cases, a.accuracy_spacing, a.ants)
+            accuracy(root, a.accuracy_cases, a.accuracy_spacing, a.deformable, a.ants_export,
+                     a.cores)
         if a.predict_cases:
             predict_agreement(root, a.predict_cases, a.predict_test, a.predict_spacing,
                               a.predict_epochs)

@@ -16,19 +16,22 @@ import json
 from pathlib import Path
 
 
-def attacked_client_app(raw: dict, scale: float):
+def attacked_client_app(run, scale: float):
     import numpy as np
     from flwr.app import Array, ArrayRecord, Context, Message
     from flwr.clientapp import ClientApp
 
-    from client.app import reply
+    from client.app import reply, site_configs
     from client.site import evaluate_site, query_site, train_site
+
+    def configs(ctx: Context):
+        return site_configs(ctx, run)
 
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:
-        out = reply(msg, ctx, train_site, raw)
+        out = reply(msg, ctx, train_site, configs)
         if int(ctx.node_config.get("partition-id", -1)) == 0 and not out.has_error():
             g = msg.content["arrays"]
             w = out.content["arrays"]
@@ -39,11 +42,11 @@ def attacked_client_app(raw: dict, scale: float):
 
     @app.evaluate()
     def evaluate(msg: Message, ctx: Context) -> Message:
-        return reply(msg, ctx, evaluate_site, raw)
+        return reply(msg, ctx, evaluate_site, configs)
 
     @app.query()
     def query(msg: Message, ctx: Context) -> Message:
-        return reply(msg, ctx, query_site, raw)
+        return reply(msg, ctx, query_site, configs)
 
     return app
 

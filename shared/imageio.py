@@ -110,22 +110,6 @@ def require_3d(img: Any, path: str | Path) -> Any:
     return img
 
 
-def load_canonical(path: str | Path) -> np.ndarray:
-    """A 3D image reoriented to RAS as float32 (a trailing singleton 4th axis is dropped)."""
-    import nibabel as nib
-
-    img = require_3d(open_image(path), path)
-    try:
-        data = np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)
-    except Exception as exc:  # noqa: BLE001
-        raise ImageError(f"truncated or corrupt image data ({type(exc).__name__})", path) from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ImageError(f"not a 3D image (shape {data.shape})", path)
-    return data
-
-
 def qform_sform_gap_mm(img: Any) -> float:
     """Largest distance (mm) between where qform and sform put the volume's corners (0: agree/unset)."""
     hdr = img.header

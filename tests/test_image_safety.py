@@ -52,8 +52,11 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path: Path) -> None
         "header claims 4096x4096x2048 voxels of float32: 128.00 GiB to read, over the 1024 MiB "
         "per-image limit (node config max-image-mb, --max-image-mb)")]
     assert peak < 20 << 20  # nothing near the promised size was allocated
+    tracemalloc.start()
     with pytest.raises(imageio.ImageTooLarge):
-        imageio.load_canonical(bomb)  # the training / predict reader refuses it too
+        imageio.open_image(bomb)  # train / predict / evaluate open every input with it (screen.py)
+    assert tracemalloc.get_traced_memory()[1] < 20 << 20  # refused from the header alone
+    tracemalloc.stop()
 
 
 def test_zeros_that_compress_tiny_hit_a_lower_limit_and_checks_stream(tmp_path: Path) -> None:

@@ -101,6 +101,14 @@ def _run_one(sess: Session, raw: Path, images: Path, opts: Options) -> tuple[str
                                     f"{type(exc).__name__}: {msg}")
 
 
+def _cores() -> int:
+    """CPUs this process may run on (its affinity: a container's or taskset's limit), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def prepare_site(raw_dir: str | Path, site_dir: str | Path, spacing: float = 1.0,
                  workers: int | None = None, rules: str | Path | None = None,
                  sessions_csv: str | Path | None = None, accept_inferred: bool = False,
@@ -128,12 +136,12 @@ def prepare_site(raw_dir: str | Path, site_dir: str | Path, spacing: float = 1.0
     todo = []
     for s in sessions:
         m = _done(images, s.case_id)
-        if m is not None and m.get("spacing") == spacing:
+        if m is not None and m.get("spacing") == spacing and m.get("deformable", False) == deformable:
             manifests[s.case_id] = m
             res.resumed.append(s.case_id)
         else:
             todo.append(s)
-    cores = os.cpu_count() or 1
+    cores = _cores()
     workers = max(1, min(workers or cores, len(todo) or 1))
     opts = Options(spacing=spacing, deformable=deformable, threads=max(1, cores // workers))
     for cid, man, err in _map(todo, raw, images, opts, workers, progress):

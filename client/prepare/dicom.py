@@ -215,15 +215,16 @@ def stack(slices: list[SliceInfo], allow_single: bool = False
     return aff, groups, normal
 
 
-def read_series(files: list[str], allow_single: bool = False) -> Volume:
-    """Stack one series (all files share a SeriesInstanceUID) into a 3D or 4D volume (RAS affine)."""
+def read_series(files: list[str], allow_single: bool = False, read: dict | None = None) -> Volume:
+    """Stack one series (all files share a SeriesInstanceUID) into a 3D or 4D volume (RAS affine).
+    ``read``: datasets already read in full, by file (not read again)."""
     import pydicom
 
     slices: list[SliceInfo] = []
     datasets = {}
     for f in files:
         try:
-            ds = pydicom.dcmread(f)
+            ds = read[f] if read and f in read else pydicom.dcmread(f)
         except Exception as exc:  # noqa: BLE001
             raise DicomError(f, f"not readable as DICOM ({type(exc).__name__})") from None
         if "PixelData" not in ds:
@@ -343,14 +344,17 @@ def load_dicom_dir(folder: Path, uid: str | None = None
     by_uid: dict[str, list[str]] = defaultdict(list)
     warnings: list[str] = []
     phi: dict[str, set[str]] = defaultdict(set)
+    read: dict[str, object] = {}
     for p in sorted(q for q in folder.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True, force=not p.suffix)
+        try:  # whole file once: the pixels are decoded later, only for the series converted
+            ds = pydicom.dcmread(p, force=not p.suffix)
             this = str(ds.SeriesInstanceUID)
         except Exception:  # noqa: BLE001
             warnings.append(f"{p}: not a DICOM file, ignored")
             continue
         by_uid[this].append(str(p))
+        if uid is None or this == uid:
+            read[str(p)] = ds
         for k, v in phi_values(ds).items():
             phi[k].add(v)
     if uid is not None:
@@ -365,4 +369,4 @@ def load_dicom_dir(folder: Path, uid: str | None = None
                                  f"{sizes} files): name one as FOLDER#SeriesInstanceUID")
     else:
         files = next(iter(by_uid.values()))
-    return read_series(files), warnings, phi
+    return read_series(files, read=read), warnings, phi

@@ -1,9 +1,10 @@
 """One session from raw scans to the site folder, and the whole site in parallel, resumably.
 
-Per session (:func:`prepare_session`): convert each source (DICOM folder or NIfTI), N4, rigid
-co-registration to T1ce (T1 when absent), affine registration of that reference to the MNI152 template
-(a second pass restricted to the brain), one resampling per image onto the template grid, skull
-stripping, QC PNG. Everything is written into ``images/.tmp-<case>-<pid>/`` and renamed to
+Per session (:func:`prepare_session`): convert each source (DICOM folder or NIfTI), a 2 mm copy
+for the registrations, N4 estimated on it (the field is applied to that copy and, once, on the
+output grid: no full-resolution intermediate image), rigid co-registration to T1ce (T1 when absent),
+affine registration of that reference to the MNI152 template (a second pass restricted to the
+brain), one resampling per image onto the template grid, skull stripping, QC PNG. Everything is written into ``images/.tmp-<case>-<pid>/`` and renamed to
 ``images/<case>/`` at the end, with ``session.json`` as the last file: a folder without it was never
 finished; a finished one is skipped on the next run. RAW_DIR is only read.
 """
@@ -122,19 +123,17 @@ def prepare_session(sess: Session, raw: Path, images_dir: Path, opts: Options) -
         warnings.append(f"sessions.csv:{sess.line}: case {sess.case_id} has no t1ce: sequences "
                         "co-registered to t1")
     native = {c: register.to_sitk(lv.data, lv.affine) for c, lv in loaded.items() if c in SEQ3D}
-    corrected = {c: register.n4(img) for c, img in native.items()}
-    small = {c: register.coarse(img, 2.0) for c, img in corrected.items()}
+    small = {c: register.coarse(img, 2.0) for c, img in native.items()}
+    bias = {c: register.bias_field(img) for c, img in small.items()}
+    small = {c: bias[c].correct(img) for c, img in small.items()}
     ref = small[ref_col]
-    first = register.to_template(ref)
-    brain_native = register.resample(register.template(2.0)[1], ref, first.transform.GetInverse(),
-                                     label=True)
-    tpl = register.refine_to_template(ref, brain_native, first.transform, deformable=opts.deformable)
+    tpl = register.register_to_template(ref, deformable=opts.deformable)
     coreg = {c: register.rigid(ref, img) for c, img in small.items() if c != ref_col}
     tpl_img, tpl_brain = register.template(opts.spacing)
     out: dict[str, np.ndarray] = {}
-    for c, img in corrected.items():
+    for c, img in native.items():
         t = tpl.transform if c == ref_col else register.chain(coreg[c].transform, tpl.transform)
-        out[c] = register.from_sitk(register.resample(img, tpl_img, t))[0]
+        out[c] = register.from_sitk(bias[c].correct(register.resample(img, tpl_img, t), t))[0]
     prior = register.from_sitk(tpl_brain)[0] > 0
     brain = refine_brain_mask(prior, out, opts.spacing)
     grid_affine = register.from_sitk(tpl_img)[1]
@@ -175,7 +174,7 @@ def prepare_session(sess: Session, raw: Path, images_dir: Path, opts: Options) -
                          {c: out[c] * brain for c in SEQ3D if c in out}, prior, brain)
     row["png"] = f"images/{sess.case_id}/{png.name}"
     manifest = {"case_id": sess.case_id, "files": files, "qc": row, "warnings": warnings,
-                "spacing": opts.spacing}
+                "spacing": opts.spacing, "deformable": opts.deformable}
     (case_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     final = images_dir / sess.case_id
     shutil.rmtree(final, ignore_errors=True)  # only an unfinished folder can be there (no manifest)

@@ -28,6 +28,24 @@ def _window(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.clip((x - lo) / (hi - lo + 1e-6), 0, 1)
 
 
+def _edge(m: np.ndarray) -> np.ndarray:
+    """The one-pixel outline of a 2D boolean mask."""
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    return m & ~inner
+
+
+def _overlay(gray: np.ndarray, template_brain: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """RGB of a 2D slice with the template brain's outline in red and the brain mask's in cyan."""
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    rgb[_edge(brain)] = (0.0, 1.0, 1.0)
+    rgb[_edge(template_brain)] = (1.0, 0.0, 0.0)
+    return rgb
+
+
 def session_png(path: Path, title: str, images: dict[str, np.ndarray], template_brain: np.ndarray,
                 brain: np.ndarray) -> Path:
     """Three planes x every sequence with the template's brain outline and the refined mask."""
@@ -40,14 +58,14 @@ def session_png(path: Path, title: str, images: dict[str, np.ndarray], template_
     c = idx.mean(0).round().astype(int) if idx.size else np.array(brain.shape) // 2
     planes = (("axial", lambda v: v[:, :, c[2]]), ("coronal", lambda v: v[:, c[1], :]),
               ("sagittal", lambda v: v[c[0], :, :]))
+    tb = template_brain.astype(bool)
     fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
     for r, (name, img) in enumerate(images.items()):
-        w = _window(img, brain)
         for k, (plane, cut) in enumerate(planes):
             ax = axes[r, k]
-            ax.imshow(cut(w).T, cmap="gray", origin="lower", vmin=0, vmax=1)
-            ax.contour(cut(template_brain).T.astype(float), levels=[0.5], colors="red", linewidths=0.6)
-            ax.contour(cut(brain).T.astype(float), levels=[0.5], colors="cyan", linewidths=0.4)
+            sl = cut(img)
+            rgb = _overlay(_window(sl, cut(brain)), cut(tb), cut(brain))
+            ax.imshow(rgb.transpose(1, 0, 2), origin="lower", interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

@@ -23,6 +23,18 @@ def refine_brain_mask(prior: np.ndarray, images: dict[str, np.ndarray], spacing:
     median on every sequence (bone, air).
     """
     it = max(1, round(band_mm / spacing))
+    idx = np.argwhere(prior)
+    if idx.size == 0:
+        return prior.copy()
+    lo = np.maximum(idx.min(0) - it - 2, 0)
+    hi = np.minimum(idx.max(0) + it + 3, prior.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    full = np.zeros(prior.shape, dtype=bool)  # everything outside the prior's box (+ band) is not brain
+    full[box] = _refine(prior[box], {k: v[box] for k, v in images.items()}, it)
+    return full
+
+
+def _refine(prior: np.ndarray, images: dict[str, np.ndarray], it: int) -> np.ndarray:
     core = ndi.binary_erosion(prior, iterations=it)
     outer = ndi.binary_dilation(prior, iterations=it)
     band = outer & ~core

@@ -206,8 +206,7 @@ def score_preparation(case: RawCase, case_dir: Path, reference: str = "t1ce") ->
     mask_img = nib.load(str(case_dir / f"{cid}_brain_mask.nii.gz"))
     mask = np.asarray(mask_img.dataobj) > 0
     idx = np.argwhere(mask | ndi.binary_dilation(mask, iterations=3))
-    world = idx @ mask_img.affine[:3, :3].T + mask_img.affine[:3, 3]
-    scanner = np.array([est_ras(p) for p in world]) if len(world) < 20000 else _est_many(est, world)
+    scanner = _est_many(est, mask_img.affine, mask.shape, idx)
     tpl_pts = (scanner - true[:3, 3]) @ np.linalg.inv(true[:3, :3]).T
     brain = datasets.load_mni152_brain_mask(resolution=1)
     bidx = np.rint((tpl_pts - brain.affine[:3, 3]) @ np.linalg.inv(brain.affine[:3, :3]).T).astype(int)
@@ -220,10 +219,16 @@ def score_preparation(case: RawCase, case_dir: Path, reference: str = "t1ce") ->
     return {"landmark_mm": float(np.mean(err)), "landmark_max_mm": float(np.max(err)), "dice": dice}
 
 
-def _est_many(est, world: np.ndarray) -> np.ndarray:
-    """Apply an affine-like SimpleITK transform to many RAS points (via its linear part)."""
-    p0 = np.zeros(3)
-    base = np.array(est.TransformPoint(tuple(p0)))
-    lin = np.stack([np.array(est.TransformPoint(tuple(e))) - base for e in np.eye(3)], axis=1)
-    lps = world @ LPS[:3, :3].T
-    return (lps @ lin.T + base) @ LPS[:3, :3].T
+def _est_many(est, affine: np.ndarray, shape: tuple[int, ...], idx: np.ndarray) -> np.ndarray:
+    """RAS scanner points of the voxels ``idx`` of a grid (``affine``, ``shape``) through ``est``
+    (any SimpleITK transform, B-spline included), via its displacement field on that grid."""
+    import SimpleITK as sitk
+
+    lin = LPS[:3, :3] @ affine[:3, :3]
+    spacing = np.linalg.norm(lin, axis=0)
+    disp = sitk.TransformToDisplacementField(
+        est, sitk.sitkVectorFloat64, [int(n) for n in shape[:3]],
+        (LPS[:3, :3] @ affine[:3, 3]).tolist(), spacing.tolist(), (lin / spacing).ravel().tolist())
+    d = sitk.GetArrayViewFromImage(disp)[idx[:, 2], idx[:, 1], idx[:, 0]]  # (z, y, x, 3) LPS mm
+    lps = (idx @ affine[:3, :3].T + affine[:3, 3]) @ LPS[:3, :3].T
+    return (lps + d) @ LPS[:3, :3].T
