@@ -22,7 +22,7 @@ from shared.data import (
     optional_inputs_available,
 )
 from shared.device import pick_device
-from shared.models import build_model
+from shared.models import build_model, seg_classes_for
 from shared.tasks import TaskSample, TaskSpec, get_task
 from shared.training.kinds import kind_adapter
 from shared.training.metrics import classification_metrics, score_histograms
@@ -49,6 +49,7 @@ class TrainConfig:
     cache_dir: str | None = None
     dp_compatible: bool = False
     augment: bool = True
+    flip_axes: tuple[int, ...] = (0,)  # augmentation flips: left-right only (RAS); (0, 1, 2) for all
     balance: str = "weighted_loss"  # weighted_loss | sampler (class-balanced batches) | none
     patience: int = 5
     subtraction: bool = False  # rano: add the follow-up minus baseline image
@@ -97,7 +98,7 @@ def build_task_model(spec: TaskSpec, cfg: TrainConfig, in_channels: int | None =
     if adapter is not None:
         return adapter.build(spec, cfg)
     ch = in_channels or input_channels(spec, False, cfg.subtraction)
-    seg = 4 if cfg.network == "unet_encoder" else 0
+    seg = seg_classes_for(cfg.network)
     return build_model(cfg.network, ch, spec.num_classes, dp_compatible=cfg.dp_compatible,
                        stem_stride=cfg.stem_stride, seg_classes=seg, clinical=len(cfg.clinical))
 
@@ -112,8 +113,8 @@ def _dataset(samples, spec, cfg, *, train: bool, in_channels: int, with_seg: boo
     return TaskDataset(samples, spec, cfg.input_size, SessionCache(cfg.cache_dir),
                        augment=train and cfg.augment and not _device_augment(cfg), use_optional=use_opt,
                        half=pick_device(cfg.device).type == "cuda",
-                       subtraction=cfg.subtraction, with_seg=with_seg or cfg.network == "unet_encoder",
-                       clinical=cfg.clinical, seed=cfg.seed)
+                       subtraction=cfg.subtraction, with_seg=with_seg or seg_classes_for(cfg.network) > 0,
+                       clinical=cfg.clinical, seed=cfg.seed, flip_axes=cfg.flip_axes)
 
 
 def _first_conv_in_channels(model: nn.Module) -> int:
@@ -198,7 +199,7 @@ def train_epochs(
             x, y = batch["x"].to(dev, non_blocking=True), batch["y"].to(dev)
             if device_aug:
                 seg_b = batch["seg"].to(dev) if "seg" in batch else None
-                x, seg_b = augment_batch(x, seg_b, aug_gen)
+                x, seg_b = augment_batch(x, seg_b, aug_gen, cfg.flip_axes)
                 if seg_b is not None:
                     batch["seg"] = seg_b
             x = x.float()
