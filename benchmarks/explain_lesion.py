@@ -45,8 +45,11 @@ def main() -> None:
     ap.add_argument("--cohort", type=Path, action="append", required=True,
                     help="site folder per --model (one for all, or one each)")
     ap.add_argument("--cases", type=int, default=40, help="tumour cases per model at most")
+    ap.add_argument("--methods", default="gradient,smoothgrad,input_x_gradient",
+                    help="saliency methods to measure (shared.training.explain.SALIENCY_METHODS)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     if len(a.cohort) not in (1, len(a.model)):
         ap.error("give one --cohort, or one per --model")
 
@@ -66,7 +69,7 @@ def main() -> None:
         spec = get_task(meta["task"])
         samples, _ = select_samples(spec, read_cohort(site))
         samples = [s for s in samples if "seg" in s.case.images and s.label != "healthy"][: a.cases]
-        rows = explain_cases(model, samples, spec, cfg)
+        rows = explain_cases(model, samples, spec, cfg, methods=methods)
         ds = _dataset(samples, spec, cfg, train=False, in_channels=_first_conv_in_channels(model),
                       with_seg=True)
         chance = [chance_share(ds, i) for i in range(len(samples))]
@@ -74,16 +77,20 @@ def main() -> None:
         chance = [c for c in chance if not np.isnan(c)]
         cam = mean_ci([r["cam_inside"] for r in rows])
         sal = mean_ci([r["saliency_inside"] for r in rows])
+        by_method = {m: [round(v, 3) for v in mean_ci([r[f"saliency_inside_{m}"] for r in rows])]
+                     for m in methods}
         ch = mean_ci(chance)
         per_class = {}
         for label in sorted({r["label"] for r in rows}):
             sel = [r for r in rows if r["label"] == label]
             per_class[label] = {"n": len(sel),
-                                "saliency": round(float(np.nanmean([r["saliency_inside"] for r in sel])), 3),
+                                **{m: round(float(np.nanmean([r[f"saliency_inside_{m}"] for r in sel])), 3)
+                                   for m in methods},
                                 "cam": round(float(np.nanmean([r["cam_inside"] for r in sel])), 3)}
         res = {"task": spec.name, "network": meta["network"]["name"], "model": str(model_dir),
                "cohort": str(site), "n": len(rows),
-               "saliency_inside": [round(x, 3) for x in sal], "cam_inside": [round(x, 3) for x in cam],
+               "saliency_inside": [round(x, 3) for x in sal], "saliency_by_method": by_method,
+               "cam_inside": [round(x, 3) for x in cam],
                "chance": [round(x, 3) for x in ch], "target_saliency": TARGET_SALIENCY,
                "met": bool(sal[0] >= TARGET_SALIENCY), "per_class": per_class}
         results.append(res)
