@@ -58,6 +58,18 @@ def score(model, samples, spec, cfg, task: str, n_boot: int) -> dict:
             "confusion": ev.confusion.tolist()}
 
 
+def _deadline(hhmm: str) -> float | None:
+    """Today's (or, if past, tomorrow's) UTC ``HH:MM`` as a ``time.time()`` value."""
+    if not hhmm:
+        return None
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    h, m = (int(v) for v in hhmm.split(":"))
+    t = now.replace(hour=h, minute=m, second=0, microsecond=0)
+    return (t if t > now else t + timedelta(days=1)).timestamp()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="grading,typing,rano,recurrence")
@@ -73,6 +85,7 @@ def main() -> None:
     ap.add_argument("--seg-weight", type=float, default=0.5, help="unet_encoder auxiliary seg loss")
     ap.add_argument("--balance", default="weighted_loss", help="weighted_loss | sampler | none")
     ap.add_argument("--flip-axes", default="0", help="augmentation flips, RAS axes: 0 (left-right) or 0,1,2")
+    ap.add_argument("--deadline", default="", help="UTC HH:MM: start no epoch that would end after it")
     ap.add_argument("--patience", type=int, default=0, help="early stopping (0: max(5, epochs // 3))")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-seed", type=int, default=1000)
@@ -113,7 +126,8 @@ def main() -> None:
                           seg_weight=a.seg_weight, balance=a.balance,
                           flip_axes=tuple(int(v) for v in a.flip_axes.split(","))).resolved()
         t = time.perf_counter()
-        model, hist = fit(spec, cfg, tr, va, progress=False, log=lambda m: print(m, flush=True))
+        model, hist = fit(spec, cfg, tr, va, progress=False, log=lambda m: print(m, flush=True),
+                          deadline=_deadline(a.deadline))
         row = {"task": task, "network": cfg.network, "input_size": a.size,
                "train/val": f"{len(tr)}/{len(va)}", "epochs_run": len(hist),
                "train_seconds": round(time.perf_counter() - t, 1),

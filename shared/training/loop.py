@@ -292,14 +292,22 @@ def evaluate_model(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSp
 
 def fit(
     spec: TaskSpec, cfg: TrainConfig, train: Sequence[TaskSample], val: Sequence[TaskSample],
-    *, progress: bool = True, log: Callable[[str], None] = print,
+    *, progress: bool = True, log: Callable[[str], None] = print, deadline: float | None = None,
 ) -> tuple[nn.Module, list[dict]]:
-    """Centralised training with validation each epoch, early stopping and the best model kept."""
+    """Centralised training with validation each epoch, early stopping and the best model kept.
+
+    ``deadline`` (a ``time.time()`` value): no epoch is started that the previous epoch's duration
+    says would end after it (the best model so far is returned).
+    """
     cfg = cfg.resolved()
     model = build_task_model(spec, cfg, model_inputs(spec, cfg, [*train, *val])["in_channels"])
     metric = spec.headline_metric
     best, best_state, history, bad = -np.inf, copy.deepcopy(model.state_dict()), [], 0
     for epoch in range(1, cfg.epochs + 1):
+        started = time.time()
+        if deadline is not None and history and started + history[-1]["epoch_seconds"] > deadline:
+            log(f"time budget reached: stopping before epoch {epoch}")
+            break
         tr = train_epochs(model, train, spec, replace(cfg, seed=cfg.seed + epoch), epochs=1,
                           progress=progress)
         row = {"epoch": epoch, "train_loss": tr.loss, "seconds": tr.seconds}
@@ -310,6 +318,7 @@ def fit(
             score = -np.inf if np.isnan(score) else score
         else:
             score = -tr.loss
+        row["epoch_seconds"] = time.time() - started
         history.append(row)
         log(f"epoch {epoch}/{cfg.epochs}: loss {tr.loss:.4f}"
             + (f", val {metric} {row.get('val_' + metric, float('nan')):.4f}" if val else ""))
