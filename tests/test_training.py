@@ -258,3 +258,23 @@ def test_resident_batches_cover_the_set_once_per_epoch(tmp_path):
     ys = torch.cat([b["y"] for b in rb])
     assert sorted(ys.tolist()) == sorted(ds.labels())
     assert not data.ResidentBatches.fits(ds, torch.device("cpu"))  # only ever used on CUDA
+
+
+def test_fit_starts_no_epoch_past_its_deadline(site: Path, tmp_path: Path) -> None:
+    """A benchmark with a time budget still returns a trained, validated model when the budget ends."""
+    import time
+
+    from shared.training import fit
+
+    spec = TASKS["grading"]
+    cohort = read_cohort(site)
+    tr, _ = select_samples(spec, cohort, "train")
+    va, _ = select_samples(spec, cohort, "val")
+    cfg = TrainConfig(task="grading", network="small_cnn", input_size=(16, 16, 16), epochs=5,
+                      cache_dir=str(tmp_path / "c"), augment=False)
+    logs: list[str] = []
+    _, hist = fit(spec, cfg, tr, va, progress=False, log=logs.append, deadline=time.time() + 0.01)
+    assert [h["epoch"] for h in hist] == [1]
+    assert "stopping before epoch 2" in logs[-1]
+    _, hist = fit(spec, replace(cfg, epochs=2), tr, va, progress=False, log=logs.append)
+    assert [h["epoch"] for h in hist] == [1, 2]
