@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--cohort", type=Path, action="append", required=True,
                     help="site folder per --model (one for all, or one each)")
     ap.add_argument("--cases", type=int, default=40, help="tumour cases per model at most")
-    ap.add_argument("--methods", default="gradient,smoothgrad,input_x_gradient",
+    ap.add_argument("--methods", default="input_x_gradient,gradient,smoothgrad",
                     help="saliency methods to measure (shared.training.explain.SALIENCY_METHODS)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
