@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--seg-weight", type=float, default=0.5, help="unet_encoder auxiliary seg loss")
     ap.add_argument("--balance", default="weighted_loss", help="weighted_loss | sampler | none")
     ap.add_argument("--flip-axes", default="0", help="augmentation flips, RAS axes: 0 (left-right) or 0,1,2")
+    ap.add_argument("--subtraction", action="store_true", help="rano: add follow-up minus baseline channels")
     ap.add_argument("--deadline", default="", help="UTC HH:MM: start no epoch that would end after it")
     ap.add_argument("--patience", type=int, default=0, help="early stopping (0: max(5, epochs // 3))")
     ap.add_argument("--seed", type=int, default=0)
@@ -123,7 +124,7 @@ def main() -> None:
         cfg = TrainConfig(task=task, network=a.network or None, input_size=(a.size,) * 3,
                           epochs=a.epochs, patience=a.patience or max(5, a.epochs // 3), batch_size=a.batch_size,
                           lr=a.lr, seed=a.seed, device=a.device, cache_dir=str(work / "cache"),
-                          seg_weight=a.seg_weight, balance=a.balance,
+                          seg_weight=a.seg_weight, balance=a.balance, subtraction=a.subtraction,
                           flip_axes=tuple(int(v) for v in a.flip_axes.split(","))).resolved()
         t = time.perf_counter()
         model, hist = fit(spec, cfg, tr, va, progress=False, log=lambda m: print(m, flush=True),
