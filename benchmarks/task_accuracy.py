@@ -85,7 +85,8 @@ def main() -> None:
     ap.add_argument("--seg-weight", type=float, default=0.5, help="unet_encoder auxiliary seg loss")
     ap.add_argument("--balance", default="weighted_loss", help="weighted_loss | sampler | none")
     ap.add_argument("--flip-axes", default="0", help="augmentation flips, RAS axes: 0 (left-right) or 0,1,2")
-    ap.add_argument("--subtraction", action="store_true", help="rano: add follow-up minus baseline channels")
+    ap.add_argument("--subtraction", default=None, action=argparse.BooleanOptionalAction,
+                    help="rano: follow-up minus baseline channels (default: the task's, on for rano)")
     ap.add_argument("--deadline", default="", help="UTC HH:MM: start no epoch that would end after it")
     ap.add_argument("--patience", type=int, default=0, help="early stopping (0: max(5, epochs // 3))")
     ap.add_argument("--seed", type=int, default=0)

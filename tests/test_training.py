@@ -278,3 +278,15 @@ def test_fit_starts_no_epoch_past_its_deadline(site: Path, tmp_path: Path) -> No
     assert "stopping before epoch 2" in logs[-1]
     _, hist = fit(spec, replace(cfg, epochs=2), tr, va, progress=False, log=logs.append)
     assert [h["epoch"] for h in hist] == [1, 2]
+
+
+def test_rano_adds_the_difference_image_by_default() -> None:
+    """Measured: without follow-up minus baseline, rano stayed at chance (benchmarks/README.md)."""
+    from shared.training.loop import model_inputs
+
+    rano = TASKS["rano"]
+    assert TrainConfig(task="rano").resolved().subtraction is True
+    assert TrainConfig(task="rano", subtraction=False).resolved().subtraction is False
+    assert TrainConfig(task="grading").resolved().subtraction is False
+    with_diff = model_inputs(rano, TrainConfig(task="rano"))["in_channels"]
+    assert with_diff == model_inputs(rano, TrainConfig(task="rano", subtraction=False))["in_channels"] * 3 // 2

@@ -76,7 +76,9 @@ def train(
     device: str = "auto",
     patience: int = 5,
     cache_dir: Annotated[str, typer.Option(help="Preprocessing cache (default ~/.cache/gliofed).")] = "",
-    subtraction: Annotated[bool, typer.Option(help="rano: add the follow-up minus baseline image.")] = False,
+    subtraction: Annotated[bool | None, typer.Option(
+        "--subtraction/--no-subtraction",
+        help="Add the follow-up minus baseline image (default: the task's; on for rano).")] = None,
     clinical: Annotated[str, typer.Option(help="Comma-separated numeric cohort columns to fuse (e.g. age).")] = "",
     allow_outside: AllowOpt = [],  # noqa: B006
     max_image_mb: MaxImageOpt = 0.0,

@@ -52,7 +52,7 @@ class TrainConfig:
     flip_axes: tuple[int, ...] = (0,)  # augmentation flips: left-right only (RAS); (0, 1, 2) for all
     balance: str = "weighted_loss"  # weighted_loss | sampler (class-balanced batches) | none
     patience: int = 5
-    subtraction: bool = False  # rano: add the follow-up minus baseline image
+    subtraction: bool | None = None  # add the follow-up minus baseline image; None -> the task's default
     seg_weight: float = 0.5  # unet_encoder: weight of the joint segmentation loss
     stem_stride: int = 2
     clinical: tuple[str, ...] = ()  # numeric cohort columns fused with the image features (rano)
@@ -61,8 +61,9 @@ class TrainConfig:
         if self.balance not in ("weighted_loss", "sampler", "none"):
             raise ValueError(f"balance {self.balance!r}: choose weighted_loss, sampler or none")
         spec = get_task(self.task)
+        sub = spec.subtraction if self.subtraction is None else self.subtraction
         return replace(self, network=self.network or spec.default_network,
-                       input_size=tuple(self.input_size or spec.input_size))
+                       input_size=tuple(self.input_size or spec.input_size), subtraction=sub)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class EvalResult:
 
 
 def model_inputs(spec: TaskSpec, cfg: TrainConfig, samples: Sequence[TaskSample] = ()) -> dict:
+    cfg = cfg.resolved()
     use_opt = optional_inputs_available(samples, spec)
     return {"use_optional": use_opt,
             "in_channels": input_channels(spec, use_opt, cfg.subtraction)}
