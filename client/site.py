@@ -16,6 +16,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from client.personal import ditto_start, personal_model, train_ditto
+from client.scaffold import scaffold_correction, scaffold_reply
 from shared.config import NodeConfig, RunConfig
 from shared.contract import (
     ARRAYS,
@@ -29,7 +31,9 @@ from shared.contract import (
     METRICS,
     NUM_CLASSES,
     NUM_EXAMPLES,
+    PERSONAL_METRICS,
     PROXIMAL_MU,
+    SCAFFOLD_DELTA,
     SCORE_HIST,
     SITE_ID,
     SKIPPED,
@@ -248,14 +252,17 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig,
 
         train = one_sample_per_patient(train)  # patient-level DP: one record per patient
     privatizer = obtain_privatizer(run, node, len(train), epochs)
+    correction = scaffold_correction(content, run, state, model)
+    start = ditto_start(run, model)
     t0 = time.perf_counter()
     try:
         res = core.train(model, train, site.spec, cfg, epochs=epochs, proximal_mu=mu,
                          global_state=received if mu > 0 else None, privatize=privatizer,
-                         progress=False)
+                         progress=False, **({"after_step": correction} if correction else {}))
     finally:
         if privatizer is not None:
             privatizer.settle()  # the steps taken, also when training stopped half-way
+    train_ditto(run, state, site, start, received, core, cfg)  # Ditto: the personal model too
     metrics = {f"train-{k}": float(v) for k, v in res.metrics.items() if is_number(v)}
     if privatizer is not None:
         metrics.update(privatizer.metrics())
@@ -263,13 +270,16 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig,
     metrics[TRAIN_LOSS] = float(res.loss)
     metrics[TRAIN_SECONDS] = float(time.perf_counter() - t0)
     metrics[SKIPPED] = int(site.skipped)
-    return RecordDict(
+    out = RecordDict(
         {
             ARRAYS: reply_arrays(model, run, state),
             METRICS: MetricRecord(metrics),
             CONFIG: _site_config(site),
         }
     )
+    if correction is not None:
+        out[SCAFFOLD_DELTA] = scaffold_reply(correction, received, model, state)
+    return out
 
 
 def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig,
@@ -281,7 +291,7 @@ def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig,
     Below ``min-report-cases`` test cases the reply carries no metric at all (the federation counts
     the site as absent); a score histogram is sent only when every non-empty bin holds that many.
     """
-    from client.disclosure import enough_cases, k_anonymous_rows
+    from client.disclosure import enough_cases
 
     site = load_site(run, node)
     config = content[CONFIG] if CONFIG in content else ConfigRecord()
@@ -301,7 +311,21 @@ def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig,
     model = core.build_model(site.spec, cfg)
     load_received(model, content[ARRAYS], run, state)
     ev = core.evaluate(model, samples, site.spec, cfg)
-    metrics: dict[str, Any] = {k: float(v) for k, v in ev.metrics.items() if is_number(v)}
+    out = RecordDict({METRICS: MetricRecord(_scored(ev, site, k)), CONFIG: _site_config(site)})
+    personal = personal_model(config, run, state, site, model, core, cfg) if split == "test" \
+        else None
+    if personal is not None:  # personalisation: the site's own model on the same test cases
+        out[PERSONAL_METRICS] = MetricRecord(
+            _scored(core.evaluate(personal, samples, site.spec, cfg), site, k))
+    return out
+
+
+def _scored(ev: Any, site: Site, k: int) -> dict[str, Any]:
+    """The metrics an evaluate reply carries for one model: scalars, counts, confusion, and the score
+    histogram when every non-empty bin holds at least ``k`` cases."""
+    from client.disclosure import k_anonymous_rows
+
+    metrics: dict[str, Any] = {key: float(v) for key, v in ev.metrics.items() if is_number(v)}
     metrics[NUM_EXAMPLES] = int(ev.num_examples)
     metrics[SKIPPED] = int(site.skipped)
     if getattr(ev, "confusion", None) is not None:
@@ -314,7 +338,7 @@ def evaluate_site(content: RecordDict, run: RunConfig, node: NodeConfig,
     elif getattr(ev, "score_hist", None) is not None:
         log.warning("site %s: a class has 1..%d test cases: score histogram not sent",
                     site.site_id, k - 1)
-    return RecordDict({METRICS: MetricRecord(metrics), CONFIG: _site_config(site)})
+    return metrics
 
 
 def query_site(content: RecordDict, run: RunConfig, node: NodeConfig,

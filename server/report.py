@@ -228,6 +228,7 @@ def _intro(summary: dict[str, Any]) -> str:
 def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     """Write the PNGs and ``report.html``; returns the HTML path."""
     from server.evalci import round_cis
+    from server.personal import personal_section
 
     run_dir = Path(run_dir)
     summary = {**summary, "cis": summary.get("cis") or round_cis(run_dir)}
@@ -276,6 +277,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:i
 <h2>Result</h2>{_selection_note(summary)}{_table(comp)}{imgs}
 <h2>Rounds</h2><p>{ci_note}</p>{_table(rounds)}
 <h2>Per site (last round, global model on each site's test split)</h2>{_table(per_site)}
+{personal_section(summary, key, _table, _with_ci)}
 {partition}
 </body></html>"""
     out = run_dir / "report.html"

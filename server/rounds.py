@@ -32,6 +32,7 @@ from server.checkpoint import (
     save_checkpoint,
 )
 from server.model import central_evaluator, initial_arrays
+from server.personal import evaluate_config, personal_row
 from server.pooled import round_metrics
 from server.privacy import central_epsilon, noisy_rounds
 from server.quorum import SubsetGrid, query_eligibility, wait_for_quorum
@@ -108,13 +109,16 @@ def participants(grid: Grid, run: RunConfig, eligible: dict[int, dict[str, int]]
 
 
 def evaluate_round(grid: Grid, run: RunConfig, rnd: int, strategy: Any, arrays: ArrayRecord,
-                   testers: list[int]) -> tuple[list, list, dict[str, Any]]:
-    """Federated evaluation of ``arrays`` on the testers; (messages out, replies, round metrics)."""
+                   testers: list[int], config: ConfigRecord | None = None
+                   ) -> tuple[list, list, dict[str, Any]]:
+    """Federated evaluation of ``arrays`` on the testers; (messages out, replies, round metrics).
+    ``config``: the evaluate messages' options (personalisation asks for fine-tuning with it)."""
     e_out: list = []
     e_replies: list = []
     if testers and run.fraction_evaluate > 0:
         strategy.min_evaluate_nodes = min(run.min_evaluate_nodes, len(testers))
-        e_out = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), SubsetGrid(grid, testers)))
+        e_out = list(strategy.configure_evaluate(rnd, arrays, config or ConfigRecord(),
+                                                 SubsetGrid(grid, testers)))
         e_replies = list(grid.send_and_receive(e_out, timeout=run.round_timeout))
     site_eval = {site_of(m): dict(m.content[METRICS])
                  for m in accepted_replies(e_replies, run, "evaluate")}
@@ -176,7 +180,9 @@ def run_rounds(
             improved = selection.update(rnd, val.get("pooled", {}))
             if improved:
                 best_arrays = arrays
-            e_out, e_replies, fed = evaluate_round(grid, run, rnd, strategy, arrays, testers)
+            last = rnd == run.num_server_rounds or selection.should_stop(run.early_stop_patience)
+            e_out, e_replies, fed = evaluate_round(grid, run, rnd, strategy, arrays, testers,
+                                                   evaluate_config(run, rnd, last))
             sites_seen.update(train.trained)
             row: dict[str, Any] = {
                 "round": rnd,
@@ -194,6 +200,7 @@ def run_rounds(
                 **fed,
                 "val": val,
                 "selection": selection.record(val.get("pooled", {})),
+                **personal_row(run, e_replies, fed.get("sites", {}), selection.metric),
             }
             if run.dp == "central":
                 row["dp"] = {"epsilon": central_epsilon(run, noisy_rounds([*history, row])),

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 __all__ = ["STRATEGIES", "accepted_replies", "build_strategy", "restore_strategy_state",
            "strategy_state"]
 
-# attributes that hold a strategy's server-side optimiser state (FedOpt m/v, FedAvgM momentum)
-STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
+# attributes that hold a strategy's server-side optimiser state (FedOpt m/v, FedAvgM momentum,
+# SCAFFOLD's server control variate)
+STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector", "control_variate")
 
 
 def build_strategy(run: RunConfig) -> flwr_strategy.Strategy:
@@ -54,13 +55,17 @@ def _build_base_strategy(run: RunConfig) -> flwr_strategy.Strategy:
     if name == "fedprox":
         return flwr_strategy.FedProx(**common, proximal_mu=run.proximal_mu)
     if name == "fedadam":
-        return flwr_strategy.FedAdam(**common, eta=run.server_lr, eta_l=run.lr)
+        return flwr_strategy.FedAdam(**common, eta=run.effective_server_lr(), eta_l=run.lr)
     if name == "fedyogi":
-        return flwr_strategy.FedYogi(**common, eta=run.server_lr, eta_l=run.lr)
+        return flwr_strategy.FedYogi(**common, eta=run.effective_server_lr(), eta_l=run.lr)
     if name == "fedavgm":
         return flwr_strategy.FedAvgM(
-            **common, server_learning_rate=1.0, server_momentum=run.server_momentum
-        )
+            **common, server_learning_rate=run.effective_server_lr(),
+            server_momentum=run.server_momentum)
+    if name == "scaffold":
+        from server.scaffold import Scaffold
+
+        return Scaffold(**common, server_lr=run.effective_server_lr())
     if name == "fedmedian":
         return flwr_strategy.FedMedian(**common)
     if name == "fedtrimmedavg":

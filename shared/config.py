@@ -34,8 +34,9 @@ class RunConfig:
     quorum_action: str = "proceed"  # proceed | stop when the quorum is not reached in time
     round_timeout: float = 3600.0  # seconds a round waits for replies (stragglers are dropped)
     proximal_mu: float = 0.01  # FedProx only
-    server_lr: float = 0.1  # FedAdam/FedYogi server learning rate (eta)
-    server_momentum: float = 0.9  # FedAvgM
+    server_lr: float = 0.0  # server learning rate (FedAdam/FedYogi eta, FedAvgM, SCAFFOLD's eta_g);
+    #                         0 = the strategy's swept default (SERVER_LR_DEFAULTS)
+    server_momentum: float = 0.9  # FedAvgM (swept: benchmarks/server_opt_sweep.py)
     trimmed_beta: float = 0.2  # FedTrimmedAvg
     num_malicious: int = 0  # Krum / MultiKrum / Bulyan
     lr: float = 1e-3
@@ -63,6 +64,10 @@ class RunConfig:
     export: str = "best"  # best (highest pooled validation score of the new global model) | final
     early_stop_patience: int = 0  # stop after this many rounds without a better validation score; 0 = off
     fedbn: bool = False  # FedBN: normalisation layers stay at each site, never sent or averaged
+    personalise: str = "none"  # none | finetune (after the last round) | ditto (a personal model
+    #                            trained beside the global one); scored on each site's test split
+    finetune_epochs: int = 2  # personalise = "finetune": epochs of local fine-tuning
+    ditto_lambda: float = 0.1  # personalise = "ditto": proximal weight lambda/2 * ||v - w_global||^2
     tracking_uri: str = ""  # MLflow tracking URI ("" = off), e.g. sqlite:///runs/mlflow.db
 
     def __post_init__(self) -> None:
@@ -87,9 +92,18 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+    def effective_server_lr(self) -> float:
+        """``server-lr``, or the strategy's swept default when it is 0 (1.0 for plain averaging)."""
+        return self.server_lr if self.server_lr > 0 else SERVER_LR_DEFAULTS.get(
+            self.strategy.lower(), 1.0)
+
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg",
-              "krum", "multikrum", "bulyan")
+              "krum", "multikrum", "bulyan", "scaffold")
+PERSONALISE = ("none", "finetune", "ditto")
+# server learning rates chosen by benchmarks/server_opt_sweep.py (benchmarks/README.md, "Server
+# optimisers"): pooled validation AUC, 5 sites, dirichlet 0.5, grading; used when server-lr = 0
+SERVER_LR_DEFAULTS = {"fedadam": 0.01, "fedyogi": 0.01, "fedavgm": 1.0, "scaffold": 1.0}
 SECAGG_STRATEGIES = ("fedavg", "fedprox")  # the aggregations that are a weighted mean
 CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")  # averages only
 
@@ -101,6 +115,17 @@ def _check_options(cfg: RunConfig) -> None:
         raise ValueError(f"run config: strategy={cfg.strategy!r} is not one of {', '.join(STRATEGIES)}")
     if cfg.dp not in DP_MODES:
         raise ValueError(f"run config: dp={cfg.dp!r} is not one of {', '.join(DP_MODES)}")
+    _check_scaffold(cfg)
+    if cfg.personalise not in PERSONALISE:
+        raise ValueError(f"run config: personalise={cfg.personalise!r} is not one of "
+                         f"{', '.join(PERSONALISE)}")
+    if cfg.personalise == "ditto" and cfg.secagg:
+        raise ValueError('run config: personalise = "ditto" cannot be combined with secagg = true (the '
+                         "SecAgg+ training path keeps no per-site state for the personal model); "
+                         'use personalise = "finetune"')
+    if cfg.finetune_epochs < 1 or cfg.ditto_lambda < 0:
+        raise ValueError(f"run config: finetune-epochs={cfg.finetune_epochs} must be >= 1 and "
+                         f"ditto-lambda={cfg.ditto_lambda} >= 0")
     if cfg.quorum_action not in ("proceed", "stop"):
         raise ValueError(f"run config: quorum-action={cfg.quorum_action!r} is not proceed|stop")
     if cfg.dp == "central" and cfg.strategy.lower() not in CENTRAL_DP_STRATEGIES:
@@ -115,6 +140,21 @@ def _check_options(cfg: RunConfig) -> None:
                          "(rounds without a better validation score; 0 = off)")
     _check_secagg(cfg)
     _check_fedbn(cfg)
+
+
+def _check_scaffold(cfg: RunConfig) -> None:
+    """SCAFFOLD's control variates travel beside the weights; the paths that see only the weights
+    (or only their sum) cannot carry them."""
+    if cfg.strategy.lower() != "scaffold":
+        return
+    if cfg.secagg:
+        raise ValueError("run config: strategy = scaffold cannot be combined with secagg = true (the "
+                         "SecAgg+ path masks one weight vector per site; SCAFFOLD sites also send "
+                         "their control-variate update, which would travel unmasked)")
+    if cfg.dp == "central":
+        raise ValueError('run config: strategy = scaffold cannot be combined with dp = "central" (the '
+                         "server's noise covers the weights only; the sites' control-variate updates "
+                         'would leave unclipped and noise-free); use dp = "opacus"')
 
 
 def _check_fedbn(cfg: RunConfig) -> None:

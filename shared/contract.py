@@ -49,11 +49,18 @@ ELIGIBLE_TOTAL = "eligible-total"
 ELIGIBLE_PREFIX = "eligible-"  # eligible-<split>-<class> counts in query replies
 EVAL_SPLIT = "eval-split"  # evaluate config: "val" scores the site's validation split (default: test)
 FEDBN_STATE = "fedbn-norm"  # ArrayRecord in a site's ctx.state: its own normalisation layers (FedBN)
+SCAFFOLD_C = "scaffold-c"  # ArrayRecord in SCAFFOLD train messages: the server's control variate c
+SCAFFOLD_DELTA = "scaffold-delta"  # ArrayRecord in SCAFFOLD train replies: c_i+ - c_i
+SCAFFOLD_STATE = "scaffold-ci"  # ArrayRecord in a site's ctx.state: its control variate c_i
+PERSONALISE = "personalise"  # evaluate config: 1 = fine-tune a personal model now (the last round)
+PERSONAL_METRICS = "personal-metrics"  # MetricRecord in evaluate replies: the personalised model's
+DITTO_STATE = "ditto-model"  # ArrayRecord in a site's ctx.state: its Ditto personal model
 
 __all__ = [
-    "ARRAYS", "CONFIG", "CONFUSION", "ELIGIBLE", "ELIGIBLE_PREFIX", "ELIGIBLE_TOTAL", "EVAL_SPLIT",
-    "FEDBN_STATE", "METRICS",
-    "NUM_CLASSES", "NUM_EXAMPLES", "PROXIMAL_MU", "SCORE_HIST", "SERVER_ROUND", "SITE_ID",
+    "ARRAYS", "CONFIG", "CONFUSION", "DITTO_STATE", "ELIGIBLE", "ELIGIBLE_PREFIX", "ELIGIBLE_TOTAL",
+    "EVAL_SPLIT", "FEDBN_STATE", "METRICS",
+    "NUM_CLASSES", "NUM_EXAMPLES", "PERSONALISE", "PERSONAL_METRICS", "PROXIMAL_MU", "SCAFFOLD_C",
+    "SCAFFOLD_DELTA", "SCAFFOLD_STATE", "SCORE_HIST", "SERVER_ROUND", "SITE_ID",
     "TRAIN_LOSS", "TRAIN_SECONDS", "NodeConfig", "RunConfig", "is_number", "numpy_weights",
     "payload_bytes", "site_of", "state_dict",
 ]

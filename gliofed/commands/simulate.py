@@ -22,7 +22,7 @@ def simulate(
         str, typer.Option(help="iid | dirichlet:ALPHA | quantity:ALPHA | site | fets:CSV.")
     ] = D.partition,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = D.rounds,
-    strategy: Annotated[str, typer.Option(help="fedavg, fedprox, fedadam, fedyogi, fedavgm, "
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox, fedadam, fedyogi, fedavgm, scaffold, "
                                           "fedmedian, fedtrimmedavg, krum, multikrum, bulyan.")] = D.strategy,
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = D.local_epochs,
     size: Annotated[int, typer.Option(help="Cubic input size (and synthetic volume size).")] = D.size,

@@ -143,13 +143,19 @@ def train_epochs(
     global_state: dict[str, torch.Tensor] | None = None,
     privatize: Privatize | None = None,
     progress: bool = False,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``epochs`` over ``samples``; FedProx term when ``proximal_mu > 0``."""
+    """Train ``model`` in place for ``epochs`` over ``samples``; FedProx term when ``proximal_mu > 0``;
+    ``after_step(model)`` runs after every optimiser step (SCAFFOLD's correction,
+    ``shared/training/scaffold.py``)."""
     if not samples:
         raise ValueError(f"no eligible {spec.name} training samples")
     cfg = cfg.resolved()
     adapter = kind_adapter(spec)
     if adapter is not None:
+        if after_step is not None:
+            raise ValueError(f"task {spec.name!r} ({spec.kind}): a per-step hook (SCAFFOLD) runs "
+                             "in the classification loop only")
         return adapter.train(model, samples, spec, cfg, epochs=epochs, proximal_mu=proximal_mu,
                              global_state=global_state, privatize=privatize)
     t0 = time.perf_counter()
@@ -221,6 +227,8 @@ def train_epochs(
                 loss = loss + proximal_mu / 2 * sum(((p - g) ** 2).sum() for p, g in anchor)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step(model)
             # kept on the device: no host sync per step, so the CPU queues the next step's kernels
             losses.append(loss.detach())
             correct = correct + (logits.argmax(1) == y).sum()
