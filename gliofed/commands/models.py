@@ -227,7 +227,7 @@ def explain(
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")],
     case: Annotated[list[str], typer.Option("--case", help="case_id (repeatable); default: 4 test cases")] = [],  # noqa: B006
 ) -> None:
-    """Grad-CAM and saliency maps of the predicted class (the mask only drawn as a contour), one PNG per case."""
+    """Grad-CAM and saliency (input x gradient) of the predicted class (the mask only drawn as a contour), one PNG per case."""
     from shared.training.explain import explain_cases
     from shared.training.loop import _first_conv_in_channels
 
