@@ -2,6 +2,8 @@
 
 CPU: python benchmarks/dp_step_cost.py --size 32 --batch 4 --steps 5
 GPU: python benchmarks/dp_step_cost.py --size 64 --batch 8 --steps 20 --device cuda --modes hooks,functorch,ew,ghost
+Recipe (DP on the last blocks only, ``dp-train-layers``): python benchmarks/dp_step_cost.py --size 32
+    --batch 8 --steps 7 --recipe 'small_cnn_gnws:last:3;resnet10_gnws:layer4,fc;resnet10:layer4,fc'
 
 ``--modes`` compares opacus's per-sample-gradient engines: ``hooks`` (what gliofed trains with),
 ``functorch`` (vmap), ``ew`` (expanded weights) and ``ghost`` (fast gradient clipping: per-sample
@@ -60,12 +62,49 @@ def dp_step(mode: str, model, x, y, batch: int):
 
 def interleaved_medians(a, b, steps: int) -> tuple[float, float]:
     """Warm both, then alternate single steps so machine noise hits both alike; medians."""
-    a(), b()
-    ta, tb = [], []
+    ta, tb = interleaved([a, b], steps)
+    return ta, tb
+
+
+def interleaved(fns, steps: int) -> list[float]:
+    """Warm each, then take one step of each in turn ``steps`` times; the median time of each."""
+    for f in fns:
+        f()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(steps):
-        ta.append(a())
-        tb.append(b())
-    return statistics.median(ta), statistics.median(tb)
+        for f, t in zip(fns, times, strict=True):
+            t.append(f())
+    return [statistics.median(t) for t in times]
+
+
+def recipe_row(net: str, task: str, selection: str, x, y, batch: int, steps: int, dev) -> dict:
+    """The DP fine-tuning recipe's step (``dp-train-layers = selection``: the rest frozen) against a
+    plain step of the same trained layers and a plain step of the whole network, interleaved."""
+    from shared.models import build_model
+    from shared.tasks import TASKS
+    from shared.training.dp_layers import freeze_for_dp, register_ws_grad_sampler
+
+    register_ws_grad_sampler()
+    spec = TASKS[task]
+    models = []
+    for frozen in (False, True, True):
+        torch.manual_seed(0)
+        m = build_model(net, spec.in_channels, spec.num_classes, dp_compatible=True).to(dev)
+        if frozen:
+            freeze_for_dp(m, selection)
+        models.append(m)
+    full, part, dp = models
+    trained = sum(p.numel() for p in part.parameters() if p.requires_grad)
+    fns = [make_step(full, torch.optim.SGD(full.parameters(), lr=1e-3), x, y),
+           make_step(part, torch.optim.SGD([p for p in part.parameters() if p.requires_grad], lr=1e-3),
+                     x, y),
+           dp_step("hooks", dp, x, y, batch)]
+    t_full, t_part, t_dp = interleaved(fns, steps)
+    return {"task": task, "network": net, "dp_train_layers": selection,
+            "trained_params": trained, "all_params": sum(p.numel() for p in full.parameters()),
+            "plain_full_ms": round(t_full * 1e3, 1), "plain_trained_ms": round(t_part * 1e3, 1),
+            "dp_trained_ms": round(t_dp * 1e3, 1),
+            "dp_vs_plain_trained": round(t_dp / t_part, 2), "dp_vs_plain_full": round(t_dp / t_full, 2)}
 
 
 def main() -> None:
@@ -75,7 +114,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--modes", default="hooks")
+    ap.add_argument("--recipe", default="",
+                    help="NETWORK:SELECTION[;...], e.g. 'small_cnn_gnws:last:3;resnet10_gnws:layer4,fc': "
+                         "the DP fine-tuning step (dp-train-layers) instead of the per-task table")
     a = ap.parse_args()
+    if a.recipe:
+        dev = torch.device(a.device)
+        for item in a.recipe.split(";"):
+            net, _, selection = item.partition(":")
+            x = torch.randn(a.batch, 4, a.size, a.size, a.size, device=dev)
+            y = torch.randint(0, 2, (a.batch,), device=dev)
+            print(json.dumps(recipe_row(net, "grading", selection, x, y, a.batch, a.steps, dev)),
+                  flush=True)
+        print(json.dumps({"device": str(dev), "input": f"{a.size}^3", "batch": a.batch,
+                          "threads": torch.get_num_threads()}))
+        return
 
     from shared.models import build_model
     from shared.tasks import TASKS

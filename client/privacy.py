@@ -15,6 +15,12 @@ What the ledger charges is what is trained, never what a configuration says:
 3. The DP loader is wrapped in a counter: every sampled batch is a step, and a step beyond the
    reservation is refused. After training the entry is *settled* at the steps counted.
 
+What DP-SGD trains and in what batches (``shared/training/dp_layers.py``): ``dp-train-layers`` freezes
+the rest of the network before opacus wraps it (no per-sample gradients, no noise there; the accounting
+is unchanged: the noise multiplier, sample rate and steps are those of the trained part), and
+``dp-logical-batch`` samples logical batches (rate logical / N, one ledger step each) that the loop
+trains in physical chunks of ``batch-size``.
+
 The ledger is JSON rewritten atomically: ``fcntl.flock`` on ``<ledger>.lock``, a unique temp file in
 the same folder, fsync, ``os.replace``. Opacus trains the original module's parameters in place, so the
 weights sent back keep plain keys.
@@ -209,6 +215,7 @@ class Privatizer:
     steps: int = 0
     entry_id: str = ""
     counter: StepCounter | None = field(default=None, repr=False)
+    trained: list[str] = field(default_factory=list)  # parameter names DP-SGD trains (dp-train-layers)
     engine: Any = field(default=None, repr=False)
 
     def plan(self, batches_per_epoch: int) -> tuple[float, float, int]:
@@ -233,6 +240,12 @@ class Privatizer:
         from client.policy import REQUEST, PolicyRefused, SitePolicy
 
         run = self.run
+        from shared.training.dp_layers import LogicalBatches, logical_loader, prepare_for_dp
+
+        self.trained = prepare_for_dp(model, run.dp_train_layers)  # what DP-SGD trains; rest frozen
+        physical = int(getattr(loader, "batch_size", 0) or 0)
+        if run.dp_logical_batch > physical > 0:  # virtual batches: sample logical, step in physical
+            loader = logical_loader(loader, run.dp_logical_batch)
         noise, sample_rate, steps = self.plan(len(loader))
         policy, run_id = REQUEST.get() or (SitePolicy(), "")
         if noise < policy.min_noise_multiplier:
@@ -249,6 +262,8 @@ class Privatizer:
             max_grad_norm=float(run.max_grad_norm), poisson_sampling=True)
         self.engine = engine
         self.counter = StepCounter(loader_p, steps)
+        if run.dp_logical_batch > physical > 0:
+            return model_p, opt_p, LogicalBatches(self.counter, physical, opt_p)
         return model_p, opt_p, self.counter
 
     def settle(self) -> float:

@@ -57,6 +57,8 @@ class RunConfig:
     target_epsilon: float = 0.0  # 0 = use noise-multiplier as given
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
+    dp_train_layers: str = ""  # dp = opacus: "" = all, "last:N" blocks or "PREFIX,PREFIX" (rest frozen)
+    dp_logical_batch: int = 0  # dp = opacus: patients per DP step (0 = batch-size); > batch-size = virtual
     secagg: bool = False  # SecAgg+: the server learns only the sum of the sites' updates
     secagg_num_shares: int = 0  # key shares per site: 0 = every sampled site, else odd >= 3
     secagg_reconstruction_threshold: int = 0  # shares needed to unmask: 0 = a majority of them
@@ -140,6 +142,21 @@ def _check_options(cfg: RunConfig) -> None:
                          "(rounds without a better validation score; 0 = off)")
     _check_secagg(cfg)
     _check_fedbn(cfg)
+    _check_dp_training(cfg)
+
+
+def _check_dp_training(cfg: RunConfig) -> None:
+    """The DP-SGD training options (what is trained, the logical batch) need ``dp = "opacus"``."""
+    if cfg.dp_logical_batch < 0:
+        raise ValueError(f"run config: dp-logical-batch={cfg.dp_logical_batch} must be >= 0 "
+                         "(0 = batch-size)")
+    if cfg.dp != "opacus" and (cfg.dp_train_layers.strip() or cfg.dp_logical_batch):
+        key = "dp-train-layers" if cfg.dp_train_layers.strip() else "dp-logical-batch"
+        raise ValueError(f'run config: {key} applies to DP-SGD at the sites; set dp = "opacus" '
+                         f"(dp={cfg.dp!r})")
+    if cfg.dp_logical_batch and cfg.dp_logical_batch < cfg.batch_size:
+        raise ValueError(f"run config: dp-logical-batch={cfg.dp_logical_batch} is smaller than "
+                         f"batch-size={cfg.batch_size} (the physical batch); use 0 or >= batch-size")
 
 
 def _check_scaffold(cfg: RunConfig) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 NETWORKS = ("small_cnn", "resnet10", "resnet18", "densenet121", "densenet264", "unet_encoder", "context_cnn")
+# each also as "<name>_gnws": GroupNorm + weight-standardised convolutions, for DP (models_gn.py)
 SEG_NETWORKS = ("unet_encoder", "context_cnn")  # trained with an auxiliary segmentation head
 
 
@@ -245,6 +246,11 @@ def _build_backbone(name: str, in_channels: int, num_classes: int, dp_compatible
                     stem_stride: int, seg_classes: int) -> nn.Module:
     from monai.networks import nets
 
+    from .models_gn import base_network, is_gnws, standardise_convolutions
+
+    if is_gnws(name) and base_network(name) in NETWORKS:
+        return standardise_convolutions(_build_backbone(
+            base_network(name), in_channels, num_classes, True, stem_stride, seg_classes))
     if name == "small_cnn":
         return SmallCNN(in_channels, num_classes)
     if name in ("resnet10", "resnet18"):
@@ -262,4 +268,5 @@ def _build_backbone(name: str, in_channels: int, num_classes: int, dp_compatible
                                      dp=dp_compatible)
     if name == "context_cnn":
         return ContextCNN(in_channels, num_classes, seg_classes=seg_classes, dp=dp_compatible)
-    raise ValueError(f"unknown network {name!r}; choose one of {', '.join(NETWORKS)}")
+    raise ValueError(f"unknown network {name!r}; choose one of {', '.join(NETWORKS)} "
+                     "(or any of them + '_gnws')")

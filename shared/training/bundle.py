@@ -26,6 +26,7 @@ from shared.tasks import TaskSpec, get_task
 BUNDLE_FORMAT = "gliofed-bundle/2"
 SCRIPTS = Path(__file__).resolve().parents[1] / "bundle_scripts"
 MODELS_PY = Path(__file__).resolve().parents[1] / "models.py"
+MODELS_GN_PY = MODELS_PY.with_name("models_gn.py")  # imported by models.py (the *_gnws networks)
 MONAI_SCHEMA = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
                 "meta_schema_20220324.json")
 
@@ -54,6 +55,7 @@ def _copy_scripts(out: Path) -> None:
     for name in ("__init__.py", "transforms.py", "predict.py"):
         shutil.copyfile(SCRIPTS / name, dest / name)
     shutil.copyfile(MODELS_PY, dest / "models.py")
+    shutil.copyfile(MODELS_GN_PY, dest / "models_gn.py")
 
 
 def inference_config(spec: TaskSpec, cfg, inputs: list[str], ch: int) -> dict:
