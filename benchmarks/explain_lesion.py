@@ -5,6 +5,8 @@ cohort (the expert mask is read only for this measurement) is explained with Gra
 (`shared.training.explain.explain_cases`); the share of each map's mass inside the lesion mask dilated by
 2 voxels is averaged with a bootstrap 95% CI. `chance` is the share a uniform map would get (the dilated
 lesion's share of the brain's non-zero voxels), the baseline to beat. Target: saliency >= 0.5.
+Whether the model looks at the lesion at all is measured without any explanation method too: the drop of
+the predicted class's probability when the lesion is blanked, against blanking a same-sized cube elsewhere.
 
 python benchmarks/explain_lesion.py --model /work/acc/models/typing --cohort /work/acc/typing-other-... --cases 40
 """
@@ -39,14 +41,52 @@ def chance_share(ds, i: int) -> float:
     return mass_inside(brain, seg.numpy()) if seg is not None else float("nan")
 
 
+def occlusion(model, ds, i: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Does the model look at the lesion? Drop of the predicted class's probability when the dilated
+    lesion is set to 0 (the z-scored brain's mean), and when a same-sized cube elsewhere in the brain
+    is (the control). A model that reads the lesion loses far more in the first case."""
+    import torch
+    from scipy.ndimage import binary_dilation
+
+    x, seg = ds.load(i)
+    x = x.float()[None]
+    m = binary_dilation(seg.numpy() > 0, iterations=2)
+    brain = (x[0].abs().sum(0) > 0).numpy()
+    if not m.any():
+        return float("nan"), float("nan")
+    side = max(1, round(float(m.sum()) ** (1 / 3)))
+    ctrl = np.zeros_like(m)
+    for _ in range(50):  # a cube of the lesion's volume, inside the brain, away from the lesion
+        c = [int(rng.integers(0, n - side + 1)) for n in m.shape]
+        box = tuple(slice(v, v + side) for v in c)
+        if brain[box].mean() > 0.9 and not binary_dilation(m, iterations=2)[box].any():
+            ctrl[box] = True
+            break
+    with torch.no_grad():
+        p = torch.softmax(model(x), 1)[0]
+        k = int(p.argmax())
+        out = []
+        for mask in (m, ctrl):
+            if not mask.any():
+                out.append(float("nan"))
+                continue
+            xo = x.clone()
+            xo[..., torch.from_numpy(mask)] = 0.0
+            out.append(float(p[k] - torch.softmax(model(xo), 1)[0, k]))
+    return out[0], out[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, action="append", required=True, help="MODEL_DIR (repeatable)")
     ap.add_argument("--cohort", type=Path, action="append", required=True,
                     help="site folder per --model (one for all, or one each)")
     ap.add_argument("--cases", type=int, default=40, help="tumour cases per model at most")
+    ap.add_argument("--methods", default="input_x_gradient,gradient,smoothgrad",
+                    help="saliency methods to measure (shared.training.explain.SALIENCY_METHODS)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     if len(a.cohort) not in (1, len(a.model)):
         ap.error("give one --cohort, or one per --model")
 
@@ -66,25 +106,33 @@ def main() -> None:
         spec = get_task(meta["task"])
         samples, _ = select_samples(spec, read_cohort(site))
         samples = [s for s in samples if "seg" in s.case.images and s.label != "healthy"][: a.cases]
-        rows = explain_cases(model, samples, spec, cfg)
+        rows = explain_cases(model, samples, spec, cfg, methods=methods)
         ds = _dataset(samples, spec, cfg, train=False, in_channels=_first_conv_in_channels(model),
                       with_seg=True)
         chance = [chance_share(ds, i) for i in range(len(samples))]
+        rng = np.random.default_rng(0)
+        occ = [occlusion(model.eval(), ds, i, rng) for i in range(len(samples))]
         rows = [r for r, c in zip(rows, chance, strict=True) if not np.isnan(c)]
         chance = [c for c in chance if not np.isnan(c)]
         cam = mean_ci([r["cam_inside"] for r in rows])
         sal = mean_ci([r["saliency_inside"] for r in rows])
+        by_method = {m: [round(v, 3) for v in mean_ci([r[f"saliency_inside_{m}"] for r in rows])]
+                     for m in methods}
         ch = mean_ci(chance)
         per_class = {}
         for label in sorted({r["label"] for r in rows}):
             sel = [r for r in rows if r["label"] == label]
             per_class[label] = {"n": len(sel),
-                                "saliency": round(float(np.nanmean([r["saliency_inside"] for r in sel])), 3),
+                                **{m: round(float(np.nanmean([r[f"saliency_inside_{m}"] for r in sel])), 3)
+                                   for m in methods},
                                 "cam": round(float(np.nanmean([r["cam_inside"] for r in sel])), 3)}
         res = {"task": spec.name, "network": meta["network"]["name"], "model": str(model_dir),
                "cohort": str(site), "n": len(rows),
-               "saliency_inside": [round(x, 3) for x in sal], "cam_inside": [round(x, 3) for x in cam],
+               "saliency_inside": [round(x, 3) for x in sal], "saliency_by_method": by_method,
+               "cam_inside": [round(x, 3) for x in cam],
                "chance": [round(x, 3) for x in ch], "target_saliency": TARGET_SALIENCY,
+               "occlusion_drop_lesion": [round(x, 3) for x in mean_ci([o[0] for o in occ])],
+               "occlusion_drop_elsewhere": [round(x, 3) for x in mean_ci([o[1] for o in occ])],
                "met": bool(sal[0] >= TARGET_SALIENCY), "per_class": per_class}
         results.append(res)
         print(json.dumps(res), flush=True)

@@ -58,6 +58,18 @@ def score(model, samples, spec, cfg, task: str, n_boot: int) -> dict:
             "confusion": ev.confusion.tolist()}
 
 
+def _deadline(hhmm: str) -> float | None:
+    """Today's (or, if past, tomorrow's) UTC ``HH:MM`` as a ``time.time()`` value."""
+    if not hhmm:
+        return None
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    h, m = (int(v) for v in hhmm.split(":"))
+    t = now.replace(hour=h, minute=m, second=0, microsecond=0)
+    return (t if t > now else t + timedelta(days=1)).timestamp()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="grading,typing,rano,recurrence")
@@ -72,6 +84,11 @@ def main() -> None:
     ap.add_argument("--network", default="", help="override every task's network")
     ap.add_argument("--seg-weight", type=float, default=0.5, help="unet_encoder auxiliary seg loss")
     ap.add_argument("--balance", default="weighted_loss", help="weighted_loss | sampler | none")
+    ap.add_argument("--flip-axes", default="0", help="augmentation flips, RAS axes: 0 (left-right) or 0,1,2")
+    ap.add_argument("--subtraction", default=None, action=argparse.BooleanOptionalAction,
+                    help="rano: follow-up minus baseline channels (default: the task's, on for rano)")
+    ap.add_argument("--deadline", default="", help="UTC HH:MM: start no epoch that would end after it")
+    ap.add_argument("--patience", type=int, default=0, help="early stopping (0: max(5, epochs // 3))")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-seed", type=int, default=1000)
     ap.add_argument("--test-lesion-scale", type=float, default=1.25)
@@ -106,11 +123,13 @@ def main() -> None:
         te, _ = select_samples(spec, train_c, "test")
         ind, _ = select_samples(spec, other)
         cfg = TrainConfig(task=task, network=a.network or None, input_size=(a.size,) * 3,
-                          epochs=a.epochs, patience=max(5, a.epochs // 3), batch_size=a.batch_size,
+                          epochs=a.epochs, patience=a.patience or max(5, a.epochs // 3), batch_size=a.batch_size,
                           lr=a.lr, seed=a.seed, device=a.device, cache_dir=str(work / "cache"),
-                          seg_weight=a.seg_weight, balance=a.balance).resolved()
+                          seg_weight=a.seg_weight, balance=a.balance, subtraction=a.subtraction,
+                          flip_axes=tuple(int(v) for v in a.flip_axes.split(","))).resolved()
         t = time.perf_counter()
-        model, hist = fit(spec, cfg, tr, va, progress=False, log=lambda m: print(m, flush=True))
+        model, hist = fit(spec, cfg, tr, va, progress=False, log=lambda m: print(m, flush=True),
+                          deadline=_deadline(a.deadline))
         row = {"task": task, "network": cfg.network, "input_size": a.size,
                "train/val": f"{len(tr)}/{len(va)}", "epochs_run": len(hist),
                "train_seconds": round(time.perf_counter() - t, 1),
@@ -118,7 +137,7 @@ def main() -> None:
                "independent": score(model, ind, spec, cfg, task, a.boot)}
         from shared.training.bundle import export_bundle
 
-        model_dir = export_bundle(model, spec, cfg, work / "models" / task,
+        model_dir = export_bundle(model, spec, cfg, work / "models" / (a.json.stem if a.json else task),
                                   {"mode": "benchmarks/task_accuracy.py", "args": vars(a)},
                                   row["independent"])
         row["model_dir"] = str(model_dir)

@@ -195,8 +195,10 @@ class TaskDataset(Dataset):
         clinical: Sequence[str] = (),
         seed: int = 0,
         half: bool = False,
+        flip_axes: Sequence[int] = (0,),
     ) -> None:
         self.samples = list(samples)
+        self.flip_axes = tuple(flip_axes)
         self.spec = spec
         self.cfg = PreprocessConfig(size=tuple(size))
         self.cache = cache
@@ -244,7 +246,7 @@ class TaskDataset(Dataset):
         """A dict batch item: ``x``, ``y`` and, when configured, ``seg`` and ``clinical``."""
         x, seg = self.load(i)
         if self.augment:
-            x, seg = augment(x, seg, self.gen)
+            x, seg = augment(x, seg, self.gen, self.flip_axes)
         y = self.class_index[self.samples[i].label] if self.samples[i].label is not None else -1
         item: dict[str, torch.Tensor | int] = {"x": x, "y": y}
         if self.with_seg:
@@ -255,8 +257,11 @@ class TaskDataset(Dataset):
         return item
 
 
+FLIP_AXES = (0,)  # spatial axes flipped at random: left-right only (inputs are RAS)
+
+
 def augment_batch(
-    x: torch.Tensor, seg: torch.Tensor | None, gen: torch.Generator
+    x: torch.Tensor, seg: torch.Tensor | None, gen: torch.Generator, flip_axes: Sequence[int] = FLIP_AXES
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`augment` for a whole batch [B, C, D, H, W] on its own device (the GPU path).
 
@@ -273,7 +278,7 @@ def augment_batch(
     theta[:, 0, 0] = 1
     theta[:, 1, 1], theta[:, 1, 2], theta[:, 2, 1], theta[:, 2, 2] = c, -s, s, c
     # a flip is a sign change of the matching sampling axis (grid order is x=W, y=H, z=D)
-    for axis in range(3):
+    for axis in flip_axes:
         theta[:, 2 - axis, :3] *= torch.where(flips[:, axis], -1.0, 1.0)[:, None]
     # on CUDA the resampling runs in the items' float16 (half the memory traffic); on the CPU in float32
     work = x.dtype if x.is_cuda and x.dtype == torch.float16 else torch.float32
@@ -287,11 +292,16 @@ def augment_batch(
 
 
 def augment(
-    x: torch.Tensor, seg: torch.Tensor | None, gen: torch.Generator
+    x: torch.Tensor, seg: torch.Tensor | None, gen: torch.Generator, flip_axes: Sequence[int] = FLIP_AXES
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random flips, a small rotation in the axial plane, and per-channel intensity jitter."""
+    """Random flips, a small rotation in the axial plane, and per-channel intensity jitter.
+
+    Only the left-right axis is flipped by default: an up-down or front-back flip would move the sella
+    to the vertex and the cerebellopontine angle to the frontal lobe, destroying the location that tells
+    tumour types apart (benchmarks/README.md, typing ablation). ``flip_axes=(0, 1, 2)`` flips all three.
+    """
     for axis in (1, 2, 3):
-        if torch.rand(1, generator=gen).item() < 0.5:
+        if torch.rand(1, generator=gen).item() < 0.5 and axis - 1 in flip_axes:
             x = x.flip(axis)
             seg = seg.flip(axis - 1) if seg is not None else None
     angle = float((torch.rand(1, generator=gen).item() - 0.5) * 2 * np.deg2rad(10))

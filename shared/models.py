@@ -11,8 +11,14 @@ import types
 import torch
 from torch import nn
 
-NETWORKS = ("small_cnn", "resnet10", "resnet18", "densenet121", "densenet264", "unet_encoder")
+NETWORKS = ("small_cnn", "resnet10", "resnet18", "densenet121", "densenet264", "unet_encoder", "context_cnn")
 # each also as "<name>_gnws": GroupNorm + weight-standardised convolutions, for DP (models_gn.py)
+SEG_NETWORKS = ("unet_encoder", "context_cnn")  # trained with an auxiliary segmentation head
+
+
+def seg_classes_for(name: str) -> int:
+    """Classes of the auxiliary segmentation head of network ``name`` (0: none)."""
+    return 4 if name in SEG_NETWORKS else 0
 
 
 def _norm(dp: bool, ch: int) -> nn.Module:
@@ -73,11 +79,12 @@ def _make_dp_safe(model: nn.Module) -> nn.Module:
 class ContextBlock(nn.Module):
     """Isensee-2017 context module: two 3x3x3 convs with dropout, added to the input."""
 
-    def __init__(self, ch: int, dp: bool) -> None:
+    def __init__(self, ch: int, dp: bool, norm=None, dropout: float = 0.3) -> None:
         super().__init__()
+        norm = norm or (lambda c: _norm(dp, c))
         self.body = nn.Sequential(
-            _norm(dp, ch), nn.LeakyReLU(0.01), nn.Conv3d(ch, ch, 3, padding=1),
-            nn.Dropout3d(0.3), _norm(dp, ch), nn.LeakyReLU(0.01), nn.Conv3d(ch, ch, 3, padding=1),
+            norm(ch), nn.LeakyReLU(0.01), nn.Conv3d(ch, ch, 3, padding=1),
+            nn.Dropout3d(dropout), norm(ch), nn.LeakyReLU(0.01), nn.Conv3d(ch, ch, 3, padding=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,6 +135,59 @@ class UNetEncoderClassifier(nn.Module):
                 nn.functional.interpolate(h(f), size=size, mode="trilinear", align_corners=False)
                 for h, f in zip(self.seg_head, feats, strict=True)
             )
+            return logits, seg
+        return logits
+
+
+class ContextCNN(nn.Module):
+    """Chakrabarty-2021-like classifier sized for a CPU: instance norm, context blocks, position aware.
+
+    A strided stem halves the input; each of ``depth`` levels is a strided 3x3x3 conv and an Isensee
+    context block (instance norm, leaky ReLU, dropout). Where a lesion sits matters for its type (sella,
+    cerebellopontine angle, dura), so a 1x1x1 conv of the voxel coordinates is added after the stem
+    (the input stays the images alone), and the head reads average- and max-pooled features (max keeps
+    a lesion of a few voxels from being averaged away). ``seg_classes > 0`` adds a per-level 1x1x1
+    segmentation head, a training target only (``forward`` returns ``(logits, seg)`` when
+    ``return_seg`` is set).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, base: int = 16, depth: int = 4,
+                 seg_classes: int = 0, dp: bool = False) -> None:
+        super().__init__()
+
+        def norm(c: int) -> nn.Module:
+            return nn.GroupNorm(min(8, c), c) if dp else nn.InstanceNorm3d(c, affine=True)
+
+        self.stem = nn.Sequential(nn.Conv3d(in_channels, base, 3, stride=2, padding=1), norm(base),
+                                  nn.LeakyReLU(0.01))
+        self.position = nn.Conv3d(3, base, 1)
+        self.levels = nn.ModuleList()
+        ch, chans = base, []
+        for i in range(depth):
+            out = base * 2**i
+            block = ContextBlock(out, dp, norm=norm, dropout=0.1)
+            self.levels.append(nn.Sequential(nn.Conv3d(ch, out, 3, stride=1 if i == 0 else 2, padding=1),
+                                             block))
+            chans.append(out)
+            ch = out
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(2 * ch, num_classes))
+        self.seg_head = nn.ModuleList([nn.Conv3d(c, seg_classes, 1) for c in chans]) if seg_classes else None
+        self.return_seg = False
+
+    def forward(self, x: torch.Tensor):
+        size = x.shape[2:]
+        x = self.stem(x)
+        axes = [torch.linspace(-1, 1, n, device=x.device, dtype=x.dtype) for n in x.shape[2:]]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].expand(x.shape[0], -1, -1, -1, -1)
+        x = x + self.position(grid)
+        feats = []
+        for lvl in self.levels:
+            x = lvl(x)
+            feats.append(x)
+        logits = self.head(torch.cat([x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))], 1))
+        if self.seg_head is not None and self.return_seg:
+            seg = sum(nn.functional.interpolate(h(f), size=size, mode="trilinear", align_corners=False)
+                      for h, f in zip(self.seg_head, feats, strict=True))
             return logits, seg
         return logits
 
@@ -206,5 +266,7 @@ def _build_backbone(name: str, in_channels: int, num_classes: int, dp_compatible
     if name == "unet_encoder":
         return UNetEncoderClassifier(in_channels, num_classes, seg_classes=seg_classes,
                                      dp=dp_compatible)
+    if name == "context_cnn":
+        return ContextCNN(in_channels, num_classes, seg_classes=seg_classes, dp=dp_compatible)
     raise ValueError(f"unknown network {name!r}; choose one of {', '.join(NETWORKS)} "
                      "(or any of them + '_gnws')")

@@ -176,3 +176,26 @@ def test_mass_inside_measures_the_share_on_the_dilated_lesion():
 def test_unknown_balance_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="weighted_loss, sampler or none"):
         TrainConfig(task="typing", balance="oversample").resolved()
+
+
+def test_saliency_methods_stay_inside_the_brain():
+    """Every saliency method gives a [0, 1] map; by default nothing lands on the zero background."""
+    from torch import nn
+
+    from shared.training.explain import SALIENCY_METHODS, saliency
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    x = torch.zeros(1, 1, 12, 12, 12)
+    x[..., 3:9, 3:9, 3:9] = torch.randn(6, 6, 6) + 1.0  # the "brain"; zero background around it
+    background = (x[0, 0] == 0).numpy()
+    raw = saliency(model, x, 1, method="gradient", brain_only=False)
+    assert raw[background].max() > 0  # the gradient itself leaks onto the background next to the brain
+    maps = {m: saliency(model, x, 1, method=m) for m in SALIENCY_METHODS}
+    for m, s in maps.items():
+        assert s.shape == (12, 12, 12) and s.max() == pytest.approx(1.0), m
+        assert (s[background] == 0).all(), m
+    assert not np.allclose(maps["smoothgrad"], maps["gradient"])
+    with pytest.raises(ValueError, match="smoothgrad"):
+        saliency(model, x, 1, method="lrp")

@@ -37,7 +37,7 @@ def site(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("name", "ch", "k"),
     [("small_cnn", 4, 2), ("resnet10", 4, 2), ("resnet18", 1, 7), ("densenet121", 6, 4),
-     ("unet_encoder", 1, 7)],
+     ("unet_encoder", 1, 7), ("context_cnn", 1, 7)],
 )
 def test_network_output_shapes(name: str, ch: int, k: int) -> None:
     model = build_model(name, ch, k).eval()
@@ -46,7 +46,7 @@ def test_network_output_shapes(name: str, ch: int, k: int) -> None:
     assert out.shape == (2, k)
 
 
-@pytest.mark.parametrize("name", ["resnet10", "densenet121", "unet_encoder", "small_cnn"])
+@pytest.mark.parametrize("name", ["resnet10", "densenet121", "unet_encoder", "small_cnn", "context_cnn"])
 def test_dp_compatible_networks_train_under_opacus(name: str) -> None:
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
@@ -59,6 +59,42 @@ def test_dp_compatible_networks_train_under_opacus(name: str) -> None:
     out.sum().backward()
     grads = [p.grad_sample for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.shape[0] == 2 for g in grads)
+
+
+def test_context_cnn_is_instance_normalised_and_sees_where_a_lesion_is() -> None:
+    """Typing tells a sella mass from a vertex one: the same blob at two places must score differently,
+    and the auxiliary segmentation head returns a full-size map only when asked for."""
+    model = build_model("context_cnn", 1, 7, seg_classes=4).eval()
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+    low, high = torch.zeros(1, 1, 24, 24, 24), torch.zeros(1, 1, 24, 24, 24)
+    low[..., 3:6] = 2.0
+    high[..., 18:21] = 2.0
+    with torch.no_grad():
+        assert not torch.allclose(model(low), model(high), atol=1e-4)
+        model.return_seg = True
+        logits, seg = model(low)
+    assert logits.shape == (1, 7) and seg.shape == (1, 4, 24, 24, 24)
+
+
+def test_augmentation_flips_left_right_only_by_default() -> None:
+    """An up-down or front-back flip would move the sella to the vertex: only the RAS x axis flips."""
+    x = torch.zeros(1, 8, 8, 8)
+    x[0, 1, 2, 6] = 1.0  # right of centre, posterior, superior
+    gen = torch.Generator().manual_seed(0)
+    sides = set()
+    for _ in range(30):
+        y, _ = data.augment(x, None, gen)
+        i, j, k = np.unravel_index(int(y[0].argmax()), (8, 8, 8))
+        sides.add(i > 3)
+        assert j < 4 and k > 3  # still posterior and superior
+    assert sides == {True, False}  # left-right did flip
+    b, _ = data.augment_batch(x[None].repeat(16, 1, 1, 1, 1), None, gen)
+    peak = [np.unravel_index(int(v.argmax()), (8, 8, 8)) for v in b[:, 0]]
+    assert all(j < 4 and k > 3 for _, j, k in peak)
+    assert {i > 3 for i, _, _ in peak} == {True, False}
+    all_axes, _ = data.augment_batch(x[None].repeat(16, 1, 1, 1, 1), None, gen, flip_axes=(0, 1, 2))
+    assert any(np.unravel_index(int(v.argmax()), (8, 8, 8))[2] < 4 for v in all_axes[:, 0])
 
 
 def test_auc_from_histograms_matches_sklearn_on_binned_scores() -> None:
@@ -233,3 +269,35 @@ def test_resident_batches_cover_the_set_once_per_epoch(tmp_path):
     ys = torch.cat([b["y"] for b in rb])
     assert sorted(ys.tolist()) == sorted(ds.labels())
     assert not data.ResidentBatches.fits(ds, torch.device("cpu"))  # only ever used on CUDA
+
+
+def test_fit_starts_no_epoch_past_its_deadline(site: Path, tmp_path: Path) -> None:
+    """A benchmark with a time budget still returns a trained, validated model when the budget ends."""
+    import time
+
+    from shared.training import fit
+
+    spec = TASKS["grading"]
+    cohort = read_cohort(site)
+    tr, _ = select_samples(spec, cohort, "train")
+    va, _ = select_samples(spec, cohort, "val")
+    cfg = TrainConfig(task="grading", network="small_cnn", input_size=(16, 16, 16), epochs=5,
+                      cache_dir=str(tmp_path / "c"), augment=False)
+    logs: list[str] = []
+    _, hist = fit(spec, cfg, tr, va, progress=False, log=logs.append, deadline=time.time() + 0.01)
+    assert [h["epoch"] for h in hist] == [1]
+    assert "stopping before epoch 2" in logs[-1]
+    _, hist = fit(spec, replace(cfg, epochs=2), tr, va, progress=False, log=logs.append)
+    assert [h["epoch"] for h in hist] == [1, 2]
+
+
+def test_rano_adds_the_difference_image_by_default() -> None:
+    """Measured: without follow-up minus baseline, rano stayed at chance (benchmarks/README.md)."""
+    from shared.training.loop import model_inputs
+
+    rano = TASKS["rano"]
+    assert TrainConfig(task="rano").resolved().subtraction is True
+    assert TrainConfig(task="rano", subtraction=False).resolved().subtraction is False
+    assert TrainConfig(task="grading").resolved().subtraction is False
+    with_diff = model_inputs(rano, TrainConfig(task="rano"))["in_channels"]
+    assert with_diff == model_inputs(rano, TrainConfig(task="rano", subtraction=False))["in_channels"] * 3 // 2

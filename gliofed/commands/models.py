@@ -76,7 +76,9 @@ def train(
     device: str = "auto",
     patience: int = 5,
     cache_dir: Annotated[str, typer.Option(help="Preprocessing cache (default ~/.cache/gliofed).")] = "",
-    subtraction: Annotated[bool, typer.Option(help="rano: add the follow-up minus baseline image.")] = False,
+    subtraction: Annotated[bool | None, typer.Option(
+        "--subtraction/--no-subtraction",
+        help="Add the follow-up minus baseline image (default: the task's; on for rano).")] = None,
     clinical: Annotated[str, typer.Option(help="Comma-separated numeric cohort columns to fuse (e.g. age).")] = "",
     allow_outside: AllowOpt = [],  # noqa: B006
     max_image_mb: MaxImageOpt = 0.0,
@@ -225,7 +227,7 @@ def explain(
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")],
     case: Annotated[list[str], typer.Option("--case", help="case_id (repeatable); default: 4 test cases")] = [],  # noqa: B006
 ) -> None:
-    """Grad-CAM and saliency maps of the predicted class (the mask only drawn as a contour), one PNG per case."""
+    """Grad-CAM and saliency (input x gradient) of the predicted class (the mask only drawn as a contour), one PNG per case."""
     from shared.training.explain import explain_cases
     from shared.training.loop import _first_conv_in_channels
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from shared.bundle_scripts.transforms import PREPROCESS_VERSION, preprocessing_config
+from shared.models import seg_classes_for
 from shared.tasks import TaskSpec, get_task
 
 BUNDLE_FORMAT = "gliofed-bundle/2"
@@ -59,7 +60,7 @@ def _copy_scripts(out: Path) -> None:
 
 def inference_config(spec: TaskSpec, cfg, inputs: list[str], ch: int) -> dict:
     """``configs/inference.json``: MONAI transforms + shipped network + cohort runner."""
-    seg = 4 if cfg.network == "unet_encoder" else 0
+    seg = seg_classes_for(cfg.network)
     return {
         "imports": ["$import torch", "$import scripts.models", "$import scripts.predict"],
         "bundle_root": ".",
@@ -231,7 +232,7 @@ def load_bundle(model_dir: str | Path, map_location: str = "cpu") -> tuple[nn.Mo
                          "mask): retrain or re-export the model")
     spec = get_task(meta["task"])
     net = meta["network"]
-    seg = 4 if net["name"] == "unet_encoder" else 0
+    seg = seg_classes_for(net["name"])
     model = build_model(net["name"], net["in_channels"], spec.num_classes,
                         dp_compatible=net.get("dp_compatible", False),
                         stem_stride=net.get("stem_stride", 2), seg_classes=seg,

@@ -22,7 +22,7 @@ from shared.data import (
     optional_inputs_available,
 )
 from shared.device import pick_device
-from shared.models import build_model
+from shared.models import build_model, seg_classes_for
 from shared.tasks import TaskSample, TaskSpec, get_task
 from shared.training.kinds import kind_adapter
 from shared.training.metrics import BINS, classification_metrics, score_histograms
@@ -49,9 +49,10 @@ class TrainConfig:
     cache_dir: str | None = None
     dp_compatible: bool = False
     augment: bool = True
+    flip_axes: tuple[int, ...] = (0,)  # augmentation flips: left-right only (RAS); (0, 1, 2) for all
     balance: str = "weighted_loss"  # weighted_loss | sampler (class-balanced batches) | none
     patience: int = 5
-    subtraction: bool = False  # rano: add the follow-up minus baseline image
+    subtraction: bool | None = None  # add the follow-up minus baseline image; None -> the task's default
     seg_weight: float = 0.5  # unet_encoder: weight of the joint segmentation loss
     stem_stride: int = 2
     clinical: tuple[str, ...] = ()  # numeric cohort columns fused with the image features (rano)
@@ -60,8 +61,9 @@ class TrainConfig:
         if self.balance not in ("weighted_loss", "sampler", "none"):
             raise ValueError(f"balance {self.balance!r}: choose weighted_loss, sampler or none")
         spec = get_task(self.task)
+        sub = spec.subtraction if self.subtraction is None else self.subtraction
         return replace(self, network=self.network or spec.default_network,
-                       input_size=tuple(self.input_size or spec.input_size))
+                       input_size=tuple(self.input_size or spec.input_size), subtraction=sub)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class EvalResult:
 
 
 def model_inputs(spec: TaskSpec, cfg: TrainConfig, samples: Sequence[TaskSample] = ()) -> dict:
+    cfg = cfg.resolved()
     use_opt = optional_inputs_available(samples, spec)
     return {"use_optional": use_opt,
             "in_channels": input_channels(spec, use_opt, cfg.subtraction)}
@@ -97,7 +100,7 @@ def build_task_model(spec: TaskSpec, cfg: TrainConfig, in_channels: int | None =
     if adapter is not None:
         return adapter.build(spec, cfg)
     ch = in_channels or input_channels(spec, False, cfg.subtraction)
-    seg = 4 if cfg.network == "unet_encoder" else 0
+    seg = seg_classes_for(cfg.network)
     return build_model(cfg.network, ch, spec.num_classes, dp_compatible=cfg.dp_compatible,
                        stem_stride=cfg.stem_stride, seg_classes=seg, clinical=len(cfg.clinical))
 
@@ -112,8 +115,8 @@ def _dataset(samples, spec, cfg, *, train: bool, in_channels: int, with_seg: boo
     return TaskDataset(samples, spec, cfg.input_size, SessionCache(cfg.cache_dir),
                        augment=train and cfg.augment and not _device_augment(cfg), use_optional=use_opt,
                        half=pick_device(cfg.device).type == "cuda",
-                       subtraction=cfg.subtraction, with_seg=with_seg or cfg.network == "unet_encoder",
-                       clinical=cfg.clinical, seed=cfg.seed)
+                       subtraction=cfg.subtraction, with_seg=with_seg or seg_classes_for(cfg.network) > 0,
+                       clinical=cfg.clinical, seed=cfg.seed, flip_axes=cfg.flip_axes)
 
 
 def _first_conv_in_channels(model: nn.Module) -> int:
@@ -204,7 +207,7 @@ def train_epochs(
             x, y = batch["x"].to(dev, non_blocking=True), batch["y"].to(dev)
             if device_aug:
                 seg_b = batch["seg"].to(dev) if "seg" in batch else None
-                x, seg_b = augment_batch(x, seg_b, aug_gen)
+                x, seg_b = augment_batch(x, seg_b, aug_gen, cfg.flip_axes)
                 if seg_b is not None:
                     batch["seg"] = seg_b
             x = x.float()
@@ -299,14 +302,22 @@ def evaluate_model(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSp
 
 def fit(
     spec: TaskSpec, cfg: TrainConfig, train: Sequence[TaskSample], val: Sequence[TaskSample],
-    *, progress: bool = True, log: Callable[[str], None] = print,
+    *, progress: bool = True, log: Callable[[str], None] = print, deadline: float | None = None,
 ) -> tuple[nn.Module, list[dict]]:
-    """Centralised training with validation each epoch, early stopping and the best model kept."""
+    """Centralised training with validation each epoch, early stopping and the best model kept.
+
+    ``deadline`` (a ``time.time()`` value): no epoch is started that the previous epoch's duration
+    says would end after it (the best model so far is returned).
+    """
     cfg = cfg.resolved()
     model = build_task_model(spec, cfg, model_inputs(spec, cfg, [*train, *val])["in_channels"])
     metric = spec.headline_metric
     best, best_state, history, bad = -np.inf, copy.deepcopy(model.state_dict()), [], 0
     for epoch in range(1, cfg.epochs + 1):
+        started = time.time()
+        if deadline is not None and history and started + history[-1]["epoch_seconds"] > deadline:
+            log(f"time budget reached: stopping before epoch {epoch}")
+            break
         tr = train_epochs(model, train, spec, replace(cfg, seed=cfg.seed + epoch), epochs=1,
                           progress=progress)
         row = {"epoch": epoch, "train_loss": tr.loss, "seconds": tr.seconds}
@@ -317,6 +328,7 @@ def fit(
             score = -np.inf if np.isnan(score) else score
         else:
             score = -tr.loss
+        row["epoch_seconds"] = time.time() - started
         history.append(row)
         log(f"epoch {epoch}/{cfg.epochs}: loss {tr.loss:.4f}"
             + (f", val {metric} {row.get('val_' + metric, float('nan')):.4f}" if val else ""))
