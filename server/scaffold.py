@@ -58,13 +58,14 @@ class Scaffold(FedAvg):
         deltas, plain = [], []
         for msg in replies:
             content = dict(msg.content.items())
-            delta = content.pop(SCAFFOLD_DELTA, None)
-            problem = "none sent" if delta is None else self._bad_delta(numpy_weights(delta))
+            record = content.pop(SCAFFOLD_DELTA, None)
+            delta = None if record is None else numpy_weights(record)
+            problem = "none sent" if delta is None else self._bad_delta(delta)
             if problem:
                 log.warning("scaffold: site %s: control-variate update ignored (%s); its weights are "
                             "averaged, its variate counts as unchanged", site_of(msg), problem)
             else:
-                deltas.append(numpy_weights(delta))
+                deltas.append(delta)
             plain.append(Message(content=RecordDict(content), metadata=msg.metadata))
         arrays, metrics = super().aggregate_train(server_round, plain)
         if arrays is None:
