@@ -16,17 +16,13 @@ import html
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 from flwr.app import ConfigRecord, Message
 
 from server.pooled import round_metrics
 from shared.config import RunConfig
 from shared.contract import (
-    CONFUSION,
-    NUM_CLASSES,
     PERSONAL_METRICS,
     PERSONALISE,
-    SCORE_HIST,
     site_of,
 )
 
@@ -47,29 +43,11 @@ def personal_row(run: RunConfig, replies: Iterable[Message], global_sites: dict[
         return {}
     out = round_metrics(site_metrics)
     out["mode"] = run.personalise
-    out["pooled_ci"] = _pooled_ci(site_metrics)
+    out["pooled_ci"] = out["ci"]["pooled"]  # round_metrics bootstraps the summed counts already
     out["gain"] = {s: float(m[headline]) - float(global_sites[s][headline])
                    for s, m in out["sites"].items()
                    if headline in m and headline in global_sites.get(s, {})}
     return {"personalised": out}
-
-
-def _pooled_ci(site_metrics: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
-    """Bootstrap 95% CIs of the pooled personalised metrics (summed counts of all sites)."""
-    from server.evalci import bootstrap_cis
-
-    confusion = hist = None
-    complete = all(SCORE_HIST in m for m in site_metrics.values() if CONFUSION in m)
-    for m in site_metrics.values():
-        k = int(m.get(NUM_CLASSES, 0))
-        if CONFUSION not in m or not k:
-            continue
-        c = np.asarray(m[CONFUSION], dtype=np.int64).reshape(k, k)
-        confusion = c if confusion is None else confusion + c
-        if complete:
-            h = np.asarray(m[SCORE_HIST], dtype=np.int64).reshape(k, 2, -1)
-            hist = h if hist is None else hist + h
-    return bootstrap_cis(confusion, hist) if confusion is not None else {}
 
 
 def personal_section(summary: dict[str, Any], headline: str, table: Callable[[list], str],
