@@ -94,23 +94,22 @@ def federate(spec, engine: str) -> Path:
     """One arm's federation; returns its exported MODEL_DIR. ``ray``: ``gliofed simulate``'s path
     (Flower's Ray simulation engine); ``inprocess``: the same partition, run config, ServerApp loop
     (``server.app.serve``) and ClientApp, with the sites answering in this process
-    (``benchmarks/fl_inprocess.InProcessGrid``): no Ray start-up, which took minutes per arm on the shared 2-core machine."""
+    (``simulations.inprocess.InProcessGrid``): no Ray start-up, which took minutes per arm on the shared 2-core machine."""
     from simulations.runner import prepare_sites, run_config_for, simulate
 
     if engine == "ray":
         simulate(spec, echo=lambda *x: None)
         return spec.out / "model"
-    from fl_inprocess import InProcessGrid
-
     from client.app import make_client_app
     from server.app import serve
+    from simulations.inprocess import InProcessGrid
 
     sites_root, _, part = prepare_sites(spec, echo=lambda *x: None)
     run = run_config_for(spec, sites_root)
     for stale in [spec.out / "rounds.jsonl", *(spec.out / "privacy").glob("site-*.json")]:
         stale.unlink(missing_ok=True)  # a fresh run: no earlier round, no privacy spent
     app = make_client_app(run, {"min-report-cases": spec.min_report_cases})
-    grid = InProcessGrid(len(part.sites), app, run.to_flower(), spec.min_report_cases)
+    grid = InProcessGrid.for_sites(len(part.sites), app, run.to_flower(), spec.min_report_cases)
     return Path(serve(grid, run))
 
 

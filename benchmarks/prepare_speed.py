@@ -206,17 +206,29 @@ def _cli(*args: str) -> str:
     return res.stdout
 
 
-def _labels(csv_path: Path) -> dict[str, str]:
+def _predictions(csv_path: Path) -> dict[str, tuple[str, float]]:
+    """case_id -> (predicted class, probability of HGG) from a `gliofed predict` CSV."""
     import csv
 
     with csv_path.open() as fh:
-        return {r["case_id"]: r["label"] for r in csv.DictReader(fh)}
+        return {r["case_id"]: (r["label"], float(r["prob_HGG"])) for r in csv.DictReader(fh)}
 
 
-def predict_agreement(root: Path, cases: int, n_test: int, spacing: float, epochs: int) -> None:
-    """`gliofed train` (grading, small_cnn, 32^3) on a synth cohort; its test cases turned into raw
-    DICOM (moved, bias, skull) and prepared; `gliofed predict` on the original and on the prepared
-    cases; the classes compared case by case (seg is not a model input)."""
+def _auc(truth: list[int], score: list[float]) -> float:
+    pos = [s for t, s in zip(truth, score) if t]
+    neg = [s for t, s in zip(truth, score) if not t]
+    if not pos or not neg:
+        return float("nan")
+    return float(np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg]))
+
+
+def predict_agreement(root: Path, cases: int, n_test: int, spacing: float, epochs: int,
+                      network: str = "resnet10") -> None:
+    """`gliofed train` (grading, 32^3) on a synth cohort; its test cases (LGG and HGG in equal numbers
+    as far as the split allows) turned into raw DICOM (moved, bias, skull) and prepared; `gliofed
+    predict` on the original and on the prepared cases; the classes compared case by case, and the HGG
+    probabilities (mean and max absolute difference, correlation, AUC on each), so that a model which
+    calls every case one class cannot pass for agreement (seg is not a model input)."""
     import nibabel as nib
 
     from client.prepare import prepare_site
@@ -227,11 +239,14 @@ def predict_agreement(root: Path, cases: int, n_test: int, spacing: float, epoch
     site = generate_cohort(root / "cohort", cases=cases, sites=1, spacing=spacing, seed=5,
                            workers=1, progress=False, tasks=("grading",))
     model = root / "model"
-    _cli("train", "--task", "grading", "--cohort", str(site), "--out", str(model), "--network",
-         "small_cnn", "--epochs", str(epochs), "--size", "32", "--batch-size", "4", "--cache-dir",
-         str(root / "cache"))
+    if not (model / "configs" / "metadata.json").is_file():
+        _cli("train", "--task", "grading", "--cohort", str(site), "--out", str(model), "--network",
+             network, "--epochs", str(epochs), "--size", "32", "--batch-size", "4", "--cache-dir",
+             str(root / "cache"))
     cohort = read_cohort(site)
-    test = [c for c in cohort.cases if c.split == "test" and "grade" in c.labels][:n_test]
+    graded = [c for c in cohort.cases if c.split == "test" and "grade" in c.labels]
+    by = {g: [c for c in graded if c.labels["grade"] == g] for g in ("LGG", "HGG")}
+    test = by["LGG"][:n_test // 2] + by["HGG"][:n_test - min(n_test // 2, len(by["LGG"]))]
     raw, orig = root / "rawpred", root / "orig"
     rows_orig, lines = [], ["case_id,patient_id,grade,t1,t1ce,t2,flair"]
     for i, c in enumerate(test):
@@ -259,16 +274,27 @@ def predict_agreement(root: Path, cases: int, n_test: int, spacing: float, epoch
     _cli("predict", "--model", str(model), "--cohort", str(orig), "--out", str(root / "p_orig.csv"))
     _cli("predict", "--model", str(model), "--cohort", str(root / "prep"), "--out",
          str(root / "p_prep.csv"))
-    p_orig, p_prep = _labels(root / "p_orig.csv"), _labels(root / "p_prep.csv")
+    p_orig, p_prep = _predictions(root / "p_orig.csv"), _predictions(root / "p_prep.csv")
     ids = sorted(set(p_orig) & set(p_prep))
     truth = {c.case_id: c.labels["grade"] for c in test}
-    agree = [float(p_orig[i] == p_prep[i]) for i in ids]
+    agree = [float(p_orig[i][0] == p_prep[i][0]) for i in ids]
     m, lo, hi = _bootstrap(agree)
-    acc_o = np.mean([p_orig[i] == truth[i] for i in ids])
-    acc_p = np.mean([p_prep[i] == truth[i] for i in ids])
-    counts = {k: sum(p_orig[i] == k for i in ids) for k in sorted(set(p_orig.values()))}
+    diff = [abs(p_orig[i][1] - p_prep[i][1]) for i in ids]
+    d_m, d_lo, d_hi = _bootstrap(diff)
+    po, pp = [p_orig[i][1] for i in ids], [p_prep[i][1] for i in ids]
+    r = float(np.corrcoef(po, pp)[0, 1]) if np.std(po) > 0 and np.std(pp) > 0 else float("nan")
+    hgg = [int(truth[i] == "HGG") for i in ids]
+    acc_o = np.mean([p_orig[i][0] == truth[i] for i in ids])
+    acc_p = np.mean([p_prep[i][0] == truth[i] for i in ids])
+    counts = {k: sum(p_orig[i][0] == k for i in ids) for k in ("LGG", "HGG")}
+    for i in ids:
+        print(f"  {i} {truth[i]}: original {p_orig[i][0]} p(HGG)={p_orig[i][1]:.3f}, prepared "
+              f"{p_prep[i][0]} p(HGG)={p_prep[i][1]:.3f}")
     print(f"PREDICT gliofed predict, original vs prepared: same class {m:.3f} (95% CI {lo:.3f}-"
-          f"{hi:.3f}), n={len(ids)} of {len(test)} test cases ({spacing:g} mm); accuracy original "
+          f"{hi:.3f}), n={len(ids)} of {len(test)} test cases ({spacing:g} mm, truth "
+          f"{sum(hgg)} HGG / {len(hgg) - sum(hgg)} LGG); |p(HGG) original - prepared| mean "
+          f"{d_m:.3f} (95% CI {d_lo:.3f}-{d_hi:.3f}), max {max(diff):.3f}, correlation {r:.3f}; "
+          f"AUC original {_auc(hgg, po):.3f}, prepared {_auc(hgg, pp):.3f}; accuracy original "
           f"{acc_o:.3f}, prepared {acc_p:.3f}; classes predicted on the originals {counts}",
           flush=True)
 
@@ -286,6 +312,7 @@ def main() -> None:
     ap.add_argument("--predict-test", type=int, default=16)
     ap.add_argument("--predict-spacing", type=float, default=3.0)
     ap.add_argument("--predict-epochs", type=int, default=8)
+    ap.add_argument("--predict-network", default="resnet10")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temp dir)")
     a = ap.parse_args()
     root = a.work or Path(tempfile.mkdtemp(prefix="prepare_bench_"))
@@ -298,7 +325,7 @@ def main() -> None:
                      a.cores)
         if a.predict_cases:
             predict_agreement(root, a.predict_cases, a.predict_test, a.predict_spacing,
-                              a.predict_epochs)
+                              a.predict_epochs, a.predict_network)
     finally:
         if a.work is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -92,6 +92,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-seed", type=int, default=1000)
     ap.add_argument("--test-lesion-scale", type=float, default=1.25)
+    ap.add_argument("--recurrence-ratio", type=float, default=0.82,
+                    help="recurrence share of the training cohort's recurrence sessions (the "
+                         "independent cohort keeps the clinical 0.82)")
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", type=Path, default=None, help="reuse cohorts and cache here")
@@ -109,14 +112,16 @@ def main() -> None:
     for task in a.tasks.split(","):
         spec = get_task(task)
 
-        def cohort(name, cases, seed, scale, task=task):
-            d = work / f"{task}-{name}-{cases}-{a.shape}-s{seed}-x{scale}"
+        def cohort(name, cases, seed, scale, ratio=0.82, task=task):
+            d = work / (f"{task}-{name}-{cases}-{a.shape}-s{seed}-x{scale}"
+                        + (f"-r{ratio}" if ratio != 0.82 else ""))
             if not (d / "cohort.csv").is_file():
                 generate_cohort(d, cases=cases, sites=a.sites, shape=a.shape, seed=seed,
-                                progress=False, tasks=(task,), lesion_scale=scale)
+                                progress=False, tasks=(task,), lesion_scale=scale,
+                                recurrence_ratio=ratio)
             return read_cohort(d)
 
-        train_c = cohort("train", a.cases, a.seed, 1.0)
+        train_c = cohort("train", a.cases, a.seed, 1.0, a.recurrence_ratio)
         other = cohort("other", a.test_cases, a.test_seed, a.test_lesion_scale)
         tr, _ = select_samples(spec, train_c, "train")
         va, _ = select_samples(spec, train_c, "val")

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from simulations.inprocess import InProcessGrid
+
 SHAPE = (16, 16, 16)
 
 
@@ -63,54 +65,16 @@ def fail_in_training(grid: Any, folder: Path) -> None:
     grid.send_and_receive = send_and_receive
 
 
-class LocalGrid:
-    """A Grid that runs the real ClientApp in-process; ``offline`` nodes never answer.
-
-    The tiny test cohorts have 2-4 test cases a site, so every node reports its metrics
-    (``min-report-cases = 1``) unless its node config says otherwise.
-    """
+class LocalGrid(InProcessGrid):
+    """``simulations.inprocess.InProcessGrid`` over the real ``client.app.app``; ``offline`` nodes
+    never answer. The tiny test cohorts have 2-4 test cases a site, so every node reports its metrics
+    (``min-report-cases = 1``) unless its node config says otherwise."""
 
     def __init__(self, node_configs: dict[int, dict[str, Any]], run_config: dict[str, Any]) -> None:
-        from flwr.app import RecordDict
-
-        self.node_configs = {n: {"min-report-cases": 1, **c} for n, c in node_configs.items()}
-        self.run_config = run_config
-        self.offline: set[int] = set()
-        self.sent: list[Any] = []
-        self.replies: list[Any] = []
-        self.states = {n: RecordDict() for n in node_configs}
         from client.app import app
 
-        self.client_app = app
-        self._as_server()
-
-    @staticmethod
-    def _as_server() -> None:
-        from flwr.supercore.task_identity import TaskIdentity
-
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-
-    def get_node_ids(self) -> list[int]:
-        return [n for n in self.node_configs if n not in self.offline]
-
-    def send_and_receive(self, messages, *, timeout: float | None = None):
-        from flwr.app import Context
-        from flwr.supercore.task_identity import TaskIdentity
-
-        out = []
-        for msg in messages:
-            nid = msg.metadata.dst_node_id
-            self.sent.append(msg)
-            if nid in self.offline:
-                continue
-            TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, nid, 1
-            ctx = Context(run_id=1, node_id=nid, node_config=self.node_configs[nid],
-                          state=self.states[nid], run_config=self.run_config)
-            reply = self.client_app(msg, ctx)
-            self._as_server()
-            self.replies.append(reply)
-            out.append(reply)
-        return out
+        super().__init__({n: {"min-report-cases": 1, **c} for n, c in node_configs.items()}, app,
+                         run_config)
 
 
 def run_config(run_dir: Path, sites_root: Path | None = None, **over: Any) -> dict[str, Any]:

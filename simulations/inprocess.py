@@ -1,0 +1,90 @@
+"""An in-process federation: the real round loop and the real ClientApp, no Ray.
+
+``simulations.runner.simulate`` starts a Ray cluster per run; a sweep of dozens of runs pays that
+start-up each time (and on a loaded machine Ray's start-up can time out). :class:`InProcessGrid` is a
+Flower Grid that hands each message to a ClientApp in this process, one site after the other, each with
+its own Flower ``Context`` (``ctx.state`` lasts across rounds, as on a SuperNode). Only the transport
+differs from a simulation; every number a round logs is computed the same way. The tests use it too
+(``tests/fl_helpers.LocalGrid``), with nodes that can be taken offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class InProcessGrid:
+    """A Flower Grid whose nodes are ``client_app`` called in this process.
+
+    ``node_configs`` maps node id -> node config. Nodes in ``offline`` are not listed and never answer.
+    ``sent`` keeps every message, ``replies`` every reply, ``exchanges`` each (message, reply) pair.
+    """
+
+    def __init__(self, node_configs: dict[int, dict[str, Any]], client_app: Any,
+                 run_config: dict[str, Any]) -> None:
+        from flwr.app import RecordDict
+
+        self.client_app = client_app
+        self.run_config = run_config
+        self.node_configs = dict(node_configs)
+        self.states = {n: RecordDict() for n in self.node_configs}
+        self.offline: set[int] = set()
+        self.sent: list[Any] = []
+        self.replies: list[Any] = []
+        self.exchanges: list[tuple[Any, Any]] = []
+        self._identity(0, 0)
+
+    @classmethod
+    def for_sites(cls, num_sites: int, client_app: Any, run_config: dict[str, Any],
+                  min_report_cases: int = 1) -> InProcessGrid:
+        """Nodes 100, 101, ... with the node configs a simulation gives its sites."""
+        return cls({100 + i: {"partition-id": i, "num-partitions": num_sites,
+                              "min-report-cases": min_report_cases} for i in range(num_sites)},
+                   client_app, run_config)
+
+    @staticmethod
+    def _identity(node_id: int, task_id: int) -> None:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, node_id, task_id
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self.node_configs if n not in self.offline]
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Any]:
+        from flwr.app import Context
+
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.sent.append(msg)
+            if node in self.offline:
+                continue
+            self._identity(node, 1)  # the reply is built as that node
+            try:
+                ctx = Context(run_id=1, node_id=node, node_config=self.node_configs[node],
+                              state=self.states[node], run_config=self.run_config)
+                reply = self.client_app(msg, ctx)
+            finally:
+                self._identity(0, 0)
+            replies.append(reply)
+            self.replies.append(reply)
+            self.exchanges.append((msg, reply))
+        return replies
+
+
+def run_inprocess(spec: Any) -> tuple[list[dict[str, Any]], InProcessGrid]:
+    """Prepare ``spec``'s sites and run its federation in process; returns the round rows (also in
+    ``spec.out/rounds.jsonl``) and the grid. ``spec`` is a ``simulations.runner.SimulationSpec``."""
+    from client.app import make_client_app
+    from server.rounds import run_rounds
+    from simulations.runner import prepare_sites, run_config_for
+
+    sites_root, _, part = prepare_sites(spec, echo=lambda *a: None)
+    run = run_config_for(spec, sites_root)
+    for stale in ("rounds.jsonl", "checkpoints/last.json", "summary.json"):
+        (Path(spec.out) / stale).unlink(missing_ok=True)
+    app = make_client_app(run, {"min-report-cases": spec.min_report_cases})
+    grid = InProcessGrid.for_sites(len(part.sites), app, run.to_flower(), spec.min_report_cases)
+    return run_rounds(grid, run).rounds, grid
