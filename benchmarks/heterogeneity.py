@@ -69,7 +69,7 @@ def run_option(args: argparse.Namespace, seed: int, name: str) -> dict[str, Any]
     spec = SimulationSpec(
         sites=args.sites, partition=args.partition, rounds=args.rounds,
         local_epochs=args.local_epochs, cases=args.cases, size=args.size, seed=seed,
-        strategy=OPTIONS[name]["strategy"], out=root / name, baselines=False, network="small_cnn",
+        strategy=OPTIONS[name]["strategy"], out=root / name, baselines=False, network=args.network,
         extra={**{k: v for k, v in OPTIONS[name].items() if k != "strategy"},
                "cache-dir": str((root / "cache").resolve())})
     spec.cohort = ensure_cohort((args.cohort_root or args.out) / f"seed{seed}" / "cohort", spec)

@@ -7,8 +7,9 @@ Every grid point trains the same 5-site dirichlet-0.5 grading federation (one sy
 partition per seed, shared by all grid points of that seed; run in process by
 ``benchmarks/fl_inprocess.py``: the real round loop and ClientApp, no Ray) with plain FedAvg as the
 reference. A
-grid point is scored by the pooled *validation* AUC of its final global model (the sites' validation
-splits, never the test split), averaged over the seeds; the pooled test AUC is printed beside it. The
+grid point is scored by the pooled *validation* AUC of the global model it exports (the best-validation
+round, ``export = best``; the sites' validation splits, never the test split), averaged over the seeds;
+the pooled test AUC of that round is printed beside it. The
 best point of each strategy is the default in ``shared.config.SERVER_LR_DEFAULTS`` /
 ``RunConfig.server_momentum``. Results are appended to ``OUT/results.jsonl`` (a rerun skips the grid
 points already there) and the table is printed at the end.
@@ -44,14 +45,18 @@ def point_name(strategy: str, params: dict[str, float]) -> str:
 
 
 def final_scores(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Final round's pooled validation and test AUC (and n), validation AUC per round."""
-    last = rounds[-1]
-    val = (last.get("val") or {}).get("pooled") or {}
-    return {"val_auc": val.get("auc"), "val_n": val.get("num_examples"),
-            "test_auc": last.get("pooled", {}).get("auc"),
-            "test_n": last.get("pooled", {}).get("num_examples"),
-            "val_auc_per_round": [((r.get("val") or {}).get("pooled") or {}).get("auc")
-                                  for r in rounds]}
+    """The exported (best-validation) round's pooled validation and test AUC (and n), the final
+    round's too, and the validation AUC per round."""
+    vals = [((r.get("val") or {}).get("pooled") or {}).get("auc") for r in rounds]
+    best_round = (rounds[-1].get("selection") or {}).get("best_round") or len(rounds)
+    best = int(best_round) - 1
+    chosen, last = rounds[best], rounds[-1]
+    return {"val_auc": vals[best], "val_n": ((chosen.get("val") or {}).get("pooled") or {})
+            .get("num_examples"), "exported_round": best + 1,
+            "test_auc": chosen.get("pooled", {}).get("auc"),
+            "test_n": chosen.get("pooled", {}).get("num_examples"),
+            "final_val_auc": vals[-1], "final_test_auc": last.get("pooled", {}).get("auc"),
+            "val_auc_per_round": vals}
 
 
 def run_point(args: argparse.Namespace, seed: int, strategy: str, params: dict[str, float]
@@ -63,7 +68,7 @@ def run_point(args: argparse.Namespace, seed: int, strategy: str, params: dict[s
     out = args.out / f"seed{seed}" / point_name(strategy, params)
     spec = SimulationSpec(sites=args.sites, partition=args.partition, rounds=args.rounds,
                           local_epochs=args.local_epochs, cases=args.cases, size=args.size,
-                          strategy=strategy, seed=seed, out=out, baselines=False, network="small_cnn",
+                          strategy=strategy, seed=seed, out=out, baselines=False, network=args.network,
                           extra={**params, "cache-dir": str((args.out / f"seed{seed}" / "cache")
                                                             .resolve())})
     spec.cohort = ensure_cohort(args.out / f"seed{seed}" / "cohort", spec)
