@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr-schedule", default="constant", help="constant | cosine")
     ap.add_argument("--network", default="", help="override every task's network")
     ap.add_argument("--seg-weight", type=float, default=0.5, help="unet_encoder auxiliary seg loss")
     ap.add_argument("--balance", default="weighted_loss", help="weighted_loss | sampler | none")
@@ -129,7 +130,7 @@ def main() -> None:
         ind, _ = select_samples(spec, other)
         cfg = TrainConfig(task=task, network=a.network or None, input_size=(a.size,) * 3,
                           epochs=a.epochs, patience=a.patience or max(5, a.epochs // 3), batch_size=a.batch_size,
-                          lr=a.lr, seed=a.seed, device=a.device, cache_dir=str(work / "cache"),
+                          lr=a.lr, lr_schedule=a.lr_schedule, seed=a.seed, device=a.device, cache_dir=str(work / "cache"),
                           seg_weight=a.seg_weight, balance=a.balance, subtraction=a.subtraction,
                           flip_axes=tuple(int(v) for v in a.flip_axes.split(","))).resolved()
         t = time.perf_counter()

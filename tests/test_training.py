@@ -291,6 +291,40 @@ def test_fit_starts_no_epoch_past_its_deadline(site: Path, tmp_path: Path) -> No
     assert [h["epoch"] for h in hist] == [1, 2]
 
 
+def test_fit_keeps_one_optimiser_and_follows_the_cosine_schedule(site: Path, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """fit() hands every epoch the same AdamW (its moments are not reset each epoch, which jolted
+    training), and a cosine schedule sets lr * (1 + cos(pi * (epoch - 1) / epochs)) / 2."""
+    import math
+
+    from shared.training import fit, loop
+
+    seen: list[tuple[int, float, int]] = []
+    real = loop.train_epochs
+
+    def spy(model, samples, spec, cfg, **kw):
+        opt = kw["optimizer"]
+        res = real(model, samples, spec, cfg, **kw)
+        steps = max(int(s["step"]) for s in opt.state.values())
+        seen.append((id(opt), opt.param_groups[0]["lr"], steps))
+        return res
+
+    monkeypatch.setattr(loop, "train_epochs", spy)
+    spec = TASKS["grading"]
+    cohort = read_cohort(site)
+    tr, _ = select_samples(spec, cohort, "train")
+    va, _ = select_samples(spec, cohort, "val")
+    cfg = TrainConfig(task="grading", network="small_cnn", input_size=(16, 16, 16), epochs=3, lr=0.01,
+                      cache_dir=str(tmp_path / "c"), augment=False, patience=10, lr_schedule="cosine")
+    fit(spec, cfg, tr, va, progress=False, log=lambda m: None)
+    assert len({s[0] for s in seen}) == 1
+    assert [round(s[1], 6) for s in seen] == [round(0.01 * (1 + math.cos(math.pi * e / 3)) / 2, 6)
+                                              for e in range(3)]
+    assert seen[0][2] < seen[1][2] < seen[2][2]  # Adam's step count carries over
+    with pytest.raises(ValueError, match="lr_schedule"):
+        replace(cfg, lr_schedule="step").resolved()
+
+
 def test_rano_adds_the_difference_image_by_default() -> None:
     """Measured: without follow-up minus baseline, rano stayed at chance (benchmarks/README.md)."""
     from shared.training.loop import model_inputs

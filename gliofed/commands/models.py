@@ -72,6 +72,8 @@ def train(
     batch_size: int = 4,
     size: Annotated[int, typer.Option(help="Cubic input size in voxels (0: the task's).")] = 0,
     lr: float = 1e-3,
+    lr_schedule: Annotated[str, typer.Option(
+        help="constant | cosine (decays to 0 at the last epoch); default: TrainConfig's.")] = "",
     seed: int = 0,
     device: str = "auto",
     patience: int = 5,
@@ -105,7 +107,12 @@ def train(
     cfg = TrainConfig(task=task, network=network or None, input_size=(size,) * 3 if size else None,
                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                       patience=patience, cache_dir=cache_dir or None, subtraction=subtraction,
-                      clinical=tuple(c for c in clinical.split(",") if c)).resolved()
+                      clinical=tuple(c for c in clinical.split(",") if c),
+                      **({"lr_schedule": lr_schedule} if lr_schedule else {}))
+    try:
+        cfg = cfg.resolved()
+    except ValueError as exc:
+        _fail(str(exc))
     tr = _screened(tr, spec, cfg, what="training cases")
     va, te = _screened(va, spec, cfg), _screened(te, spec, cfg)
     typer.echo(f"{task}: {len(tr)} train / {len(va)} val / {len(te)} test cases")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -54,12 +55,15 @@ class TrainConfig:
     patience: int = 5
     subtraction: bool | None = None  # add the follow-up minus baseline image; None -> the task's default
     seg_weight: float = 0.5  # unet_encoder: weight of the joint segmentation loss
+    lr_schedule: str = "constant"  # fit(): constant | cosine (lr decays to 0 over ``epochs``)
     stem_stride: int = 2
     clinical: tuple[str, ...] = ()  # numeric cohort columns fused with the image features (rano)
 
     def resolved(self) -> TrainConfig:
         if self.balance not in ("weighted_loss", "sampler", "none"):
             raise ValueError(f"balance {self.balance!r}: choose weighted_loss, sampler or none")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}: choose constant or cosine")
         spec = get_task(self.task)
         sub = spec.subtraction if self.subtraction is None else self.subtraction
         return replace(self, network=self.network or spec.default_network,
@@ -144,10 +148,13 @@ def train_epochs(
     privatize: Privatize | None = None,
     progress: bool = False,
     after_step: Callable[[nn.Module], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` over ``samples``; FedProx term when ``proximal_mu > 0``;
     ``after_step(model)`` runs after every optimiser step (SCAFFOLD's correction,
-    ``shared/training/scaffold.py``)."""
+    ``shared/training/scaffold.py``). ``optimizer`` (over ``model``'s parameters) carries its state
+    from call to call (``fit``: one AdamW for the whole run); without one, a fresh AdamW is made, as a
+    federated site does each round."""
     if not samples:
         raise ValueError(f"no eligible {spec.name} training samples")
     cfg = cfg.resolved()
@@ -181,7 +188,9 @@ def train_epochs(
     model.to(dev)
     if dev.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last_3d)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer is not None and privatize is not None:
+        raise ValueError("a carried-over optimizer cannot be privatised (opacus wraps a fresh one)")
+    opt = optimizer or torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if privatize is not None:
         model, opt, loader = privatize(model, opt, loader)
     weight = _class_weights(ds.labels(), spec.num_classes) if cfg.balance == "weighted_loss" else None
@@ -306,11 +315,15 @@ def fit(
 ) -> tuple[nn.Module, list[dict]]:
     """Centralised training with validation each epoch, early stopping and the best model kept.
 
+    One AdamW runs through all epochs (its moments are not reset each epoch); ``cfg.lr_schedule =
+    "cosine"`` lowers its learning rate each epoch from ``cfg.lr`` towards 0 at ``cfg.epochs``.
     ``deadline`` (a ``time.time()`` value): no epoch is started that the previous epoch's duration
     says would end after it (the best model so far is returned).
     """
     cfg = cfg.resolved()
     model = build_task_model(spec, cfg, model_inputs(spec, cfg, [*train, *val])["in_channels"])
+    opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+           if kind_adapter(spec) is None else None)  # other kinds keep their own optimiser
     metric = spec.headline_metric
     best, best_state, history, bad = -np.inf, copy.deepcopy(model.state_dict()), [], 0
     for epoch in range(1, cfg.epochs + 1):
@@ -318,8 +331,11 @@ def fit(
         if deadline is not None and history and started + history[-1]["epoch_seconds"] > deadline:
             log(f"time budget reached: stopping before epoch {epoch}")
             break
+        if opt is not None and cfg.lr_schedule == "cosine":
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
         tr = train_epochs(model, train, spec, replace(cfg, seed=cfg.seed + epoch), epochs=1,
-                          progress=progress)
+                          progress=progress, optimizer=opt)
         row = {"epoch": epoch, "train_loss": tr.loss, "seconds": tr.seconds}
         if val:
             ev = evaluate_model(model, val, spec, cfg)
