@@ -34,7 +34,8 @@ def one_run(args: argparse.Namespace, seed: int, strategy: str, baselines: bool,
     from server.report import chosen_round
     from simulations.runner import SimulationSpec, simulate
 
-    out = args.out / f"seed{seed}" / strategy
+    label = strategy + "".join(f"+{k}={v}" for k, v in extra.items())
+    out = args.out / f"seed{seed}" / label  # fedavg and fedavg+fedbn=true never share a folder
     spec = SimulationSpec(task=args.task, sites=args.sites, partition=args.partition, rounds=args.rounds,
                           local_epochs=args.local_epochs, cases=args.cases, size=args.size,
                           network=args.network, lr=args.lr, strategy=strategy, out=out, seed=seed,
@@ -44,7 +45,7 @@ def one_run(args: argparse.Namespace, seed: int, strategy: str, baselines: bool,
     summary = json.loads((out / "summary.json").read_text())
     curve = [_auc(r["pooled"]) for r in summary["rounds"]]
     chosen = chosen_round(summary)
-    row = {"seed": seed, "strategy": strategy + "".join(f"+{k}={v}" for k, v in extra.items()),
+    row = {"seed": seed, "strategy": label,
            "auc_per_round": curve, "exported_round": chosen,
            "exported_auc": curve[chosen - 1] if chosen else math.nan, "final_auc": curve[-1],
            "exported_ci": ((summary["rounds"][chosen - 1].get("ci") or {}).get("pooled") or {}).get("auc"),
@@ -84,7 +85,7 @@ def main() -> None:
             row = one_run(args, seed, name, i == 0, cohort, extra)
             if i == 0:
                 central = {k: row[k] for k in ("centralised_auc", "local_auc", "local_train") if k in row}
-                gen = args.out / f"seed{seed}" / name
+                gen = args.out / f"seed{seed}" / item
                 cohort = next((gen / c for c in ("cohort", "cohort-scanner") if (gen / c).is_dir()), None)
             row.update(central)
             rows.append(row)
