@@ -57,6 +57,7 @@ ERROR_KINDS: dict[str, str] = {  # the only words an error reply may carry (plus
     "no-test-cases": "no eligible test cases for the task",
     "no-usable-cases": "every eligible case has an unusable image",
     "model-mismatch": "the received weights do not fit the task's network",
+    "model-not-finite": "the received weights hold NaN or infinite values (the federation diverged)",
     "privacy-budget": "training would pass the site's max-epsilon",
     "secagg-required": "the run asks for SecAgg+: no plain update is sent",
     "bad-config": "the run or node config (or the site policy file) is invalid",
@@ -198,6 +199,10 @@ def load_received(model: Any, arrays: ArrayRecord, run: RunConfig,
     except (RuntimeError, KeyError, ValueError) as err:
         raise SiteError("model-mismatch", f"the received weights do not fit the {run.task} "
                         f"network: {str(err).splitlines()[0][:200]}", task=run.task) from None
+    bad = [k for k, v in received.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise SiteError("model-not-finite", f"{len(bad)} received arrays hold NaN or infinite values "
+                        f"(first: {bad[0]}); the server's aggregate diverged", task=run.task)
     return received
 
 

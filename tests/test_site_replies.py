@@ -133,3 +133,23 @@ def test_a_bad_file_is_skipped_and_counted_not_fatal(tmp_path: Path, caplog) -> 
         "site site: skipped case A-case008: flair: not a 3D image (shape (16, 16))",
     ]
     shutil.rmtree(d)
+
+
+def test_a_diverged_global_model_is_refused_with_its_own_reason(tmp_path: Path) -> None:
+    """Weights holding NaN (a diverged server optimiser) are refused by name, not as internal-error."""
+    from flwr.app import ArrayRecord
+
+    from client.site import load_received
+
+    run = RunConfig.from_flower(run_config(tmp_path / "run"))
+    spec = TASKS["grading"]
+    model = learning_core().build_model(spec, train_config_for(run))
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in good.items()}
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key][...] = float("nan")
+    with pytest.raises(SiteError) as err:
+        load_received(model, ArrayRecord(state), run)
+    assert err.value.kind == "model-not-finite"
+    assert safe_reason(err.value).startswith("model-not-finite")
+    load_received(model, ArrayRecord(good), run)  # finite weights still load
