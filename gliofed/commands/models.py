@@ -73,7 +73,7 @@ def train(
     size: Annotated[int, typer.Option(help="Cubic input size in voxels (0: the task's).")] = 0,
     lr: float = 1e-3,
     lr_schedule: Annotated[str, typer.Option(
-        help="constant | cosine (decays to 0 at the last epoch); default: TrainConfig's.")] = "",
+        help="constant (the default) or cosine (the rate decays to 0 at the last epoch).")] = "",
     seed: int = 0,
     device: str = "auto",
     patience: int = 5,
