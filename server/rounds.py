@@ -175,13 +175,14 @@ def run_rounds(
             train = step(grid, rnd, arrays, trainers, eligible)
             if train.arrays is not None:
                 arrays = train.arrays
-                if not all(np.isfinite(a).all() for a in numpy_weights(arrays).values()
-                           if np.issubdtype(a.dtype, np.floating)):
-                    log.error("round %d: the aggregated global model holds NaN or infinite values: "
-                              "the federation diverged (strategy %s, server-lr %s). Sites refuse it "
-                              "(model-not-finite); the best round so far (%s) stays the exported "
-                              "model. Lower server-lr or choose another strategy.", rnd, run.strategy,
-                              run.effective_server_lr(), selection.best_round)
+            weights = numpy_weights(arrays)  # once a round: the finiteness check and the checkpoint
+            if train.arrays is not None and not all(
+                    np.isfinite(a).all() for a in weights.values() if np.issubdtype(a.dtype, np.floating)):
+                log.error("round %d: the aggregated global model holds NaN or infinite values: "
+                          "the federation diverged (strategy %s, server-lr %s). Sites refuse it "
+                          "(model-not-finite); the best round so far (%s) stays the exported "
+                          "model. Lower server-lr or choose another strategy.", rnd, run.strategy,
+                          run.effective_server_lr(), selection.best_round)
             t_train = time.perf_counter() - t0
             v_out, v_replies, val = validate_round(grid, run, rnd, arrays, validators)
             improved = selection.update(rnd, val.get("pooled", {}))
@@ -216,7 +217,7 @@ def run_rounds(
             if central is not None:
                 row["central"] = central(arrays)
             history.append(row)
-            save_checkpoint(run_dir, Checkpoint(rnd, numpy_weights(arrays), strategy_state(strategy),
+            save_checkpoint(run_dir, Checkpoint(rnd, weights, strategy_state(strategy),
                                                 rng_state(), history), keep_last=run.keep_checkpoints)
             if improved:
                 mark_best_round(run_dir, selection, int(val["pooled"].get("num_examples", 0)))
