@@ -15,6 +15,7 @@ from typing import Any
 
 DP_MODES = ("none", "opacus", "central")
 EXPORTS = ("best", "final")
+BALANCES = ("weighted_loss", "sampler", "none", "logit_adjust")  # TrainConfig.balance
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class RunConfig:
     num_malicious: int = 0  # Krum / MultiKrum / Bulyan
     lr: float = 1e-3
     batch_size: int = 8
+    balance: str = ""  # site loss under class imbalance: "" = the learning core's (weighted_loss) |
+    #                    weighted_loss | sampler | none | logit_adjust (for label-skewed sites)
     input_size: int = 0  # cubic crop/pad side; 0 = the task's default
     network: str = ""  # "" = the task's default network
     init_model: str = ""  # MODEL_DIR whose weights start the federation ("" = fresh, seeded)
@@ -137,6 +140,8 @@ def _check_options(cfg: RunConfig) -> None:
             f"run config: dp='central' cannot be combined with strategy={cfg.strategy!r} (median, "
             f"trimmed-mean and Krum-type rules are not averages, so the DP noise calibration does "
             f"not hold); use one of {', '.join(CENTRAL_DP_STRATEGIES)}")
+    if cfg.balance and cfg.balance not in BALANCES:
+        raise ValueError(f"run config: balance={cfg.balance!r} is not one of {', '.join(BALANCES)}")
     if cfg.export not in EXPORTS:
         raise ValueError(f"run config: export={cfg.export!r} is not one of {', '.join(EXPORTS)}")
     if cfg.early_stop_patience < 0:

@@ -37,7 +37,9 @@ def train_config_for(run: RunConfig, device: str | None = None, epochs: int | No
     """The learning core's TrainConfig for this run (same on every site and on the server)."""
     core = learning_core()
     size = (run.input_size,) * 3 if run.input_size > 0 else None
+    balance = {"balance": run.balance} if run.balance else {}
     return core.make_config(
+        **balance,
         task=run.task,
         network=run.network or None,
         input_size=size,

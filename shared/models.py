@@ -11,9 +11,10 @@ import types
 import torch
 from torch import nn
 
-NETWORKS = ("small_cnn", "resnet10", "resnet18", "densenet121", "densenet264", "unet_encoder", "context_cnn")
+NETWORKS = ("small_cnn", "resnet10", "resnet18", "densenet121", "densenet264", "unet_encoder", "context_cnn",
+            "resnet10_seg", "resnet18_seg")
 # each also as "<name>_gnws": GroupNorm + weight-standardised convolutions, for DP (models_gn.py)
-SEG_NETWORKS = ("unet_encoder", "context_cnn")  # trained with an auxiliary segmentation head
+SEG_NETWORKS = ("unet_encoder", "context_cnn", "resnet10_seg", "resnet18_seg")  # trained with an auxiliary segmentation head
 
 
 def seg_classes_for(name: str) -> int:
@@ -192,6 +193,37 @@ class ContextCNN(nn.Module):
         return logits
 
 
+class ResNetSeg(nn.Module):
+    """A MONAI ResNet whose first three stages also predict the lesion segmentation (1x1x1 heads,
+    upsampled and summed): the mask is a training target only, which tells the early features where
+    a lesion is. Prediction runs the plain ResNet (``return_seg`` off: the heads are idle)."""
+
+    def __init__(self, net: nn.Module, seg_classes: int) -> None:
+        super().__init__()
+        self.net = net
+        chans = [blk[-1].conv2.out_channels if hasattr(blk[-1], "conv2") else blk[-1].conv3.out_channels
+                 for blk in (net.layer1, net.layer2, net.layer3)]
+        self.seg_head = nn.ModuleList([nn.Conv3d(c, seg_classes, 1) for c in chans]) if seg_classes else None
+        self.return_seg = False
+
+    def forward(self, x: torch.Tensor):
+        if self.seg_head is None or not self.return_seg:
+            return self.net(x)
+        n, size = self.net, x.shape[2:]
+        h = n.act(n.bn1(n.conv1(x)))
+        if not n.no_max_pool:
+            h = n.maxpool(h)
+        feats = []
+        for layer in (n.layer1, n.layer2, n.layer3):
+            h = layer(h)
+            feats.append(h)
+        h = n.avgpool(n.layer4(h)).flatten(1)
+        logits = n.fc(h)
+        seg = sum(nn.functional.interpolate(head(f), size=size, mode="trilinear", align_corners=False)
+                  for head, f in zip(self.seg_head, feats, strict=True))
+        return logits, seg
+
+
 class ClinicalFusion(nn.Module):
     """Late fusion of clinical covariates: image logits + a linear map of (standardised values, missing).
 
@@ -258,6 +290,9 @@ def _build_backbone(name: str, in_channels: int, num_classes: int, dp_compatible
         model = fn(spatial_dims=3, n_input_channels=in_channels, num_classes=num_classes,
                    conv1_t_stride=stem_stride, conv1_t_size=7 if stem_stride == 1 else 3)
         return _make_dp_safe(model) if dp_compatible else model
+    if name in ("resnet10_seg", "resnet18_seg"):
+        return ResNetSeg(_build_backbone(name.removesuffix("_seg"), in_channels, num_classes,
+                                         dp_compatible, stem_stride, 0), seg_classes)
     if name in ("densenet121", "densenet264"):
         cls = nets.DenseNet121 if name == "densenet121" else nets.DenseNet264
         kw = {"act": ("relu", {"inplace": False}), "norm": ("group", {"num_groups": 8})} if (

@@ -37,7 +37,7 @@ def site(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("name", "ch", "k"),
     [("small_cnn", 4, 2), ("resnet10", 4, 2), ("resnet18", 1, 7), ("densenet121", 6, 4),
-     ("unet_encoder", 1, 7), ("context_cnn", 1, 7)],
+     ("unet_encoder", 1, 7), ("context_cnn", 1, 7), ("resnet10_seg", 1, 7)],
 )
 def test_network_output_shapes(name: str, ch: int, k: int) -> None:
     model = build_model(name, ch, k).eval()
@@ -75,6 +75,27 @@ def test_context_cnn_is_instance_normalised_and_sees_where_a_lesion_is() -> None
         model.return_seg = True
         logits, seg = model(low)
     assert logits.shape == (1, 7) and seg.shape == (1, 4, 24, 24, 24)
+
+
+def test_resnet_seg_predicts_like_its_resnet_and_trains_its_early_stages_on_the_mask() -> None:
+    """resnet10_seg: the segmentation heads are a training target only (prediction is the plain
+    ResNet, bit for bit), and the mask loss reaches the first stage, where small lesions live."""
+    seg_net = build_model("resnet10_seg", 1, 7, seg_classes=4).eval()
+    plain = build_model("resnet10", 1, 7).eval()
+    plain.load_state_dict({k.removeprefix("net."): v for k, v in seg_net.state_dict().items()
+                           if k.startswith("net.")})
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(seg_net(x), plain(x))
+    seg_net.train()
+    seg_net.return_seg = True
+    logits, seg = seg_net(x)
+    assert logits.shape == (2, 7) and seg.shape == (2, 4, 32, 32, 32)
+    target = torch.zeros(2, 32, 32, 32, dtype=torch.int64)
+    target[:, 10:14, 10:14, 10:14] = 1
+    torch.nn.functional.cross_entropy(seg, target).backward()
+    assert seg_net.net.layer1[0].conv1.weight.grad.abs().sum() > 0
+    assert seg_net.net.fc.weight.grad is None  # the class head is not trained by the mask loss
 
 
 def test_augmentation_flips_left_right_only_by_default() -> None:
@@ -323,6 +344,45 @@ def test_fit_keeps_one_optimiser_and_follows_the_cosine_schedule(site: Path, tmp
     assert seen[0][2] < seen[1][2] < seen[2][2]  # Adam's step count carries over
     with pytest.raises(ValueError, match="lr_schedule"):
         replace(cfg, lr_schedule="step").resolved()
+
+
+def test_logit_adjustment_trains_the_class_balanced_bias(site: Path, tmp_path: Path) -> None:
+    """balance=logit_adjust trains on logits + log(prior): on a label-skewed site the network's own
+    output bias stays near the balanced one, where plain cross-entropy learns log(majority/minority)
+    (the pull between sites' biases that left FedAvg calling one class, benchmarks/README.md)."""
+    from torch import nn
+
+    from shared.training.loop import _log_prior
+
+    spec = TASKS["grading"]
+    samples, _ = select_samples(spec, read_cohort(site), "train")
+    hgg = [s for s in samples if s.label == "HGG"]
+    lgg = [s for s in samples if s.label == "LGG"]
+    skewed = (hgg[:2] * 3)[:6] + lgg[:1]  # 6:1, a site like site-0 (98 % HGG)
+    assert len(skewed) == 7
+
+    class BiasOnly(nn.Module):  # the input is ignored: all it can learn is the class prior
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(4, 1, 1)
+            self.bias = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            return self.bias.expand(len(x), 2) + 0 * self.conv(x).mean()
+
+    def learnt(balance: str) -> float:
+        m = BiasOnly()
+        cfg = TrainConfig(task="grading", network="small_cnn", input_size=(8, 8, 8), lr=0.05,
+                          cache_dir=str(tmp_path / "c"), augment=False, batch_size=7, balance=balance)
+        train_epochs(m, skewed, spec, cfg, epochs=150)
+        return float(m.bias[1] - m.bias[0])  # logit(HGG) - logit(LGG)
+
+    assert torch.allclose(_log_prior([1, 1, 1, 1, 1, 1, 0], 2).exp(), torch.tensor([2 / 9, 7 / 9]))
+    plain, adjusted = learnt("none"), learnt("logit_adjust")
+    assert plain > 1.2  # ~ log(6/1)
+    assert abs(adjusted) < 0.5 * plain  # ~ log(6/1) - log(7/2)
+    with pytest.raises(ValueError, match="balance"):
+        TrainConfig(task="grading", balance="focal").resolved()
 
 
 def test_rano_adds_the_difference_image_by_default() -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from shared.config import BALANCES
 from shared.data import (
     ResidentBatches,
     SessionCache,
@@ -51,7 +52,8 @@ class TrainConfig:
     dp_compatible: bool = False
     augment: bool = True
     flip_axes: tuple[int, ...] = (0,)  # augmentation flips: left-right only (RAS); (0, 1, 2) for all
-    balance: str = "weighted_loss"  # weighted_loss | sampler (class-balanced batches) | none
+    balance: str = "weighted_loss"  # weighted_loss | sampler (class-balanced batches) | none |
+    #   logit_adjust (loss on logits + log of this training set's class prior; label-skewed sites)
     patience: int = 5
     subtraction: bool | None = None  # add the follow-up minus baseline image; None -> the task's default
     seg_weight: float = 0.5  # unet_encoder: weight of the joint segmentation loss
@@ -60,8 +62,8 @@ class TrainConfig:
     clinical: tuple[str, ...] = ()  # numeric cohort columns fused with the image features (rano)
 
     def resolved(self) -> TrainConfig:
-        if self.balance not in ("weighted_loss", "sampler", "none"):
-            raise ValueError(f"balance {self.balance!r}: choose weighted_loss, sampler or none")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance {self.balance!r}: choose one of {', '.join(BALANCES)}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: choose constant or cosine")
         spec = get_task(self.task)
@@ -136,6 +138,17 @@ def _class_weights(labels: list[int], k: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
+def _log_prior(labels: list[int], k: int) -> torch.Tensor:
+    """log of the class prior of ``labels``, Laplace-smoothed so that an absent class stays finite.
+
+    Logit adjustment (Menon et al. 2021; FedLC, Zhang et al. 2022): training on ``logits + log prior``
+    lets the network's own logits estimate the class-balanced score, so sites whose label mixes differ
+    no longer pull the shared output bias towards their own majority class.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k).astype(np.float64)
+    return torch.tensor(np.log((counts + 1.0) / (counts.sum() + k)), dtype=torch.float32)
+
+
 def train_epochs(
     model: nn.Module,
     samples: Sequence[TaskSample],
@@ -195,6 +208,7 @@ def train_epochs(
         model, opt, loader = privatize(model, opt, loader)
     weight = _class_weights(ds.labels(), spec.num_classes) if cfg.balance == "weighted_loss" else None
     ce = nn.CrossEntropyLoss(weight=weight.to(dev) if weight is not None else None)
+    shift = _log_prior(ds.labels(), spec.num_classes).to(dev) if cfg.balance == "logit_adjust" else None
     seg_ce = nn.CrossEntropyLoss(ignore_index=-100)
     anchor = None
     if proximal_mu > 0:
@@ -227,11 +241,11 @@ def train_epochs(
                 out = model(x, batch["clinical"].to(dev)) if "clinical" in batch else model(x)
                 if isinstance(out, tuple):
                     logits, seg_logits = out
-                    loss = ce(logits.float(), y) + cfg.seg_weight * seg_ce(
+                    loss = ce(_shifted(logits, shift), y) + cfg.seg_weight * seg_ce(
                         seg_logits.float(), batch["seg"].to(dev))
                 else:
                     logits = out
-                    loss = ce(logits.float(), y)
+                    loss = ce(_shifted(logits, shift), y)
             if anchor is not None:
                 loss = loss + proximal_mu / 2 * sum(((p - g) ** 2).sum() for p, g in anchor)
             loss.backward()
@@ -253,6 +267,10 @@ def train_epochs(
     return TrainResult(num_examples=len(samples), loss=loss,
                        metrics={"train_loss": loss, "train_accuracy": correct / max(seen, 1)},
                        seconds=time.perf_counter() - t0)
+
+
+def _shifted(logits: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    return logits.float() if shift is None else logits.float() + shift
 
 
 def _named_params(model: nn.Module):
