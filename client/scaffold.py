@@ -18,8 +18,9 @@ from shared.contract import SCAFFOLD_C, SCAFFOLD_STATE
 
 
 def scaffold_correction(content: RecordDict, run: RunConfig, state: RecordDict | None,
-                        model: Any) -> Any:
-    """The ``after_step`` hook for this round's training, or None when the run is not SCAFFOLD."""
+                        model: Any, lr: float | None = None) -> Any:
+    """The ``after_step`` hook for this round's training (at this round's local ``lr``; default
+    ``run.lr``), or None when the run is not SCAFFOLD."""
     if run.strategy.lower() != "scaffold":
         return None
     from shared.fedbn import norm_keys
@@ -30,7 +31,7 @@ def scaffold_correction(content: RecordDict, run: RunConfig, state: RecordDict |
         SCAFFOLD_STATE in state else {}
     names = parameter_names(model, norm_keys(model) if run.fedbn else ())
     shapes = {n: p.detach() for n, p in model.named_parameters()}
-    return ScaffoldCorrection(c, c_i, names, run.lr, reference=shapes)
+    return ScaffoldCorrection(c, c_i, names, run.lr if lr is None else lr, reference=shapes)
 
 
 def scaffold_reply(correction: Any, received: dict, model: Any, state: RecordDict | None

@@ -8,6 +8,7 @@ those raw keys: everything else receives a frozen :class:`RunConfig` / :class:`N
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -41,6 +42,8 @@ class RunConfig:
     trimmed_beta: float = 0.2  # FedTrimmedAvg
     num_malicious: int = 0  # Krum / MultiKrum / Bulyan
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # local lr over the server rounds: constant | cosine (round r trains
+    #                                at lr * (1 + cos(pi (r - 1) / num-server-rounds)) / 2)
     batch_size: int = 8
     balance: str = ""  # site loss under class imbalance: "" = the learning core's (weighted_loss) |
     #                    weighted_loss | sampler | none | logit_adjust (for label-skewed sites)
@@ -97,6 +100,12 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+    def round_lr(self, server_round: int) -> float:
+        """The local learning rate of ``server_round`` (1-based; 0 = outside a round: ``lr``)."""
+        if self.lr_schedule == "cosine" and server_round >= 1:
+            return self.lr * (1 + math.cos(math.pi * (server_round - 1) / self.num_server_rounds)) / 2
+        return self.lr
+
     def effective_server_lr(self) -> float:
         """``server-lr``, or the strategy's swept default when it is 0 (1.0 for plain averaging)."""
         return self.server_lr if self.server_lr > 0 else SERVER_LR_DEFAULTS.get(
@@ -140,6 +149,8 @@ def _check_options(cfg: RunConfig) -> None:
             f"run config: dp='central' cannot be combined with strategy={cfg.strategy!r} (median, "
             f"trimmed-mean and Krum-type rules are not averages, so the DP noise calibration does "
             f"not hold); use one of {', '.join(CENTRAL_DP_STRATEGIES)}")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"run config: lr-schedule={cfg.lr_schedule!r} is not constant|cosine")
     if cfg.balance and cfg.balance not in BALANCES:
         raise ValueError(f"run config: balance={cfg.balance!r} is not one of {', '.join(BALANCES)}")
     if cfg.export not in EXPORTS:

@@ -96,8 +96,10 @@ def train_and_track(run: RunConfig, train: list, test: list, rounds: int, val: l
     best = (-math.inf, 0, None)
     t0 = time.perf_counter()
     for rnd in range(1, rounds + 1):
-        # a new shuffle and augmentation draw each round, as the sites get (seed + round)
-        core.train(model, train, spec, replace(cfg, seed=run.seed + rnd), epochs=run.local_epochs,
+        # a new shuffle and augmentation draw each round, as the sites get (seed + round), and the
+        # sites' learning rate of that round (lr-schedule)
+        core.train(model, train, spec, replace(cfg, seed=run.seed + rnd, lr=run.round_lr(rnd)),
+                   epochs=run.local_epochs,
                    progress=False)
         if val:
             score = _score(core.evaluate(model, val, spec, cfg), spec)

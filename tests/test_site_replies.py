@@ -153,3 +153,31 @@ def test_a_diverged_global_model_is_refused_with_its_own_reason(tmp_path: Path) 
     assert err.value.kind == "model-not-finite"
     assert safe_reason(err.value).startswith("model-not-finite")
     load_received(model, ArrayRecord(good), run)  # finite weights still load
+
+
+def test_sites_train_at_each_rounds_learning_rate(tmp_path: Path, monkeypatch) -> None:
+    """lr-schedule = cosine: round r trains at lr * (1 + cos(pi (r - 1) / R)) / 2 at every site (the
+    oscillating late rounds of the parity benchmark); constant keeps lr."""
+    import math
+
+    import shared.training
+
+    seen: list[float] = []
+    real = shared.training.train_epochs
+
+    def spy(model, samples, spec, cfg, **kw):
+        seen.append(cfg.lr)
+        return real(model, samples, spec, cfg, **kw)
+
+    monkeypatch.setattr(shared.training, "train_epochs", spy)
+    sites = tmp_path / "sites"
+    for i in range(2):
+        write_tiny_cohort(sites / f"site-{i}", n_cases=8, seed=i, site=f"S{i}")
+    cfg = run_config(tmp_path / "run", sites, **{"num-server-rounds": 3, "lr-schedule": "cosine"})
+    grid = LocalGrid({100: {"partition-id": 0}, 101: {"partition-id": 1}}, cfg)
+    run_rounds(grid, RunConfig.from_flower(cfg))
+    want = [0.003 * (1 + math.cos(math.pi * r / 3)) / 2 for r in range(3)]
+    assert [round(x, 9) for x in seen] == [round(x, 9) for x in want for _ in range(2)]
+    assert RunConfig(lr=0.01).round_lr(2) == 0.01
+    with pytest.raises(ValueError, match="lr-schedule"):
+        RunConfig(lr_schedule="step")
