@@ -331,8 +331,10 @@ class ResidentBatches:
     network's own speed. Items come from ``ds`` un-augmented; the loop augments on the device.
     """
 
-    def __init__(self, ds: TaskDataset, batch_size: int, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, ds: TaskDataset, batch_size: int, device: torch.device, seed: int = 0,
+                 drop_lone: bool = False) -> None:
         items = [ds[i] for i in range(len(ds))]
+        self.drop_lone = drop_lone  # skip a last batch of one case (BatchNorm cannot train on it)
         self.device = device
         self.batch_size = max(1, batch_size)
         self.x = torch.stack([it["x"] for it in items]).to(device)
@@ -358,6 +360,8 @@ class ResidentBatches:
         order = torch.randperm(len(self.y), generator=self.gen).to(self.device)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
+            if self.drop_lone and len(idx) == 1 and len(order) > 1:
+                break
             batch = {"x": self.x.index_select(0, idx), "y": self.y.index_select(0, idx)}
             batch.update({k: v.index_select(0, idx) for k, v in self.extra.items()})
             yield batch

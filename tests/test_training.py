@@ -385,6 +385,20 @@ def test_logit_adjustment_trains_the_class_balanced_bias(site: Path, tmp_path: P
         TrainConfig(task="grading", balance="focal").resolved()
 
 
+def test_a_last_batch_of_one_case_does_not_stop_batchnorm_training(site: Path, tmp_path: Path) -> None:
+    """5 cases in batches of 4 left a batch of 1, on which BatchNorm raises ("Expected more than 1
+    value per channel"): a site with 4k + 1 training cases failed every round (scanner parity run)."""
+    spec = TASKS["grading"]
+    samples, _ = select_samples(spec, read_cohort(site), "train")
+    five = (samples * 5)[:5]
+    cfg = TrainConfig(task="grading", network="resnet10", input_size=(16, 16, 16), batch_size=4,
+                      cache_dir=str(tmp_path / "c"), augment=False)
+    res = train_epochs(build_model("resnet10", 4, 2), five, spec, cfg, epochs=2)
+    assert np.isfinite(res.loss) and res.num_examples == 5
+    small = train_epochs(build_model("small_cnn", 4, 2), five, spec, cfg, epochs=1)  # GroupNorm:
+    assert np.isfinite(small.loss)  # no batch is dropped
+
+
 def test_rano_adds_the_difference_image_by_default() -> None:
     """Measured: without follow-up minus baseline, rano stayed at chance (benchmarks/README.md)."""
     from shared.training.loop import model_inputs

@@ -125,6 +125,10 @@ def _dataset(samples, spec, cfg, *, train: bool, in_channels: int, with_seg: boo
                        clinical=cfg.clinical, seed=cfg.seed, flip_axes=cfg.flip_axes)
 
 
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def _first_conv_in_channels(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Conv3d):
@@ -184,16 +188,20 @@ def train_epochs(
     ds = _dataset(samples, spec, cfg, train=True, in_channels=_first_conv_in_channels(model))
     batch = min(cfg.batch_size, len(ds))
     if privatize is None and not ds.augment and ResidentBatches.fits(ds, dev):
-        loader = ResidentBatches(ds, batch, dev, cfg.seed)  # GPU: the whole set on the device
+        loader = ResidentBatches(ds, batch, dev, cfg.seed,  # GPU: the whole set on the device
+                                 drop_lone=_has_batchnorm(model))
     else:  # loader workers measured slower than none for 3D volumes (IPC of large tensors)
         sampler = None
         if cfg.balance == "sampler" and privatize is None:  # every class equally often per epoch
             w = _class_weights(ds.labels(), spec.num_classes)[torch.tensor(ds.labels())]
             sampler = torch.utils.data.WeightedRandomSampler(
                 w.double(), len(ds), replacement=True, generator=torch.Generator().manual_seed(cfg.seed))
+        # a last batch of one case cannot train BatchNorm (one value per channel): it is dropped
+        # (that case is drawn into a full batch in the other epochs' shuffles)
+        lone = len(ds) % batch == 1 and len(ds) > batch and _has_batchnorm(model)
         loader = DataLoader(ds, batch_size=batch, shuffle=sampler is None, sampler=sampler,
                             num_workers=cfg.num_workers,
-                            drop_last=False, pin_memory=dev.type == "cuda",
+                            drop_last=lone, pin_memory=dev.type == "cuda",
                             persistent_workers=cfg.num_workers > 0,
                             generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.clinical and hasattr(model, "fit_clinical_stats"):
