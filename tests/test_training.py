@@ -397,6 +397,11 @@ def test_a_last_batch_of_one_case_does_not_stop_batchnorm_training(site: Path, t
     assert np.isfinite(res.loss) and res.num_examples == 5
     small = train_epochs(build_model("small_cnn", 4, 2), five, spec, cfg, epochs=1)  # GroupNorm:
     assert np.isfinite(small.loss)  # no batch is dropped
+    one = build_model("resnet10", 4, 2)  # a site with one training case (seed-2 parity site-1)
+    before = {k: v.clone() for k, v in one.state_dict().items()}
+    assert np.isfinite(train_epochs(one, five[:1], spec, cfg, epochs=1).loss)
+    assert not torch.equal(one.fc.weight, before["fc.weight"])  # it trained
+    assert torch.equal(one.bn1.running_mean, before["bn1.running_mean"])  # on its running statistics
 
 
 def test_rano_adds_the_difference_image_by_default() -> None:

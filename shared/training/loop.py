@@ -226,6 +226,10 @@ def train_epochs(
     if hasattr(core, "return_seg"):
         core.return_seg = True
     model.train()
+    if len(ds) == 1 and _has_batchnorm(model):  # a one-case site: BatchNorm cannot use batch statistics
+        for m in model.modules():  # of a single case, so it normalises with its running statistics
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     device_aug = _device_augment(cfg)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses, correct, seen = [], 0, 0
