@@ -90,7 +90,8 @@ def main() -> None:
             row.update(central)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{args.task}, {args.sites} sites, {args.partition}, {args.rounds} rounds x "
+    sites = len(rows[0].get("local_auc") or {}) or args.sites  # sizes:/site partitions set their own
+    print(f"\n{args.task}, {sites} sites, {args.partition}, {args.rounds} rounds x "
           f"{args.local_epochs} local epochs, seeds {args.seeds}, pooled test n={rows[0]['test_cases']}")
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
         mine = [r for r in rows if r["strategy"] == strategy]
