@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--lr-schedule", default="constant", help="constant | cosine")
     ap.add_argument("--network", default="", help="override every task's network")
     ap.add_argument("--seg-weight", type=float, default=0.5, help="unet_encoder auxiliary seg loss")
-    ap.add_argument("--balance", default="weighted_loss", help="weighted_loss | sampler | none")
+    ap.add_argument("--balance", default="weighted_loss", help="weighted_loss | sampler | none | logit_adjust")
     ap.add_argument("--flip-axes", default="0", help="augmentation flips, RAS axes: 0 (left-right) or 0,1,2")
     ap.add_argument("--subtraction", default=None, action=argparse.BooleanOptionalAction,
                     help="rano: follow-up minus baseline channels (default: the task's, on for rano)")

@@ -174,7 +174,7 @@ def test_mass_inside_measures_the_share_on_the_dilated_lesion():
 
 
 def test_unknown_balance_mode_is_a_clear_error():
-    with pytest.raises(ValueError, match="weighted_loss, sampler or none"):
+    with pytest.raises(ValueError, match="weighted_loss, sampler, none, logit_adjust"):
         TrainConfig(task="typing", balance="oversample").resolved()
 
 
