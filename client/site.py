@@ -252,6 +252,7 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig,
     epochs = run.local_epochs
     cfg = train_config_for(run, device=_device(run, node), epochs=epochs)
     # a new shuffle and augmentation draw every round (the same seed would replay round 1's batches)
+    # and the round's learning rate (lr-schedule)
     if dataclasses.is_dataclass(cfg):
         rnd = int(config.get(SERVER_ROUND, 0))
         cfg = dataclasses.replace(cfg, seed=run.seed + rnd, lr=run.round_lr(rnd))
