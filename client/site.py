@@ -253,8 +253,8 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig,
     cfg = train_config_for(run, device=_device(run, node), epochs=epochs)
     # a new shuffle and augmentation draw every round (the same seed would replay round 1's batches)
     # and the round's learning rate (lr-schedule)
+    rnd = int(config.get(SERVER_ROUND, 0))
     if dataclasses.is_dataclass(cfg):
-        rnd = int(config.get(SERVER_ROUND, 0))
         cfg = dataclasses.replace(cfg, seed=run.seed + rnd, lr=run.round_lr(rnd))
     model = core.build_model(site.spec, cfg)
     received = load_received(model, content[ARRAYS], run, state)
@@ -264,7 +264,7 @@ def train_site(content: RecordDict, run: RunConfig, node: NodeConfig,
 
         train = one_sample_per_patient(train)  # patient-level DP: one record per patient
     privatizer = obtain_privatizer(run, node, len(train), epochs)
-    correction = scaffold_correction(content, run, state, model, lr=getattr(cfg, "lr", run.lr))
+    correction = scaffold_correction(content, run, state, model, lr=run.round_lr(rnd))
     start = ditto_start(run, model)
     t0 = time.perf_counter()
     try:

@@ -17,6 +17,7 @@ from typing import Any
 DP_MODES = ("none", "opacus", "central")
 EXPORTS = ("best", "final")
 BALANCES = ("weighted_loss", "sampler", "none", "logit_adjust")  # TrainConfig.balance
+LR_SCHEDULES = ("constant", "cosine")  # RunConfig.lr_schedule (over rounds), TrainConfig's (over epochs)
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,8 @@ def _check_options(cfg: RunConfig) -> None:
             f"run config: dp='central' cannot be combined with strategy={cfg.strategy!r} (median, "
             f"trimmed-mean and Krum-type rules are not averages, so the DP noise calibration does "
             f"not hold); use one of {', '.join(CENTRAL_DP_STRATEGIES)}")
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"run config: lr-schedule={cfg.lr_schedule!r} is not constant|cosine")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"run config: lr-schedule={cfg.lr_schedule!r} is not {'|'.join(LR_SCHEDULES)}")
     if cfg.balance and cfg.balance not in BALANCES:
         raise ValueError(f"run config: balance={cfg.balance!r} is not one of {', '.join(BALANCES)}")
     if cfg.export not in EXPORTS:

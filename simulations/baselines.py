@@ -99,8 +99,7 @@ def train_and_track(run: RunConfig, train: list, test: list, rounds: int, val: l
         # a new shuffle and augmentation draw each round, as the sites get (seed + round), and the
         # sites' learning rate of that round (lr-schedule)
         core.train(model, train, spec, replace(cfg, seed=run.seed + rnd, lr=run.round_lr(rnd)),
-                   epochs=run.local_epochs,
-                   progress=False)
+                   epochs=run.local_epochs, progress=False)
         if val:
             score = _score(core.evaluate(model, val, spec, cfg), spec)
             if score > best[0]:

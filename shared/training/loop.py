@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from shared.config import BALANCES
+from shared.config import BALANCES, LR_SCHEDULES
 from shared.data import (
     ResidentBatches,
     SessionCache,
@@ -64,7 +64,7 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         if self.balance not in BALANCES:
             raise ValueError(f"balance {self.balance!r}: choose one of {', '.join(BALANCES)}")
-        if self.lr_schedule not in ("constant", "cosine"):
+        if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: choose constant or cosine")
         spec = get_task(self.task)
         sub = spec.subtraction if self.subtraction is None else self.subtraction
@@ -187,9 +187,10 @@ def train_epochs(
     torch.manual_seed(cfg.seed)
     ds = _dataset(samples, spec, cfg, train=True, in_channels=_first_conv_in_channels(model))
     batch = min(cfg.batch_size, len(ds))
+    batchnorm = _has_batchnorm(model)  # BatchNorm cannot train on a batch of one case
     if privatize is None and not ds.augment and ResidentBatches.fits(ds, dev):
         loader = ResidentBatches(ds, batch, dev, cfg.seed,  # GPU: the whole set on the device
-                                 drop_lone=_has_batchnorm(model))
+                                 drop_lone=batchnorm)
     else:  # loader workers measured slower than none for 3D volumes (IPC of large tensors)
         sampler = None
         if cfg.balance == "sampler" and privatize is None:  # every class equally often per epoch
@@ -198,7 +199,7 @@ def train_epochs(
                 w.double(), len(ds), replacement=True, generator=torch.Generator().manual_seed(cfg.seed))
         # a last batch of one case cannot train BatchNorm (one value per channel): it is dropped
         # (that case is drawn into a full batch in the other epochs' shuffles)
-        lone = len(ds) % batch == 1 and len(ds) > batch and _has_batchnorm(model)
+        lone = batchnorm and len(ds) % batch == 1 and len(ds) > batch
         loader = DataLoader(ds, batch_size=batch, shuffle=sampler is None, sampler=sampler,
                             num_workers=cfg.num_workers,
                             drop_last=lone, pin_memory=dev.type == "cuda",
@@ -226,7 +227,7 @@ def train_epochs(
     if hasattr(core, "return_seg"):
         core.return_seg = True
     model.train()
-    if len(ds) == 1 and _has_batchnorm(model):  # a one-case site: BatchNorm cannot use batch statistics
+    if batchnorm and len(ds) == 1:  # a one-case site: BatchNorm cannot use batch statistics
         for m in model.modules():  # of a single case, so it normalises with its running statistics
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
