@@ -32,7 +32,8 @@ def serve(grid: Grid, run: RunConfig | Mapping[str, Any]) -> Path:
     status = RunStatus(run, mode="simulation" if run.sites_root else "deployment")
     grid = status.watch(grid)
     try:
-        result = run_rounds(grid, run, status.round_done)
+        with status.marked_on_flower_exit():
+            result = run_rounds(grid, run, status.round_done)
     except BaseException as err:
         status.failed(err)
         raise

@@ -21,6 +21,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -288,7 +290,12 @@ class RunStatus:
 
     @_locked
     def failed(self, err: BaseException) -> None:
-        """The run ended without finishing: ``stopped`` (flwr stop, a signal) or ``failed``."""
+        """The run ended without finishing: ``stopped`` (flwr stop, a signal) or ``failed``.
+
+        Only the first call counts: a stop marked by Flower's exit hook is not overwritten when the
+        same stop then unwinds the round loop."""
+        if self.data.get("state") in ("stopped", "failed", "finished"):
+            return
         now = time.time()
         if isinstance(err, (SystemExit, KeyboardInterrupt)):
             state, reason = "stopped", "the server process was stopped (flwr stop or a signal)"
@@ -305,6 +312,32 @@ class RunStatus:
 
     def watch(self, grid: Any) -> StatusGrid:
         return StatusGrid(grid, self)
+
+    @contextmanager
+    def marked_on_flower_exit(self) -> Iterator[None]:
+        """Mark the run stopped as soon as Flower starts to exit (``flwr stop``, SIGINT, SIGTERM).
+
+        Flower's signal handler runs its exit hooks and then kills the process with ``os._exit``
+        5 s later, which on a loaded machine can come before ``SystemExit`` reaches the round loop:
+        the run would then stay ``running`` in status.json with no ``run stopped`` in sites.log.
+        The hook is taken out again when the run ends, so in-process simulations do not collect them.
+        """
+        try:
+            from flwr.supercore.exit import exit_handler as hooks
+        except ImportError:  # another Flower layout: the round loop's SystemExit still marks it
+            yield
+            return
+
+        def hook() -> None:
+            self.failed(SystemExit())
+
+        hooks.add_exit_handler(hook, run_before_force_exit=True)
+        try:
+            yield
+        finally:
+            with hooks._lock_handlers:
+                hooks.registered_exit_handlers[:] = [
+                    h for h in hooks.registered_exit_handlers if h.exit_handler is not hook]
 
 
 class StatusGrid:

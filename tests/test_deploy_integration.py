@@ -77,13 +77,15 @@ class Procs:
                               capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def wait_for(pred, timeout: float, what: str) -> None:
+def wait_for(pred, timeout: float, what: str, detail=None) -> None:
+    """Poll ``pred``; on time-out say what was awaited and, with ``detail``, what was seen instead."""
     t = time.time()
     while time.time() - t < timeout:
         if pred():
             return
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    seen = f"; seen: {detail()}" if detail else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{seen}")
 
 
 @pytest.fixture()
@@ -233,8 +235,13 @@ def test_a_stopped_run_leaves_no_process_at_the_sites(federation, tmp_path: Path
     assert r.returncode == 0, r.stdout + r.stderr
     from server.dashboard.data import RunView
 
+    def seen() -> str:
+        snap = RunView(run3).snapshot()
+        log = (run3 / "sites.log").read_text()[-800:] if (run3 / "sites.log").is_file() else ""
+        return f"state {snap['state']!r}, status {snap['status']}, sites.log ...{log}"
+
     wait_for(lambda: RunView(run3).snapshot()["state"] == "stopped", 120,
-             "the dashboard to show run 3 stopped")
+             "the dashboard to show run 3 stopped", seen)
     assert "run stopped" in (run3 / "sites.log").read_text()
     for site in ("hosp-a", "hosp-b"):
         supervisor = procs.procs.pop(site)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -196,3 +197,53 @@ def test_a_run_ended_by_a_signal_is_stopped_and_an_exception_is_failed(tmp_path)
     saved = json.loads((tmp_path / "b" / "status.json").read_text())
     assert (saved["state"], saved["reason"]) == (
         "failed", "RuntimeError: round 1: no connected site has eligible data")
+
+
+def test_flowers_exit_hook_marks_the_run_stopped_before_its_forced_exit(tmp_path):
+    """flwr stop -> SIGINT -> Flower runs its early exit hooks, then os._exit()s 5 s later, maybe
+    before SystemExit reaches the round loop: the early hook must already have marked the run."""
+    from flwr.supercore.exit import exit_handler as hooks
+
+    from server.status import RunStatus
+    from shared.config import RunConfig
+
+    status = RunStatus(RunConfig(run_dir=str(tmp_path)))
+    status.data["sites"]["hosp-a"] = {"node_id": 5, "state": "training", "reason": ""}
+    before = len(hooks.registered_exit_handlers)
+    with status.marked_on_flower_exit():
+        assert len(hooks.registered_exit_handlers) == before + 1
+        hooks.trigger_exit_handlers(run_before_force_exit=True)  # what flwr_exit does first
+        saved = json.loads((tmp_path / "status.json").read_text())
+        assert saved["state"] == "stopped"
+        assert saved["sites"]["hosp-a"]["state"] == "stopped"
+        assert "run stopped" in (tmp_path / "sites.log").read_text()
+        status.failed(RuntimeError("the unwinding round loop"))  # the first end stays
+        assert status.data["state"] == "stopped"
+    with status.marked_on_flower_exit():
+        pass
+    assert len(hooks.registered_exit_handlers) == before  # no hook outlives its run
+
+
+def test_dashboard_counts_an_unreaped_server_process_as_ended(tmp_path):
+    """flower-superexec reaps its ended ServerApps late; a zombie must not read as a running run."""
+    import socket
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from server.dashboard.data import _alive
+
+    if not Path("/proc/self/stat").is_file():
+        pytest.skip("no /proc on this system: zombies cannot be told apart")
+    child = subprocess.Popen(["true"])
+    try:
+        stat = Path(f"/proc/{child.pid}/stat")
+        for _ in range(200):
+            if stat.read_text().rpartition(")")[2].split()[0] == "Z":
+                break
+            time.sleep(0.05)
+        status = {"pid": child.pid, "host": socket.gethostname()}
+        assert _alive(status) is False
+        assert _alive({"pid": os.getpid(), "host": socket.gethostname()}) is True
+    finally:
+        child.wait()

@@ -75,7 +75,16 @@ def _alive(status: dict[str, Any]) -> bool | None:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(int(pid))
+
+
+def _zombie(pid: int) -> bool:
+    """An ended process its parent has not reaped yet (flower-superexec reaps its ServerApps late)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (macOS): trust os.kill
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 class RunView:
