@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 
 from server.fedbn import keep_global_norm
 from server.quorum import SubsetGrid
+from server.running_stats import averaged_running_stats
 from server.strategy import accepted_replies
 from shared.config import RunConfig
 from shared.contract import METRICS, is_number, payload_bytes, site_of
@@ -61,6 +62,7 @@ class PlainTrainStep:
         replies = list(grid.send_and_receive(out, timeout=run.round_timeout))
         good = accepted_replies(replies, run, "train", global_arrays=arrays)
         new_arrays, aggregated = strategy.aggregate_train(rnd, good) if good else (None, None)
+        new_arrays = averaged_running_stats(new_arrays, good, run, strategy)
         if run.fedbn and new_arrays is not None:
             new_arrays = keep_global_norm(new_arrays, run, arrays)
         return TrainOutcome(
