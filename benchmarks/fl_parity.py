@@ -40,7 +40,7 @@ def one_run(args: argparse.Namespace, seed: int, strategy: str, baselines: bool,
                           local_epochs=args.local_epochs, cases=args.cases, size=args.size,
                           network=args.network, lr=args.lr, strategy=strategy, out=out, seed=seed,
                           baselines=baselines, cross_site=False, progress=False, cohort=cohort,
-                          extra=extra)
+                          extra=extra, engine=args.engine)
     simulate(spec, echo=lambda *a: None)
     summary = json.loads((out / "summary.json").read_text())
     curve = [_auc(r["pooled"]) for r in summary["rounds"]]
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--strategies", default="fedavg,fedprox",
                     help="comma list; NAME+key=value adds run-config keys, e.g. fedavg+fedbn=true")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_parity"))
+    ap.add_argument("--engine", default="ray", help="ray (Flower's simulation engine) or inprocess "
+                    "(the same round loop and ClientApp, sites one after the other, no Ray)")
     args = ap.parse_args()
 
     rows: list[dict[str, Any]] = []

@@ -88,3 +88,14 @@ def run_inprocess(spec: Any) -> tuple[list[dict[str, Any]], InProcessGrid]:
     app = make_client_app(run, {"min-report-cases": spec.min_report_cases})
     grid = InProcessGrid.for_sites(len(part.sites), app, run.to_flower(), spec.min_report_cases)
     return run_rounds(grid, run).rounds, grid
+
+
+def serve_inprocess(spec: Any, run: Any, num_sites: int) -> Path:
+    """What the Ray engine's ServerApp does (round loop, model export, report), with the sites answering
+    in this process; for ``simulate`` with ``spec.engine = "inprocess"``. Returns the MODEL_DIR."""
+    from client.app import make_client_app
+    from server.app import serve
+
+    app = make_client_app(run, {"min-report-cases": spec.min_report_cases})
+    grid = InProcessGrid.for_sites(num_sites, app, run.to_flower(), spec.min_report_cases)
+    return serve(grid, run)

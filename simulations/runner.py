@@ -51,6 +51,8 @@ class SimulationSpec:
     gpus_per_client: float = 0.25  # used only when CUDA is present
     baselines: bool = True
     ray_address: str = ""  # "" = start a local Ray; "auto" or HOST:PORT = join an existing cluster
+    engine: str = "ray"  # ray = Flower's simulation engine | inprocess = the sites one after the other
+    #                      in this process (simulations.inprocess; no Ray start-up, for sweeps)
     extra: dict[str, Any] = field(default_factory=dict)  # more run-config keys (kebab-case)
     min_report_cases: int = 1  # node config of every simulated site (synthetic patients)
     progress: bool = True  # progress bars (cohort synthesis, baselines)
@@ -149,6 +151,20 @@ def run_federation(spec: SimulationSpec, run: RunConfig, num_sites: int,
         )
 
 
+ENGINES = ("ray", "inprocess")
+
+
+def federate(spec: SimulationSpec, run: RunConfig, num_sites: int,
+             echo: Callable[[str], Any] | None = None) -> None:
+    """One federation with ``spec.engine``: Flower's Ray simulation or the in-process sites."""
+    if spec.engine == "inprocess":
+        from simulations.inprocess import serve_inprocess
+
+        serve_inprocess(spec, run, num_sites)
+    else:
+        run_federation(spec, run, num_sites, echo)
+
+
 def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
              show_table: Callable[[list[dict[str, Any]]], Any] | None = None) -> Path:
     """Everything ``gliofed simulate`` does; returns the report path.
@@ -161,6 +177,8 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
     from shared.tasks import get_task
     from simulations.partition import class_table
 
+    if spec.engine not in ENGINES:
+        raise ValueError(f"engine={spec.engine!r} is not one of {', '.join(ENGINES)}")
     t0 = time.perf_counter()
     sites_root, cohort, part = prepare_sites(spec, echo)
     table = class_table(cohort, get_task(spec.task), part)
@@ -174,7 +192,7 @@ def simulate(spec: SimulationSpec, echo: Callable[[str], Any] = print,
         for ledger in (spec.out / "privacy").glob("site-*.json"):
             ledger.unlink()
     t_fl = time.perf_counter()
-    run_federation(spec, run, len(part.sites), echo)
+    federate(spec, run, len(part.sites), echo)
     fl_seconds = time.perf_counter() - t_fl
     rounds = read_rounds(spec.out)
     if len(rounds) < spec.rounds and not stopped_early(run, rounds):
@@ -224,7 +242,7 @@ def evaluate_arms(spec: SimulationSpec, run: RunConfig, sites_root: Path, num_si
     if loso:
         out["loso"] = leave_one_site_out(
             run, sites_root, per_site, global_model,
-            lambda sub, k: run_federation(spec, sub, k), spec.out / "loso", echo)
+            lambda sub, k: federate(spec, sub, k), spec.out / "loso", echo)
     return out
 
 

@@ -42,6 +42,11 @@ def simulate(
         str, typer.Option(help="Join an existing Ray cluster ('auto' or HOST:PORT); sites-root and "
                                "the cohort must be on a filesystem every node sees.")
     ] = "",
+    engine: Annotated[
+        str, typer.Option(help="ray: Flower's simulation engine; inprocess: the sites answer one after "
+                               "the other in this process (same round loop and ClientApp, no Ray "
+                               "start-up; for sweeps of small runs).")
+    ] = D.engine,
     prepare_only: Annotated[
         bool, typer.Option("--prepare-only", help="Only write the site folders and print the "
                                                   "`flwr run` command that trains on them.")
@@ -80,7 +85,7 @@ def simulate(
         strategy=strategy, local_epochs=local_epochs, size=size, cases=cases, seed=seed,
         network=network, lr=lr, batch_size=batch_size, cpus_per_client=cpus_per_client,
         gpus_per_client=gpus_per_client, baselines=not no_baselines, extra=extra,
-        ray_address=ray_address, min_report_cases=min_report_cases, cross_site=cross_site,
+        ray_address=ray_address, engine=engine, min_report_cases=min_report_cases, cross_site=cross_site,
         loso=loso, verbose=verbose,
     )
     try:
