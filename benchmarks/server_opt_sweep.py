@@ -40,6 +40,15 @@ def grid_points(strategies: list[str]) -> list[tuple[str, dict[str, float]]]:
     return [(s, GRID[s][i]) for i in range(depth) for s in strategies if i < len(GRID[s])]
 
 
+def parse_points(text: str) -> list[tuple[str, dict[str, float]]]:
+    """'fedavg;fedavgm:server-lr=0.5,server-momentum=0.9' -> [(strategy, params), ...]."""
+    out = []
+    for item in filter(None, text.split(";")):
+        strategy, _, kvs = item.partition(":")
+        out.append((strategy, {k: float(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}))
+    return out
+
+
 def point_name(strategy: str, params: dict[str, float]) -> str:
     return strategy + "".join(f"_{k.split('-')[-1]}{v:g}" for k, v in sorted(params.items()))
 
@@ -69,12 +78,13 @@ def run_point(args: argparse.Namespace, seed: int, strategy: str, params: dict[s
     spec = SimulationSpec(sites=args.sites, partition=args.partition, rounds=args.rounds,
                           local_epochs=args.local_epochs, cases=args.cases, size=args.size,
                           strategy=strategy, seed=seed, out=out, baselines=False, network=args.network,
-                          extra={**params, "cache-dir": str((args.out / f"seed{seed}" / "cache")
-                                                            .resolve())})
+                          extra={**args.extra, **params,
+                                 "cache-dir": str((args.out / f"seed{seed}" / "cache").resolve())})
     spec.cohort = ensure_cohort(args.out / f"seed{seed}" / "cohort", spec)
     t0 = time.process_time()
     rounds, _ = run_inprocess(spec)
-    return {"seed": seed, "strategy": strategy, "params": params,
+    return {"seed": seed, "strategy": strategy, "params": params, "extra": args.extra,
+            "rounds": args.rounds,
             "cpu_seconds": time.process_time() - t0, **final_scores(rounds)}
 
 
@@ -105,13 +115,19 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--strategies", default=",".join(GRID))
     ap.add_argument("--out", type=Path, default=Path("runs/bench_server_opt"))
+    ap.add_argument("--points", default="", help="instead of the grid: ';'-separated "
+                    "STRATEGY[:key=value,...] points, e.g. 'fedavg;fedavgm:server-lr=0.5,server-momentum=0.9'")
+    ap.add_argument("--extra", default="", help="run-config keys for every point, e.g. lr=0.002")
     args = ap.parse_args()
+    args.extra = dict(kv.split("=", 1) for kv in args.extra.split(",") if kv)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     done = {(r["seed"], r["strategy"], json.dumps(r["params"], sort_keys=True)) for r in rows}
     for seed in (int(s) for s in args.seeds.split(",")):
-        for strategy, params in grid_points(args.strategies.split(",")):
+        points = (parse_points(args.points) if args.points
+                  else grid_points(args.strategies.split(",")))
+        for strategy, params in points:
             if (seed, strategy, json.dumps(params, sort_keys=True)) in done:
                 continue
             row = run_point(args, seed, strategy, params)
