@@ -159,8 +159,10 @@ def federate(spec: SimulationSpec, run: RunConfig, num_sites: int,
     """One federation with ``spec.engine``: Flower's Ray simulation or the in-process sites."""
     if spec.engine == "inprocess":
         from simulations.inprocess import serve_inprocess
+        from simulations.progress import QuietFlower, RoundWatcher
 
-        serve_inprocess(spec, run, num_sites)
+        with QuietFlower(enabled=not spec.verbose), RoundWatcher(Path(run.run_dir), run, echo):
+            serve_inprocess(spec, run, num_sites)
     else:
         run_federation(spec, run, num_sites, echo)
 

@@ -62,6 +62,8 @@ def test_inprocess_engine_runs_the_same_federation_without_ray(tmp_path):
         res = CliRunner().invoke(app, [*common, "--out", str(tmp_path / name)])
         assert res.exit_code == 0, res.output
         runs.append([json.loads(x) for x in (tmp_path / name / "rounds.jsonl").read_text().splitlines()])
+    assert "round 2/2" in res.output  # progress, not Flower's log or MONAI's reader warnings
+    assert "INFO" not in res.output and "nvImageCodec" not in res.output
     assert [r["round"] for r in runs[0]] == [1, 2] and all(r["replied"] == 2 for r in runs[0])
     assert [r["pooled"] for r in runs[0]] == [r["pooled"] for r in runs[1]]
     assert (tmp_path / "a" / "model" / "models" / "model.pt").is_file()

@@ -50,7 +50,15 @@ def preprocessing_config(keys: Sequence[str], size: Sequence[int], *, seg: bool 
 
 def build_preprocessing(keys: Sequence[str], size: Sequence[int], *, seg: bool = False):
     """Instantiate :func:`preprocessing_config` with MONAI's config parser (as the bundle runner does)."""
+    import logging
+    import warnings
+
     from monai.bundle import ConfigParser
 
     parser = ConfigParser({"preprocessing": preprocessing_config(keys, size, seg=seg)})
-    return parser.get_parsed_content("preprocessing")
+    # MONAI's LoadImage builds every default reader, NibabelReader named or not, and its DICOM reader
+    # warns (once per build) that NVIDIA's GPU DICOM decoder is absent; NIfTI input never uses it.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+        return parser.get_parsed_content("preprocessing")
