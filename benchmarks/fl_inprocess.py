@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from simulations.inprocess import InProcessGrid, run_inprocess
+from simulations.inprocess import InProcessGrid
+from simulations.runner import run_inprocess
 
 __all__ = ["InProcessGrid", "ensure_cohort", "federation_args", "run_inprocess"]
 

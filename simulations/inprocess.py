@@ -87,23 +87,6 @@ class InProcessGrid:
         return replies
 
 
-def run_inprocess(spec: Any) -> tuple[list[dict[str, Any]], InProcessGrid]:
-    """Prepare ``spec``'s sites and run its federation in process; returns the round rows (also in
-    ``spec.out/rounds.jsonl``) and the grid. ``spec`` is a ``simulations.runner.SimulationSpec``."""
-    from client.app import make_client_app
-    from server.rounds import run_rounds
-    from simulations.runner import prepare_sites, run_config_for
-
-    sites_root, _, part = prepare_sites(spec, echo=lambda *a: None)
-    run = run_config_for(spec, sites_root)
-    for stale in ("rounds.jsonl", "checkpoints/last.json", "summary.json"):
-        (Path(spec.out) / stale).unlink(missing_ok=True)
-    app = make_client_app(run, {"min-report-cases": spec.min_report_cases})
-    grid = InProcessGrid.for_sites(len(part.sites), app, run.to_flower(), spec.min_report_cases,
-                                   keep_arrays=False)
-    return run_rounds(grid, run).rounds, grid
-
-
 def serve_inprocess(spec: Any, run: Any, num_sites: int) -> Path:
     """What the Ray engine's ServerApp does (round loop, model export, report), with the sites answering
     in this process; for ``simulate`` with ``spec.engine = "inprocess"``. Returns the MODEL_DIR."""

@@ -75,8 +75,7 @@ def test_inprocess_engine_runs_the_same_federation_without_ray(tmp_path):
 def test_inprocess_runs_keep_their_message_logs_without_the_weights(tmp_path):
     """A benchmark's in-process grid logs every exchange for its metrics, but not the 57 MB weights
     of each message (twelve rounds of five resnet10 sites kept whole ran a sweep out of memory)."""
-    from simulations.inprocess import run_inprocess
-    from simulations.runner import SimulationSpec
+    from simulations.runner import SimulationSpec, run_inprocess
 
     cohort = write_tiny_cohort(tmp_path / "cohort", n_cases=24, splits=False)
     spec = SimulationSpec(cohort=cohort, sites=2, rounds=1, partition="iid", size=16,
