@@ -7,6 +7,8 @@ momentum overshoots a shrinking variance below zero (the global model turns non-
 runs in benchmarks/README.md that "diverged" from round 2). :func:`averaged_running_stats` gives the
 aggregate the sites' example-weighted mean of those buffers (what FedAvg sends), and the strategy's
 own copy of the current model the same values, so the next pseudo-gradient does not see them move.
+Not under ``dp = "central"``: there every array, buffers included, is released only through the
+clipped, noised aggregate.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def averaged_running_stats(new_arrays: ArrayRecord | None, replies: list[Message
     only; every other aggregation already treats them like the weights)."""
     if new_arrays is None or not replies or run.strategy.lower() not in OPTIMISED:
         return new_arrays
+    if run.dp == "central":  # the buffers went through the clipped, noised aggregate: an exact mean
+        return new_arrays    # of the sites' statistics would be released outside the DP guarantee
     means = weighted_buffer_mean(replies, buffer_keys_for(run))
     if not means:
         return new_arrays

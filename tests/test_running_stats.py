@@ -50,3 +50,14 @@ def test_server_optimisers_average_the_running_statistics_and_step_the_weights(
                if not np.allclose(final[k].double().numpy(), mean(k).numpy(), atol=1e-6)]
     assert stepped, "the server optimiser should move the weights off the plain average"
     assert all(torch.isfinite(v.double()).all() for v in final.values())
+
+
+def test_central_dp_keeps_the_running_statistics_inside_the_noised_aggregate():
+    """Under central DP an exact mean of the sites' statistics would bypass the noise: left alone."""
+    from flwr.app import Array, ArrayRecord
+
+    from server.running_stats import averaged_running_stats
+
+    run = RunConfig(strategy="fedadam", dp="central", network="unet_encoder")
+    aggregate = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    assert averaged_running_stats(aggregate, [object()], run, None) is aggregate
