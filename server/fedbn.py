@@ -18,14 +18,24 @@ from shared.contract import ARRAYS
 
 
 @lru_cache(maxsize=8)
-def norm_keys_for(run: RunConfig) -> frozenset[str]:
-    """The normalisation-layer keys of the run's task model."""
+def _key_sets(run: RunConfig) -> tuple[frozenset[str], frozenset[str]]:
+    """(normalisation-layer keys, buffer keys) of the run's task model, from one build of it."""
     from shared.fedbn import norm_keys
     from shared.learning import learning_core, train_config_for
     from shared.tasks import get_task
 
     model = learning_core().build_model(get_task(run.task), train_config_for(run, device="cpu"))
-    return frozenset(norm_keys(model))
+    return frozenset(norm_keys(model)), frozenset(name for name, _ in model.named_buffers())
+
+
+def norm_keys_for(run: RunConfig) -> frozenset[str]:
+    """The normalisation-layer keys of the run's task model."""
+    return _key_sets(run)[0]
+
+
+def buffer_keys_for(run: RunConfig) -> frozenset[str]:
+    """State-dict keys of the run's task model that are buffers (running statistics, counters)."""
+    return _key_sets(run)[1]
 
 
 def _merged(arrays: ArrayRecord, global_arrays: ArrayRecord, keys: frozenset[str]) -> ArrayRecord:

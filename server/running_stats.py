@@ -13,26 +13,16 @@ clipped, noised aggregate.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
+from server.fedbn import buffer_keys_for
 from shared.config import RunConfig
 from shared.contract import ARRAYS, METRICS, NUM_EXAMPLES
 
 OPTIMISED = ("fedadam", "fedyogi", "fedavgm")  # strategies that step the weights with an optimiser
-
-
-@lru_cache(maxsize=8)
-def buffer_keys_for(run: RunConfig) -> frozenset[str]:
-    """State-dict keys of the run's task model that are buffers (running statistics, counters)."""
-    from shared.learning import learning_core, train_config_for
-    from shared.tasks import get_task
-
-    model = learning_core().build_model(get_task(run.task), train_config_for(run, device="cpu"))
-    return frozenset(name for name, _ in model.named_buffers())
 
 
 def weighted_buffer_mean(replies: list[Message], keys: frozenset[str]) -> dict[str, np.ndarray]:
@@ -62,9 +52,6 @@ def averaged_running_stats(new_arrays: ArrayRecord | None, replies: list[Message
     if not means:
         return new_arrays
     fixed = ArrayRecord({k: Array(means[k]) if k in means else v for k, v in new_arrays.items()})
-    inner = getattr(strategy, "strategy", strategy)  # a central-DP wrapper holds the real strategy
-    current = getattr(inner, "current_arrays", None)
-    if isinstance(current, ArrayRecord):  # FedAvgM steps from its own copy, not from what it sent
-        inner.current_arrays = ArrayRecord({k: Array(means[k]) if k in means else v
-                                            for k, v in current.items()})
+    if isinstance(getattr(strategy, "current_arrays", None), ArrayRecord):
+        strategy.current_arrays = fixed  # FedAvgM steps from its own copy of what it returned
     return fixed

@@ -87,13 +87,18 @@ class InProcessGrid:
         return replies
 
 
+def site_grid(spec: Any, run: Any, num_sites: int) -> InProcessGrid:
+    """``num_sites`` simulated sites running ``run``'s ClientApp, logging messages without weights."""
+    from client.app import make_client_app
+
+    app = make_client_app(run, {"min-report-cases": spec.min_report_cases})
+    return InProcessGrid.for_sites(num_sites, app, run.to_flower(), spec.min_report_cases,
+                                   keep_arrays=False)
+
+
 def serve_inprocess(spec: Any, run: Any, num_sites: int) -> Path:
     """What the Ray engine's ServerApp does (round loop, model export, report), with the sites answering
     in this process; for ``simulate`` with ``spec.engine = "inprocess"``. Returns the MODEL_DIR."""
-    from client.app import make_client_app
     from server.app import serve
 
-    app = make_client_app(run, {"min-report-cases": spec.min_report_cases})
-    grid = InProcessGrid.for_sites(num_sites, app, run.to_flower(), spec.min_report_cases,
-                                   keep_arrays=False)
-    return serve(grid, run)
+    return serve(site_grid(spec, run, num_sites), run)

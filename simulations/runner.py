@@ -155,17 +155,14 @@ def run_inprocess(spec: SimulationSpec) -> tuple[list[dict[str, Any]], Any]:
     """Prepare ``spec``'s sites and run only its round loop in process (no export, report or
     baselines: the benchmarks' sweeps); returns the round rows (also in ``spec.out/rounds.jsonl``) and
     the ``simulations.inprocess.InProcessGrid``, whose message log keeps the metrics, not the weights."""
-    from client.app import make_client_app
     from server.rounds import run_rounds
-    from simulations.inprocess import InProcessGrid
+    from simulations.inprocess import site_grid
 
     sites_root, _, part = prepare_sites(spec, echo=lambda *a: None)
     run = run_config_for(spec, sites_root)
     for stale in ("rounds.jsonl", "checkpoints/last.json", "summary.json"):
         (Path(spec.out) / stale).unlink(missing_ok=True)
-    app = make_client_app(run, {"min-report-cases": spec.min_report_cases})
-    grid = InProcessGrid.for_sites(len(part.sites), app, run.to_flower(), spec.min_report_cases,
-                                   keep_arrays=False)
+    grid = site_grid(spec, run, len(part.sites))
     return run_rounds(grid, run).rounds, grid
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from fl_helpers import run_config
 
+from server.fedbn import buffer_keys_for
 from server.rounds import run_rounds
-from server.running_stats import buffer_keys_for
 from shared.config import RunConfig
 
 SITES = (2, 16)
