@@ -254,12 +254,14 @@ def _with_ci(value: Any, ci: list[float] | None) -> str:
 def _intro(summary: dict[str, Any]) -> str:
     spec = summary["spec"]
     if summary.get("baselines") is not None and "partition" in spec:
+        engine = ("sites one after the other in process" if spec.get("engine") == "inprocess"
+                  else "includes Ray start-up")
         return (f"Partition <code>{html.escape(str(spec['partition']))}</code>, seed {spec['seed']}, "
                 f"network {html.escape(str(spec['network']))}, {spec['size']}<sup>3</sup> inputs, "
                 f"{spec['local_epochs']} local epoch(s) per round. All models are scored on the same "
                 f"pooled test set ({(summary.get('baselines') or {}).get('test_cases', 'n/a')} cases): "
                 f"the union of the sites' test splits. Federation wall time {summary['fl_seconds']:.1f} s "
-                f"(includes Ray start-up), total {summary['total_seconds']:.1f} s.")
+                f"({engine}), total {summary['total_seconds']:.1f} s.")
     return (f"A deployed federation (no baselines: the server never sees the sites' data). Network "
             f"{html.escape(str(spec.get('network') or 'task default'))}, {spec.get('local_epochs')} "
             f"local epoch(s) per round, seed {spec.get('seed')}. Pooled metrics are exact: the sites' "
