@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=40, help="tumour cases per model at most")
     ap.add_argument("--methods", default="input_x_gradient,gradient,smoothgrad",
                     help="saliency methods to measure (shared.training.explain.SALIENCY_METHODS)")
+    ap.add_argument("--occlusion-window", type=int, default=0,
+                    help="occlusion cube side in voxels (0: the default of shared.training.explain)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
@@ -106,7 +108,8 @@ def main() -> None:
         spec = get_task(meta["task"])
         samples, _ = select_samples(spec, read_cohort(site))
         samples = [s for s in samples if "seg" in s.case.images and s.label != "healthy"][: a.cases]
-        rows = explain_cases(model, samples, spec, cfg, methods=methods)
+        rows = explain_cases(model, samples, spec, cfg, methods=methods,
+                             occlusion_window=a.occlusion_window or None)
         ds = _dataset(samples, spec, cfg, train=False, in_channels=_first_conv_in_channels(model),
                       with_seg=True)
         chance = [chance_share(ds, i) for i in range(len(samples))]
@@ -127,7 +130,7 @@ def main() -> None:
                                    for m in methods},
                                 "cam": round(float(np.nanmean([r["cam_inside"] for r in sel])), 3)}
         res = {"task": spec.name, "network": meta["network"]["name"], "model": str(model_dir),
-               "cohort": str(site), "n": len(rows),
+               "cohort": str(site), "occlusion_window": a.occlusion_window or "default", "n": len(rows),
                "saliency_inside": [round(x, 3) for x in sal], "saliency_by_method": by_method,
                "cam_inside": [round(x, 3) for x in cam],
                "chance": [round(x, 3) for x in ch], "target_saliency": TARGET_SALIENCY,

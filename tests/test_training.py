@@ -225,6 +225,13 @@ def test_cli_train_predict_evaluate_explain(site: Path, tmp_path: Path) -> None:
                          str(tmp_path / "x")])
     assert res.exit_code == 0, res.output
     assert list((tmp_path / "x").glob("*_explain.png"))
+    res = r.invoke(app, ["explain", "--model", str(model), "--cohort", str(site), "--out",
+                         str(tmp_path / "occ"), "--method", "occlusion"])
+    assert res.exit_code == 0, res.output
+    assert list((tmp_path / "occ").glob("*_explain.png"))
+    res = r.invoke(app, ["explain", "--model", str(model), "--cohort", str(site), "--out",
+                         str(tmp_path / "y"), "--method", "lrp"])
+    assert res.exit_code != 0 and "occlusion" in res.output
     res = r.invoke(app, ["train", "--task", "nope", "--cohort", str(site), "--out", str(model)])
     assert res.exit_code == 2 and "unknown task 'nope'" in res.output
 

@@ -233,9 +233,12 @@ def explain(
     model: ModelOpt, cohort: CohortOpt,
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")],
     case: Annotated[list[str], typer.Option("--case", help="case_id (repeatable); default: 4 test cases")] = [],  # noqa: B006
+    method: Annotated[str, typer.Option(
+        "--method", help="saliency: input_x_gradient, occlusion (one forward pass per cube, no "
+                         "gradients), gradient or smoothgrad")] = "input_x_gradient",
 ) -> None:
-    """Grad-CAM and saliency (input x gradient) of the predicted class (the mask only drawn as a contour), one PNG per case."""
-    from shared.training.explain import explain_cases
+    """Grad-CAM and a saliency map of the predicted class (the mask only drawn as a contour), one PNG per case."""
+    from shared.training.explain import SALIENCY_METHODS, explain_cases
     from shared.training.loop import _first_conv_in_channels
 
     net, _meta, spec, cfg, samples, _ = _eligible(model, cohort)
@@ -244,7 +247,9 @@ def explain(
         s for s in samples if s.split == "test"][:4]
     if not chosen:
         _fail("no matching eligible cases to explain")
-    for row in explain_cases(net, chosen, spec, cfg, out):
+    if method not in SALIENCY_METHODS:
+        _fail(f"--method {method!r}: choose one of {', '.join(SALIENCY_METHODS)}")
+    for row in explain_cases(net, chosen, spec, cfg, out, methods=(method,)):
         typer.echo(f"wrote {row['png']} (Grad-CAM {row['cam_inside']:.2f}, saliency "
                    f"{row['saliency_inside']:.2f} of the mass inside the lesion)")
 

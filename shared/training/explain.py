@@ -56,31 +56,83 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> np.ndarray:
     return cam / cam.max() if cam.max() > 0 else cam
 
 
-SALIENCY_METHODS = ("gradient", "smoothgrad", "input_x_gradient")
+SALIENCY_METHODS = ("gradient", "smoothgrad", "input_x_gradient", "occlusion")
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def occlusion_map(model: nn.Module, x: torch.Tensor, target: int, window: int | None = None,
+                  stride: int | None = None, batch: int = 32, value: float = 0.0) -> np.ndarray:
+    """Occlusion sensitivity (Zeiler & Fergus 2014) of class ``target``: each voxel's mean drop of the
+    class's probability over the cubes that cover it when the cube (all channels) is set to ``value``.
+
+    Inputs are z-scored on the brain, so ``value`` 0 is the brain's mean intensity. Cubes of side
+    ``window`` (default 1/8 of the smallest input side) step by ``stride`` (default half a window); cubes
+    holding no brain voxel are skipped (blanking zero background with zero changes nothing). Rises of
+    the probability count as 0: the map shows what the decision needs. Costs one forward pass per cube
+    (about 1,300 at 32^3, batched), no gradients, and works for any network, like MONAI's
+    ``OcclusionSensitivity`` but with the probability drop and the background skipped.
+    """
+    model.eval()
+    shape = tuple(x.shape[2:])
+    window = window or max(2, min(shape) // 8)
+    stride = stride or max(1, window // 2)
+    brain = x[0].abs().sum(0) > 0
+
+    def starts(n: int) -> list[int]:
+        s = list(range(0, max(n - window, 0) + 1, stride))
+        return s if s[-1] == max(n - window, 0) else [*s, n - window]
+
+    boxes = [(i, j, k) for i in starts(shape[0]) for j in starts(shape[1]) for k in starts(shape[2])
+             if brain[i:i + window, j:j + window, k:k + window].any()]
+    drop = torch.zeros(shape)
+    cover = torch.zeros(shape)
+    with torch.no_grad():
+        p0 = torch.softmax(_logits(model, x), 1)[0, target]
+        for b in range(0, len(boxes), batch):
+            chunk = boxes[b:b + batch]
+            xs = x.repeat(len(chunk), 1, 1, 1, 1)
+            for n, (i, j, k) in enumerate(chunk):
+                xs[n, :, i:i + window, j:j + window, k:k + window] = value
+            p = torch.softmax(_logits(model, xs), 1)[:, target]
+            for n, (i, j, k) in enumerate(chunk):
+                sl = (slice(i, i + window), slice(j, j + window), slice(k, k + window))
+                drop[sl] += (p0 - p[n]).clamp(min=0)
+                cover[sl] += 1
+    return (drop / cover.clamp(min=1)).numpy()
 
 
 def _input_grad(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
     x = x.clone().requires_grad_(True)
-    logits = model(x)
-    logits = logits[0] if isinstance(logits, tuple) else logits
+    logits = _logits(model, x)
     model.zero_grad()
     logits[0, target].backward()
     return x.grad.detach()
 
 
 def saliency(model: nn.Module, x: torch.Tensor, target: int, method: str = "gradient",
-             brain_only: bool = True, samples: int = 8, sigma: float = 0.15, seed: int = 0) -> np.ndarray:
+             brain_only: bool = True, samples: int = 8, sigma: float = 0.15, seed: int = 0,
+             window: int | None = None) -> np.ndarray:
     """Saliency of class ``target``, max over channels, normalised to [0, 1].
 
     ``gradient``: |d logit / d input|. ``smoothgrad``: the mean |gradient| over ``samples`` copies of
     the input with Gaussian noise of ``sigma`` (in z-score units; Smilkov 2017), which averages away
     the gradient's checkerboard noise. ``input_x_gradient``: |input * gradient| (attribution rather
-    than sensitivity). ``brain_only`` zeroes the map outside the images' non-zero support: the zero
+    than sensitivity). ``occlusion``: :func:`occlusion_map` (no gradients; the probability the class
+    loses when each region is blanked). ``brain_only`` zeroes the map outside the images' non-zero support: the zero
     background carries no anatomy, so sensitivity there says nothing about the prediction's cause.
     """
     if method not in SALIENCY_METHODS:
         raise ValueError(f"saliency method {method!r}: choose one of {', '.join(SALIENCY_METHODS)}")
     model.eval()
+    if method == "occlusion":
+        s = occlusion_map(model, x, target, window=window)
+        if brain_only:
+            s = s * (x.detach().abs().sum(1)[0] > 0).numpy()
+        return s / s.max() if s.max() > 0 else s
     if method == "smoothgrad":
         gen = torch.Generator().manual_seed(seed)
         g = sum(_input_grad(model, x + sigma * torch.randn(x.shape, generator=gen), target).abs()
@@ -95,7 +147,8 @@ def saliency(model: nn.Module, x: torch.Tensor, target: int, method: str = "grad
 
 
 def plot_explanations(image: np.ndarray, cam: np.ndarray, sal: np.ndarray, seg: np.ndarray | None,
-                      title: str, path: Path, channel_names: Sequence[str]) -> Path:
+                      title: str, path: Path, channel_names: Sequence[str],
+                      sal_name: str = "saliency") -> Path:
     """One axial slice (through the tumour if ``seg`` is given, else the CAM peak): image, CAM, saliency."""
     import matplotlib
 
@@ -109,7 +162,7 @@ def plot_explanations(image: np.ndarray, cam: np.ndarray, sal: np.ndarray, seg: 
     base = image[0][:, :, z].T
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
     for ax, (name, over) in zip(axes, (("input: " + channel_names[0], None), ("Grad-CAM", cam),
-                                       ("saliency", sal)), strict=True):
+                                       (sal_name, sal)), strict=True):
         ax.imshow(base, cmap="gray", origin="lower")
         if over is not None:
             ax.imshow(over[:, :, z].T, cmap="jet", alpha=0.45, origin="lower", vmin=0, vmax=1)
@@ -134,7 +187,8 @@ def mass_inside(heat: np.ndarray, mask: np.ndarray, dilate: int = 2) -> float:
 
 
 def explain_cases(model: nn.Module, samples, spec, cfg, out: Path | None = None,
-                  methods: Sequence[str] = ("input_x_gradient",)) -> list[dict]:
+                  methods: Sequence[str] = ("input_x_gradient",),
+                  occlusion_window: int | None = None) -> list[dict]:
     """Grad-CAM and saliency of the predicted class for each sample; a PNG each when ``out`` is given.
 
     Returns one dict per case: case_id, label, predicted class, and the share of Grad-CAM and
@@ -160,7 +214,7 @@ def explain_cases(model: nn.Module, samples, spec, cfg, out: Path | None = None,
         logits = logits[0] if isinstance(logits, tuple) else logits
         pred = int(logits.argmax(1))
         cam = grad_cam(model, x, pred)
-        sals = {m: saliency(model, x, pred, method=m) for m in methods}
+        sals = {m: saliency(model, x, pred, method=m, window=occlusion_window) for m in methods}
         sal = sals[methods[0]]
         segn = seg.numpy() if seg is not None else None
 
@@ -173,6 +227,7 @@ def explain_cases(model: nn.Module, samples, spec, cfg, out: Path | None = None,
         if out is not None:
             title = f"{s.case_id}: true {s.label}, predicted {spec.classes[pred]}"
             row["png"] = str(plot_explanations(x[0].numpy(), cam, sal, segn, title,
-                                               out / f"{s.case_id}_explain.png", list(spec.inputs)))
+                                               out / f"{s.case_id}_explain.png", list(spec.inputs),
+                                               f"saliency: {methods[0].replace('_', ' ')}"))
         rows.append(row)
     return rows
