@@ -353,6 +353,41 @@ def test_fit_keeps_one_optimiser_and_follows_the_cosine_schedule(site: Path, tmp
         replace(cfg, lr_schedule="step").resolved()
 
 
+def test_fit_breaks_a_saturated_validation_metric_by_the_validation_loss(site: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """With a validation AUC of 1.0 at every epoch, fit keeps the epoch whose validation
+    cross-entropy is lowest (before: the first epoch to reach 1.0, an underfit model)."""
+    from shared.training import fit, loop
+
+    spec = TASKS["grading"]
+    cohort = read_cohort(site)
+    tr, _ = select_samples(spec, cohort, "train")
+    va, _ = select_samples(spec, cohort, "val")
+    losses = {1: 0.6, 2: 0.5, 3: 0.2, 4: 0.4}
+    epoch = {"n": 0}
+
+    def fake_train(model, samples, spec, cfg, **kw):
+        epoch["n"] += 1
+        with torch.no_grad():
+            next(model.parameters()).fill_(float(epoch["n"]))  # marks which epoch's weights these are
+        return loop.TrainResult(num_examples=len(samples), loss=0.1, metrics={}, seconds=0.0)
+
+    def fake_eval(model, samples, spec, cfg):
+        labels = np.array([0, 1])
+        p_true = float(np.exp(-losses[epoch["n"]]))
+        probs = np.array([[p_true, 1 - p_true], [1 - p_true, p_true]])
+        return loop.EvalResult(2, {"auc": 1.0, "accuracy": 1.0}, np.eye(2, dtype=np.int64), None,
+                               probs, labels)
+
+    monkeypatch.setattr(loop, "train_epochs", fake_train)
+    monkeypatch.setattr(loop, "evaluate_model", fake_eval)
+    cfg = TrainConfig(task="grading", network="small_cnn", input_size=(16, 16, 16), epochs=4,
+                      cache_dir=str(tmp_path / "c"), augment=False, patience=10)
+    model, hist = fit(spec, cfg, tr, va, progress=False, log=lambda m: None)
+    assert float(next(model.parameters()).flatten()[0]) == 3.0
+    assert [round(h["val_loss"], 3) for h in hist] == [0.6, 0.5, 0.2, 0.4]
+
+
 def test_logit_adjustment_trains_the_class_balanced_bias(site: Path, tmp_path: Path) -> None:
     """balance=logit_adjust trains on logits + log(prior): on a label-skewed site the network's own
     output bias stays near the balanced one, where plain cross-entropy learns log(majority/minority)
