@@ -68,6 +68,8 @@ def round_metrics(site_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for key in sorted(keys):
             weighted[key] = float(sum(sites[s][key] * weights[s] for s in sites) / total)
     pooled = metrics_from_sums(confusion, hist)
+    if pooled and "cross_entropy" in weighted:  # a per-case mean: its example-weighted mean is exact
+        pooled["cross_entropy"] = weighted["cross_entropy"]
     if confusion is None and weighted:  # regression (qtm): per-case means pool exactly by weighting
         pooled = {**weighted, "num_examples": float(total)}
     ci = {"pooled": bootstrap_cis(confusion, hist) if confusion is not None else {},

@@ -5,7 +5,8 @@ After aggregation the round loop sends the new global weights to every site hold
 score histograms, ``server/pooled.py``), so the score of round r is the score of round r's model (no
 one-round lag as when the next round's training replies carry it). The selection metric is the task's
 headline metric (``shared/tasks.py``; lower is better for errors such as ``param_mae``). The best round
-so far is kept (strictly better only: on ties the earlier round stays), named in
+so far is kept; on equal scores (a validation AUC of 1.0 is common on small splits) the lower pooled
+validation cross-entropy wins, and on a full tie the earlier round stays. It is named in
 ``checkpoints/best.json`` and exported by default (``export = "best"``); ``early-stop-patience`` stops a
 run that has not improved for that many rounds.
 """
@@ -63,6 +64,7 @@ class Selection:
     higher_is_better: bool
     best_round: int | None = None
     best_value: float | None = None
+    best_loss: float | None = None  # pooled validation cross-entropy of the best round (tie-break)
     last_round: int = 0
 
     @classmethod
@@ -80,10 +82,14 @@ class Selection:
         value = pooled_val.get(self.metric)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return False
-        better = (self.best_value is None
+        loss = pooled_val.get("cross_entropy")
+        loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+        tie_won = (value == self.best_value and loss is not None
+                   and (self.best_loss is None or loss < self.best_loss))
+        better = (self.best_value is None or tie_won
                   or (value > self.best_value if self.higher_is_better else value < self.best_value))
         if better:
-            self.best_round, self.best_value = rnd, float(value)
+            self.best_round, self.best_value, self.best_loss = rnd, float(value), loss
         return better
 
     def stale_rounds(self) -> int:

@@ -185,3 +185,27 @@ def test_the_report_marks_the_exported_round_and_compares_its_model(tmp_path):
     summary["run_config"]["export"] = "final"
     assert comparison(summary)["federated"] == 0.55
     assert "Exported model: <b>round 3</b>, the final round" in write_report(tmp_path, summary).read_text()
+
+
+def test_equal_validation_scores_are_told_apart_by_the_pooled_validation_loss():
+    """A small validation split saturates (AUC 1.0 in rounds 9 and 10 of a 12-round parity run):
+    the tie goes to the lower pooled cross-entropy, a full tie to the earlier round."""
+    from server.pooled import round_metrics
+    from server.selection import Selection
+
+    sel = Selection("auc", True)
+    assert sel.update(1, {"auc": 0.9, "cross_entropy": 0.5})
+    assert sel.update(2, {"auc": 1.0, "cross_entropy": 0.4})
+    assert sel.update(3, {"auc": 1.0, "cross_entropy": 0.2})  # same AUC, better calibrated
+    assert not sel.update(4, {"auc": 1.0, "cross_entropy": 0.3})
+    assert not sel.update(5, {"auc": 1.0, "cross_entropy": 0.2})  # full tie: round 3 stays
+    assert not sel.update(6, {"auc": 0.99, "cross_entropy": 0.01})  # the score still comes first
+    assert (sel.best_round, sel.best_loss) == (3, 0.2)
+    # sites' cross-entropies pool as the example-weighted mean, which is the pooled mean exactly
+    from shared.contract import CONFUSION, NUM_CLASSES, NUM_EXAMPLES
+
+    site = {NUM_EXAMPLES: 2, NUM_CLASSES: 2, CONFUSION: [1, 0, 0, 1]}
+    pooled = round_metrics({"a": {**site, "cross_entropy": 0.1},
+                            "b": {**site, NUM_EXAMPLES: 6, CONFUSION: [3, 0, 0, 3],
+                                  "cross_entropy": 0.5}})["pooled"]
+    assert pooled["cross_entropy"] == pytest.approx((2 * 0.1 + 6 * 0.5) / 8)

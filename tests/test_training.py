@@ -376,8 +376,9 @@ def test_fit_breaks_a_saturated_validation_metric_by_the_validation_loss(site: P
         labels = np.array([0, 1])
         p_true = float(np.exp(-losses[epoch["n"]]))
         probs = np.array([[p_true, 1 - p_true], [1 - p_true, p_true]])
-        return loop.EvalResult(2, {"auc": 1.0, "accuracy": 1.0}, np.eye(2, dtype=np.int64), None,
-                               probs, labels)
+        ce = float(-np.log(probs[[0, 1], labels]).mean())
+        return loop.EvalResult(2, {"auc": 1.0, "accuracy": 1.0, "cross_entropy": ce},
+                               np.eye(2, dtype=np.int64), None, probs, labels)
 
     monkeypatch.setattr(loop, "train_epochs", fake_train)
     monkeypatch.setattr(loop, "evaluate_model", fake_eval)

@@ -334,6 +334,8 @@ def evaluate_model(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSp
         return EvalResult(0, {}, np.zeros((k, k), np.int64), np.zeros((k, 2, BINS), np.int64),
                           probs, labels, [])
     metrics = classification_metrics(labels, probs, spec.classes)
+    metrics["cross_entropy"] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels],
+                                                     1e-7, 1.0)).mean())
     conf = np.asarray(metrics.pop("confusion"), dtype=np.int64)
     return EvalResult(len(samples), metrics, conf,
                       score_histograms(probs, labels, spec.num_classes), probs, labels,
@@ -344,8 +346,7 @@ def validation_loss(ev: EvalResult) -> float:
     """Mean cross-entropy of the true class (NaN for regression kinds or no labelled case)."""
     if ev.confusion is None or len(ev.labels) == 0 or ev.probs.ndim != 2:
         return float("nan")
-    p = ev.probs[np.arange(len(ev.labels)), ev.labels]
-    return float(-np.log(np.clip(p, 1e-7, 1.0)).mean())
+    return float(ev.metrics.get("cross_entropy", np.nan))
 
 
 def fit(
