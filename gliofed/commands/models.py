@@ -234,8 +234,9 @@ def explain(
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")],
     case: Annotated[list[str], typer.Option("--case", help="case_id (repeatable); default: 4 test cases")] = [],  # noqa: B006
     method: Annotated[str, typer.Option(
-        "--method", help="saliency: input_x_gradient, occlusion (one forward pass per cube, no "
-                         "gradients), gradient or smoothgrad")] = "input_x_gradient",
+        "--method", help="saliency: occlusion (one forward pass per 8-voxel cube, no gradients; "
+                         "the most mass on the lesion in benchmarks/explain_lesion.py), "
+                         "input_x_gradient, gradient or smoothgrad")] = "occlusion",
 ) -> None:
     """Grad-CAM and a saliency map of the predicted class (the mask only drawn as a contour), one PNG per case."""
     from shared.training.explain import SALIENCY_METHODS, explain_cases
