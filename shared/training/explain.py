@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def last_active_conv(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """The last Conv3d that runs when the class is predicted (not, e.g., an idle segmentation head)."""
     order: list[nn.Module] = []
@@ -42,8 +47,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> np.ndarray:
     try:
         model.eval()
         x = x.clone().requires_grad_(True)
-        logits = model(x)
-        logits = logits[0] if isinstance(logits, tuple) else logits
+        logits = _logits(model, x)
         model.zero_grad()
         logits[0, target].backward()
     finally:
@@ -58,11 +62,6 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> np.ndarray:
 
 SALIENCY_METHODS = ("gradient", "smoothgrad", "input_x_gradient", "occlusion")
 DEFAULT_OCCLUSION_WINDOW = 8
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def occlusion_map(model: nn.Module, x: torch.Tensor, target: int, window: int | None = None,
@@ -133,17 +132,15 @@ def saliency(model: nn.Module, x: torch.Tensor, target: int, method: str = "grad
     model.eval()
     if method == "occlusion":
         s = occlusion_map(model, x, target, window=window)
-        if brain_only:
-            s = s * (x.detach().abs().sum(1)[0] > 0).numpy()
-        return s / s.max() if s.max() > 0 else s
-    if method == "smoothgrad":
-        gen = torch.Generator().manual_seed(seed)
-        g = sum(_input_grad(model, x + sigma * torch.randn(x.shape, generator=gen), target).abs()
-                for _ in range(samples)) / samples
     else:
-        g = _input_grad(model, x, target)
-        g = (g * x).abs() if method == "input_x_gradient" else g.abs()
-    s = g.amax(1)[0].float().numpy()
+        if method == "smoothgrad":
+            gen = torch.Generator().manual_seed(seed)
+            g = sum(_input_grad(model, x + sigma * torch.randn(x.shape, generator=gen), target).abs()
+                    for _ in range(samples)) / samples
+        else:
+            g = _input_grad(model, x, target)
+            g = (g * x).abs() if method == "input_x_gradient" else g.abs()
+        s = g.amax(1)[0].float().numpy()
     if brain_only:
         s = s * (x.detach().abs().sum(1)[0] > 0).numpy()
     return s / s.max() if s.max() > 0 else s
@@ -213,8 +210,7 @@ def explain_cases(model: nn.Module, samples, spec, cfg, out: Path | None = None,
         x, seg = ds.load(i)
         x = x.float()[None]
         with torch.no_grad():
-            logits = model(x)  # clinical covariates (if any) count as missing here
-        logits = logits[0] if isinstance(logits, tuple) else logits
+            logits = _logits(model, x)  # clinical covariates (if any) count as missing here
         pred = int(logits.argmax(1))
         cam = grad_cam(model, x, pred)
         sals = {m: saliency(model, x, pred, method=m, window=occlusion_window) for m in methods}

@@ -342,13 +342,6 @@ def evaluate_model(model: nn.Module, samples: Sequence[TaskSample], spec: TaskSp
                       [s.case_id for s in samples])
 
 
-def validation_loss(ev: EvalResult) -> float:
-    """Mean cross-entropy of the true class (NaN for regression kinds or no labelled case)."""
-    if ev.confusion is None or len(ev.labels) == 0 or ev.probs.ndim != 2:
-        return float("nan")
-    return float(ev.metrics.get("cross_entropy", np.nan))
-
-
 def fit(
     spec: TaskSpec, cfg: TrainConfig, train: Sequence[TaskSample], val: Sequence[TaskSample],
     *, progress: bool = True, log: Callable[[str], None] = print, deadline: float | None = None,
@@ -356,7 +349,7 @@ def fit(
     """Centralised training with validation each epoch, early stopping and the best model kept.
 
     Best: the highest validation headline metric; between equal metrics, the lower validation
-    cross-entropy (:func:`validation_loss`).
+    cross-entropy (``cross_entropy`` of :func:`evaluate_model`).
 
     One AdamW runs through all epochs (its moments are not reset each epoch); ``cfg.lr_schedule =
     "cosine"`` lowers its learning rate each epoch from ``cfg.lr`` towards 0 at ``cfg.epochs``.
@@ -384,7 +377,7 @@ def fit(
             ev = evaluate_model(model, val, spec, cfg)
             row.update({f"val_{k}": v for k, v in ev.metrics.items()})
             score = ev.metrics.get(metric, np.nan)
-            nll = validation_loss(ev)
+            nll = float(ev.metrics.get("cross_entropy", np.nan))  # none for regression kinds
             row["val_loss"] = nll
             # a small validation split saturates (AUC 1.0 from epoch 3 of 30 on 24 grading cases):
             # equal metrics are told apart by the validation cross-entropy, not by which came first
