@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--network", default="", help="override every task's network")
     ap.add_argument("--seg-weight", type=float, default=0.5, help="unet_encoder auxiliary seg loss")
     ap.add_argument("--balance", default="weighted_loss", help="weighted_loss | sampler | none | logit_adjust")
+    ap.add_argument("--augment-level", default="basic", help="basic or mr (shared/mr_augment.py)")
     ap.add_argument("--flip-axes", default="0", help="augmentation flips, RAS axes: 0 (left-right) or 0,1,2")
     ap.add_argument("--subtraction", default=None, action=argparse.BooleanOptionalAction,
                     help="rano: follow-up minus baseline channels (default: the task's, on for rano)")
@@ -132,7 +133,8 @@ def main() -> None:
                           epochs=a.epochs, patience=a.patience or max(5, a.epochs // 3), batch_size=a.batch_size,
                           lr=a.lr, lr_schedule=a.lr_schedule, seed=a.seed, device=a.device, cache_dir=str(work / "cache"),
                           seg_weight=a.seg_weight, balance=a.balance, subtraction=a.subtraction,
-                          flip_axes=tuple(int(v) for v in a.flip_axes.split(","))).resolved()
+                          flip_axes=tuple(int(v) for v in a.flip_axes.split(",")),
+                          augment_level=a.augment_level).resolved()
         t = time.perf_counter()
         model, hist = fit(spec, cfg, tr, va, progress=False, log=lambda m: print(m, flush=True),
                           deadline=_deadline(a.deadline))

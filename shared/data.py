@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from shared.bundle_scripts.transforms import PREPROCESS_VERSION, SEG_LABELS, build_preprocessing
+from shared.mr_augment import check_level, scanner_like, zoom_factors
 from shared.tasks import TaskSample, TaskSpec
 
 SEG_CLASSES = SEG_LABELS  # stored as indices 0..3 when a segmentation target is requested
@@ -196,9 +197,11 @@ class TaskDataset(Dataset):
         seed: int = 0,
         half: bool = False,
         flip_axes: Sequence[int] = (0,),
+        augment_level: str = "basic",
     ) -> None:
         self.samples = list(samples)
         self.flip_axes = tuple(flip_axes)
+        self.augment_level = check_level(augment_level)
         self.spec = spec
         self.cfg = PreprocessConfig(size=tuple(size))
         self.cache = cache
@@ -246,7 +249,7 @@ class TaskDataset(Dataset):
         """A dict batch item: ``x``, ``y`` and, when configured, ``seg`` and ``clinical``."""
         x, seg = self.load(i)
         if self.augment:
-            x, seg = augment(x, seg, self.gen, self.flip_axes)
+            x, seg = augment(x, seg, self.gen, self.flip_axes, self.augment_level)
         y = self.class_index[self.samples[i].label] if self.samples[i].label is not None else -1
         item: dict[str, torch.Tensor | int] = {"x": x, "y": y}
         if self.with_seg:
@@ -261,7 +264,8 @@ FLIP_AXES = (0,)  # spatial axes flipped at random: left-right only (inputs are 
 
 
 def augment_batch(
-    x: torch.Tensor, seg: torch.Tensor | None, gen: torch.Generator, flip_axes: Sequence[int] = FLIP_AXES
+    x: torch.Tensor, seg: torch.Tensor | None, gen: torch.Generator, flip_axes: Sequence[int] = FLIP_AXES,
+    level: str = "basic",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`augment` for a whole batch [B, C, D, H, W] on its own device (the GPU path).
 
@@ -277,6 +281,8 @@ def augment_batch(
     theta = torch.zeros(b, 3, 4)
     theta[:, 0, 0] = 1
     theta[:, 1, 1], theta[:, 1, 2], theta[:, 2, 1], theta[:, 2, 2] = c, -s, s, c
+    if check_level(level) == "mr":
+        theta[:, :, :3] *= zoom_factors(b, gen)[:, None, None]
     # a flip is a sign change of the matching sampling axis (grid order is x=W, y=H, z=D)
     for axis in flip_axes:
         theta[:, 2 - axis, :3] *= torch.where(flips[:, axis], -1.0, 1.0)[:, None]
@@ -288,26 +294,32 @@ def augment_batch(
     if seg is not None:
         seg = F.grid_sample(seg[:, None].float(), grid.float(), mode="nearest",
                             align_corners=False)[:, 0].round().long()
+    if level == "mr":
+        out = scanner_like(out, gen)
     return out * scale.to(x.device) + shift.to(x.device), seg
 
 
 def augment(
-    x: torch.Tensor, seg: torch.Tensor | None, gen: torch.Generator, flip_axes: Sequence[int] = FLIP_AXES
+    x: torch.Tensor, seg: torch.Tensor | None, gen: torch.Generator, flip_axes: Sequence[int] = FLIP_AXES,
+    level: str = "basic",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random flips, a small rotation in the axial plane, and per-channel intensity jitter.
 
     Only the left-right axis is flipped by default: an up-down or front-back flip would move the sella
     to the vertex and the cerebellopontine angle to the frontal lobe, destroying the location that tells
     tumour types apart (benchmarks/README.md, typing ablation). ``flip_axes=(0, 1, 2)`` flips all three.
+    ``level="mr"`` adds an isotropic zoom and scanner-like contrast, bias field and noise
+    (``shared/mr_augment.py``).
     """
     for axis in (1, 2, 3):
         if torch.rand(1, generator=gen).item() < 0.5 and axis - 1 in flip_axes:
             x = x.flip(axis)
             seg = seg.flip(axis - 1) if seg is not None else None
     angle = float((torch.rand(1, generator=gen).item() - 0.5) * 2 * np.deg2rad(10))
-    if abs(angle) > 1e-3:
-        c, s = np.cos(angle), np.sin(angle)
-        theta = torch.tensor([[[1, 0, 0, 0], [0, c, -s, 0], [0, s, c, 0]]], dtype=torch.float32)
+    zoom = float(zoom_factors(1, gen)[0]) if check_level(level) == "mr" else 1.0
+    if abs(angle) > 1e-3 or zoom != 1.0:
+        c, s = np.cos(angle) * zoom, np.sin(angle) * zoom
+        theta = torch.tensor([[[zoom, 0, 0, 0], [0, c, -s, 0], [0, s, c, 0]]], dtype=torch.float32)
         grid = F.affine_grid(theta, (1, *x.shape), align_corners=False)
         x = F.grid_sample(x[None], grid, mode="bilinear", align_corners=False)[0]
         if seg is not None:
@@ -316,6 +328,8 @@ def augment(
                 .round()
                 .long()
             )
+    if level == "mr":
+        x = scanner_like(x[None], gen)[0]
     scale = 1 + 0.1 * (torch.rand(x.shape[0], 1, 1, 1, generator=gen) - 0.5) * 2
     shift = 0.1 * (torch.rand(x.shape[0], 1, 1, 1, generator=gen) - 0.5) * 2
     return x * scale + shift, seg

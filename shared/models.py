@@ -13,13 +13,15 @@ from torch import nn
 
 NETWORKS = ("small_cnn", "resnet10", "resnet18", "densenet121", "densenet264", "unet_encoder", "context_cnn",
             "resnet10_seg", "resnet18_seg")
-# each also as "<name>_gnws": GroupNorm + weight-standardised convolutions, for DP (models_gn.py)
+# each also as "<name>_gnws": GroupNorm + weight-standardised convolutions, for DP (models_gn.py),
+# and as "<name>_mirror": the input plus its left-right asymmetry image (MirrorInput)
+MIRROR = "_mirror"
 SEG_NETWORKS = ("unet_encoder", "context_cnn", "resnet10_seg", "resnet18_seg")  # trained with an auxiliary segmentation head
 
 
 def seg_classes_for(name: str) -> int:
     """Classes of the auxiliary segmentation head of network ``name`` (0: none)."""
-    return 4 if name in SEG_NETWORKS else 0
+    return 4 if name.removesuffix(MIRROR) in SEG_NETWORKS else 0
 
 
 def _norm(dp: bool, ch: int) -> nn.Module:
@@ -224,6 +226,33 @@ class ResNetSeg(nn.Module):
         return logits, seg
 
 
+class MirrorInput(nn.Module):
+    """Feed ``net`` each channel and its left-right asymmetry, ``x - flip_lr(x)``.
+
+    A brain is nearly symmetric about the midline and a lesion mostly is not: the asymmetry image
+    shows a faint one-sided change (a non-enhancing glioma on T1ce) against its mirror-image tissue
+    instead of against the whole brain. Inputs are RAS whole-brain crops, so the first spatial axis
+    (dim 2 of N, C, X, Y, Z) is left-right and the midline sits near the centre. No weights of its
+    own; ``net`` is built with twice the input channels.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    @property
+    def return_seg(self) -> bool:
+        return bool(getattr(self.net, "return_seg", False))
+
+    @return_seg.setter
+    def return_seg(self, value: bool) -> None:
+        if hasattr(self.net, "return_seg"):
+            self.net.return_seg = value
+
+    def forward(self, x: torch.Tensor, *rest):
+        return self.net(torch.cat([x, x - torch.flip(x, dims=(2,))], 1), *rest)
+
+
 class ClinicalFusion(nn.Module):
     """Late fusion of clinical covariates: image logits + a linear map of (standardised values, missing).
 
@@ -280,6 +309,9 @@ def _build_backbone(name: str, in_channels: int, num_classes: int, dp_compatible
 
     from .models_gn import base_network, is_gnws, standardise_convolutions
 
+    if name.endswith(MIRROR):
+        return MirrorInput(_build_backbone(name.removesuffix(MIRROR), 2 * in_channels, num_classes,
+                                           dp_compatible, stem_stride, seg_classes))
     if is_gnws(name) and base_network(name) in NETWORKS:
         return standardise_convolutions(_build_backbone(
             base_network(name), in_channels, num_classes, True, stem_stride, seg_classes))
@@ -304,4 +336,4 @@ def _build_backbone(name: str, in_channels: int, num_classes: int, dp_compatible
     if name == "context_cnn":
         return ContextCNN(in_channels, num_classes, seg_classes=seg_classes, dp=dp_compatible)
     raise ValueError(f"unknown network {name!r}; choose one of {', '.join(NETWORKS)} "
-                     "(or any of them + '_gnws')")
+                     "(or any of them + '_gnws' and/or '_mirror')")

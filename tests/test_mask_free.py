@@ -96,7 +96,8 @@ def _read(path: Path) -> dict[str, dict[str, str]]:
     return {r["case_id"]: r for r in csv.DictReader(path.open())}
 
 
-@pytest.mark.parametrize("task,network", [("grading", "resnet10"), ("rano", "unet_encoder")])
+@pytest.mark.parametrize("task,network", [("grading", "resnet10"), ("rano", "unet_encoder"),
+                                          ("rano", "small_cnn_mirror")])
 def test_model_dir_runs_under_monai_bundle_runner_without_gliofed(site, tmp_path, task, network):
     from gliofed.cli import app
 
@@ -224,3 +225,25 @@ def test_occlusion_map_puts_its_mass_where_the_decision_is_read():
     assert occlusion_map(ReadsOneCube(), x, 0, window=4, stride=2).max() == 0  # class 0 only rises
     s = saliency(ReadsOneCube(), x, 1, method="occlusion")
     assert s.max() == pytest.approx(1.0) and (s[x[0, 0].numpy() == 0] == 0).all()
+
+
+def test_mirror_network_sees_each_channel_and_its_left_right_asymmetry():
+    from shared.models import MirrorInput, build_model
+    from shared.training.loop import _first_conv_in_channels
+
+    model = build_model("small_cnn_mirror", 2, 3)
+    assert isinstance(model, MirrorInput) and _first_conv_in_channels(model) == 2
+    seen = []
+    model.net.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    half = torch.rand(1, 2, 8, 16, 16)
+    symmetric = torch.cat([half, torch.flip(half, dims=(2,))], 2)  # mirror image about the midline
+    one_sided = symmetric.clone()
+    one_sided[:, 0, 2:5, 6:9, 6:9] += 3.0  # a "lesion" in the left half of channel 0
+    model.eval()
+    model(symmetric)
+    model(one_sided)
+    assert seen[0].shape == (1, 4, 16, 16, 16)
+    assert torch.equal(seen[0][:, :2], symmetric) and seen[0][:, 2:].abs().max() == 0
+    asym = seen[1][:, 2]  # channel 0's asymmetry: +3 at the lesion, -3 at its mirror image
+    assert asym[0, 2:5, 6:9, 6:9].eq(3.0).all() and asym[0, 11:14, 6:9, 6:9].eq(-3.0).all()
+    assert asym.abs().sum() == 2 * 3.0 * 27 and seen[1][:, 3].abs().max() == 0

@@ -118,6 +118,29 @@ def test_augmentation_flips_left_right_only_by_default() -> None:
     assert any(np.unravel_index(int(v.argmax()), (8, 8, 8))[2] < 4 for v in all_axes[:, 0])
 
 
+def test_mr_augmentation_draws_scanner_like_cases_and_keeps_the_background() -> None:
+    """``augment_level="mr"``: other contrast, bias field and noise, re-z-scored over the brain."""
+    from shared.mr_augment import scanner_like
+
+    x = torch.zeros(6, 2, 16, 16, 16)
+    x[:, :, 3:13, 3:13, 3:13] = torch.randn(6, 2, 10, 10, 10)
+    brain = x != 0
+    y = scanner_like(x, torch.Generator().manual_seed(1))
+    assert torch.equal(y[~brain], x[~brain])  # background stays 0
+    for b in range(6):
+        for c in range(2):
+            v, u = y[b, c][brain[b, c]], x[b, c][brain[b, c]]
+            assert abs(float(v.mean())) < 0.05 and abs(float(v.std()) - 1) < 0.05
+            r = float(torch.corrcoef(torch.stack([u, v]))[0, 1])
+            assert 0.8 < r < 0.9999  # the same anatomy, another scanner
+    assert torch.equal(y, scanner_like(x, torch.Generator().manual_seed(1)))  # reproducible
+    one, _ = data.augment(x[0], None, torch.Generator().manual_seed(2), level="mr")
+    many, _ = data.augment_batch(x, None, torch.Generator().manual_seed(2), level="mr")
+    assert one.shape == x[0].shape and many.shape == x.shape
+    with pytest.raises(ValueError, match="augment level"):
+        data.augment(x[0], None, torch.Generator(), level="heavy")
+
+
 def test_auc_from_histograms_matches_sklearn_on_binned_scores() -> None:
     from sklearn.metrics import roc_auc_score
 

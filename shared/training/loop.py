@@ -24,7 +24,7 @@ from shared.data import (
     optional_inputs_available,
 )
 from shared.device import pick_device
-from shared.models import build_model, seg_classes_for
+from shared.models import MirrorInput, build_model, seg_classes_for
 from shared.tasks import TaskSample, TaskSpec, get_task
 from shared.training.kinds import kind_adapter
 from shared.training.metrics import BINS, classification_metrics, score_histograms
@@ -52,6 +52,7 @@ class TrainConfig:
     dp_compatible: bool = False
     augment: bool = True
     flip_axes: tuple[int, ...] = (0,)  # augmentation flips: left-right only (RAS); (0, 1, 2) for all
+    augment_level: str = "basic"  # basic | mr (+ zoom, scanner-like contrast, bias field, noise)
     balance: str = "weighted_loss"  # weighted_loss | sampler (class-balanced batches) | none |
     #   logit_adjust (loss on logits + log of this training set's class prior; label-skewed sites)
     patience: int = 5
@@ -122,7 +123,8 @@ def _dataset(samples, spec, cfg, *, train: bool, in_channels: int, with_seg: boo
                        augment=train and cfg.augment and not _device_augment(cfg), use_optional=use_opt,
                        half=pick_device(cfg.device).type == "cuda",
                        subtraction=cfg.subtraction, with_seg=with_seg or seg_classes_for(cfg.network) > 0,
-                       clinical=cfg.clinical, seed=cfg.seed, flip_axes=cfg.flip_axes)
+                       clinical=cfg.clinical, seed=cfg.seed, flip_axes=cfg.flip_axes,
+                       augment_level=cfg.augment_level)
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -130,9 +132,11 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 
 def _first_conv_in_channels(model: nn.Module) -> int:
+    """Image channels the model reads (a MirrorInput network's first layer sees each one twice)."""
+    factor = 2 if any(isinstance(m, MirrorInput) for m in model.modules()) else 1
     for m in model.modules():
         if isinstance(m, nn.Conv3d):
-            return m.in_channels
+            return m.in_channels // factor
     raise ValueError("model has no Conv3d layer")
 
 
@@ -243,7 +247,7 @@ def train_epochs(
             x, y = batch["x"].to(dev, non_blocking=True), batch["y"].to(dev)
             if device_aug:
                 seg_b = batch["seg"].to(dev) if "seg" in batch else None
-                x, seg_b = augment_batch(x, seg_b, aug_gen, cfg.flip_axes)
+                x, seg_b = augment_batch(x, seg_b, aug_gen, cfg.flip_axes, cfg.augment_level)
                 if seg_b is not None:
                     batch["seg"] = seg_b
             x = x.float()
