@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 NETWORKS = ("small_cnn", "resnet10", "resnet18", "densenet121", "densenet264", "unet_encoder", "context_cnn",
-            "resnet10_seg", "resnet18_seg")
+            "resnet10_seg", "resnet18_seg", "resnet10_avgmax", "resnet18_avgmax")
 # each also as "<name>_gnws": GroupNorm + weight-standardised convolutions, for DP (models_gn.py),
 # and as "<name>_mirror": the input plus its left-right asymmetry image (MirrorInput)
 MIRROR = "_mirror"
@@ -226,6 +226,17 @@ class ResNetSeg(nn.Module):
         return logits, seg
 
 
+class AvgMaxPool3d(nn.Module):
+    """Global average and global max pooling side by side ([B, 2C, 1, 1, 1]).
+
+    The average says what the whole brain looks like; the maximum keeps a feature that fires in a few
+    voxels only (a small or faint lesion), which averaging over the brain dilutes.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3, 4), keepdim=True), x.amax(dim=(2, 3, 4), keepdim=True)], 1)
+
+
 class MirrorInput(nn.Module):
     """Feed ``net`` each channel and its left-right asymmetry, ``x - flip_lr(x)``.
 
@@ -322,6 +333,12 @@ def _build_backbone(name: str, in_channels: int, num_classes: int, dp_compatible
         model = fn(spatial_dims=3, n_input_channels=in_channels, num_classes=num_classes,
                    conv1_t_stride=stem_stride, conv1_t_size=7 if stem_stride == 1 else 3)
         return _make_dp_safe(model) if dp_compatible else model
+    if name in ("resnet10_avgmax", "resnet18_avgmax"):
+        model = _build_backbone(name.removesuffix("_avgmax"), in_channels, num_classes, dp_compatible,
+                                stem_stride, 0)
+        model.avgpool = AvgMaxPool3d()
+        model.fc = nn.Linear(2 * model.fc.in_features, num_classes)
+        return model
     if name in ("resnet10_seg", "resnet18_seg"):
         return ResNetSeg(_build_backbone(name.removesuffix("_seg"), in_channels, num_classes,
                                          dp_compatible, stem_stride, 0), seg_classes)

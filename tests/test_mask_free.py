@@ -247,3 +247,17 @@ def test_mirror_network_sees_each_channel_and_its_left_right_asymmetry():
     asym = seen[1][:, 2]  # channel 0's asymmetry: +3 at the lesion, -3 at its mirror image
     assert asym[0, 2:5, 6:9, 6:9].eq(3.0).all() and asym[0, 11:14, 6:9, 6:9].eq(-3.0).all()
     assert asym.abs().sum() == 2 * 3.0 * 27 and seen[1][:, 3].abs().max() == 0
+
+
+def test_avgmax_network_keeps_a_feature_that_fires_in_one_voxel():
+    from shared.models import AvgMaxPool3d, build_model
+
+    x = torch.zeros(2, 3, 4, 4, 4)
+    x[0, 1, 2, 2, 2] = 6.4  # one voxel of one channel in case 0
+    pooled = AvgMaxPool3d()(x)
+    assert pooled.shape == (2, 6, 1, 1, 1)
+    assert pooled[0, 1].item() == pytest.approx(0.1) and pooled[0, 4].item() == pytest.approx(6.4)
+    assert pooled[1].abs().max() == 0
+    model = build_model("resnet10_avgmax", 1, 7)
+    assert isinstance(model.avgpool, AvgMaxPool3d) and model.fc.in_features == 1024
+    assert model(torch.randn(2, 1, 16, 16, 16)).shape == (2, 7)
