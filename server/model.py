@@ -113,9 +113,14 @@ def selection_provenance(run: RunConfig, result: Any) -> dict[str, Any]:
     }
     if run.export == "best" and sel is not None and sel.best_round is not None:
         better = "highest" if sel.higher_is_better else "lowest"
+        reason = (f"{better} pooled validation {sel.metric} ({sel.best_value:.4g}) of the new global "
+                  f"model, rounds 1-{final}")
+        if sel.peak_round is not None and sel.peak_round != sel.best_round:
+            reason = (f"the last round within select-tolerance {sel.tolerance:g} of the {better} pooled "
+                      f"validation {sel.metric} ({sel.peak_value:.4g}, round {sel.peak_round}): "
+                      f"{sel.best_value:.4g}, rounds 1-{final}")
         return {**out, "exported": "best", "round": sel.best_round, "value": sel.best_value,
-                "reason": f"{better} pooled validation {sel.metric} ({sel.best_value:.4g}) of the "
-                          f"new global model, rounds 1-{final}"}
+                "peak_round": sel.peak_round, "peak_value": sel.peak_value, "reason": reason}
     why = ("export = final" if run.export == "final"
            else "export = best, but no round had a validation score (no site holds a val split)")
     value = (result.rounds[-1].get("selection") or {}).get("value") if result.rounds else None

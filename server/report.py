@@ -237,6 +237,11 @@ def _selection_note(summary: dict[str, Any]) -> str:
     if rnd == sel.get("best_round") and (summary.get("run_config") or {}).get("export") != "final":
         why = (f"the best pooled validation {sel.get('metric')} ({sel.get('best_value'):.3f}) of the "
                f"new global model over rounds 1-{rounds[-1]['round']}")
+        peak = sel.get("peak_round")
+        if peak is not None and peak != rnd:
+            why = (f"the last round within {sel.get('tolerance', 0):g} (relative) of the best pooled "
+                   f"validation {sel.get('metric')}, {sel.get('peak_value'):.3f} in round {peak} "
+                   f"(this round {sel.get('best_value'):.3f}; rounds 1-{rounds[-1]['round']})")
     else:
         why = "the final round (export = final, or no round had a validation score)"
     return (f"<p>Exported model: <b>round {rnd}</b>, {html.escape(why)}. The federated result below "

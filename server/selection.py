@@ -6,9 +6,13 @@ score histograms, ``server/pooled.py``), so the score of round r is the score of
 one-round lag as when the next round's training replies carry it). The selection metric is the task's
 headline metric (``shared/tasks.py``; lower is better for errors such as ``param_mae``). The best round
 so far is kept; on equal scores (a validation AUC of 1.0 is common on small splits) the lower pooled
-validation cross-entropy wins, and on a full tie the earlier round stays. It is named in
-``checkpoints/best.json`` and exported by default (``export = "best"``); ``early-stop-patience`` stops a
-run that has not improved for that many rounds.
+validation cross-entropy wins, and on a full tie the earlier round stays. With ``select-tolerance``
+(relative, 0.01 by default) a later round whose score is within that share of the best score so far (the
+peak) takes the place of the earlier one: on a few dozen validation cases the peak of twelve noisy scores
+is often an early round that only drew a lucky validation sample (winner's curse), and the later round,
+equally good on the evidence, has trained longer (benchmarks/README.md, "Which round to export").
+The chosen round is named in ``checkpoints/best.json`` and exported by default (``export = "best"``);
+``early-stop-patience`` stops a run that has not had such a round for that many rounds.
 """
 
 from __future__ import annotations
@@ -66,12 +70,15 @@ class Selection:
     best_value: float | None = None
     best_loss: float | None = None  # pooled validation cross-entropy of the best round (tie-break)
     last_round: int = 0
+    tolerance: float = 0.0  # relative: a later round within tolerance x |peak| of the peak is chosen
+    peak_round: int | None = None  # the round with the best score so far (best_round when tolerance = 0)
+    peak_value: float | None = None
 
     @classmethod
     def for_run(cls, run: RunConfig, history: list[dict[str, Any]]) -> Selection:
         """A fresh tracker, or the one a resumed run had (replayed from the run-log rows)."""
         metric, higher = selection_metric(run)
-        sel = cls(metric, higher)
+        sel = cls(metric, higher, tolerance=run.select_tolerance)
         for row in history:
             sel.update(int(row["round"]), (row.get("val") or {}).get("pooled", {}))
         return sel
@@ -84,13 +91,20 @@ class Selection:
             return False
         loss = pooled_val.get("cross_entropy")
         loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+        value = float(value)
+        sign = 1.0 if self.higher_is_better else -1.0
+        if self.peak_value is None or sign * (value - self.peak_value) > 0:
+            self.peak_round, self.peak_value = rnd, value  # a new peak is always chosen
+            self.best_round, self.best_value, self.best_loss = rnd, value, loss
+            return True
+        within = (self.tolerance > 0
+                  and sign * (value - self.peak_value) >= -self.tolerance * abs(self.peak_value))
         tie_won = (value == self.best_value and loss is not None
                    and (self.best_loss is None or loss < self.best_loss))
-        better = (self.best_value is None or tie_won
-                  or (value > self.best_value if self.higher_is_better else value < self.best_value))
-        if better:
-            self.best_round, self.best_value, self.best_loss = rnd, float(value), loss
-        return better
+        if within or tie_won:
+            self.best_round, self.best_value, self.best_loss = rnd, value, loss
+            return True
+        return False
 
     def stale_rounds(self) -> int:
         """Rounds since the best one (all rounds so far when none has a validation score)."""
@@ -105,7 +119,8 @@ class Selection:
         return {"metric": self.metric, "higher_is_better": self.higher_is_better,
                 "value": float(value) if isinstance(value, (int, float)) else None,
                 "n": int(pooled_val.get("num_examples", 0)),
-                "best_round": self.best_round, "best_value": self.best_value}
+                "best_round": self.best_round, "best_value": self.best_value,
+                "peak_round": self.peak_round, "peak_value": self.peak_value, "tolerance": self.tolerance}
 
 
 def mark_best_round(run_dir: str | Path, sel: Selection, n: int) -> None:

@@ -71,6 +71,8 @@ class RunConfig:
     secagg_reconstruction_threshold: int = 0  # shares needed to unmask: 0 = a majority of them
     validate_updates: bool = False
     export: str = "best"  # best (highest pooled validation score of the new global model) | final
+    select_tolerance: float = 0.01  # export = best: a later round within this share of the peak pooled
+    #                                 validation score is chosen over it (0 = the peak round itself)
     early_stop_patience: int = 0  # stop after this many rounds without a better validation score; 0 = off
     fedbn: bool = False  # FedBN: normalisation layers stay at each site, never sent or averaged
     personalise: str = "none"  # none | finetune (after the last round) | ditto (a personal model
@@ -155,6 +157,9 @@ def _check_options(cfg: RunConfig) -> None:
         raise ValueError(f"run config: balance={cfg.balance!r} is not one of {', '.join(BALANCES)}")
     if cfg.export not in EXPORTS:
         raise ValueError(f"run config: export={cfg.export!r} is not one of {', '.join(EXPORTS)}")
+    if not 0 <= cfg.select_tolerance < 1:
+        raise ValueError(f"run config: select-tolerance={cfg.select_tolerance} must be in [0, 1) (a share "
+                         "of the peak validation score; 0 = export the peak round)")
     if cfg.early_stop_patience < 0:
         raise ValueError(f"run config: early-stop-patience={cfg.early_stop_patience} must be >= 0 "
                          "(rounds without a better validation score; 0 = off)")

@@ -115,7 +115,7 @@ def test_the_best_round_is_exported_with_its_reason_and_export_final_takes_the_l
 def test_early_stopping_ends_the_run_after_patience_rounds_without_improvement_and_resumes_the_best(
         tmp_path, sites_root, make_grid, scripted_scores):
     scripted_scores([0.7, 0.8, 0.8, 0.5, 0.9, 0.9])  # best stays round 2 (a tie does not improve)
-    cfg = run_config(tmp_path / "run", sites_root, **{"num-server-rounds": 6,
+    cfg = run_config(tmp_path / "run", sites_root, **{"num-server-rounds": 6, "select-tolerance": 0.0,
                                                       "early-stop-patience": 2})
     result = run_rounds(make_grid(cfg, n=2), RunConfig.from_flower(cfg))
     assert [r["round"] for r in result.rounds] == [1, 2, 3, 4]
@@ -156,9 +156,53 @@ def test_a_site_without_a_val_split_carves_one_per_patient_and_an_explicit_one_i
     assert {s.case_id for s in site.val} == {r["case_id"] for r in rows if r["split"] == "val"}
 
 
+def test_a_later_round_within_the_tolerance_of_the_peak_is_exported_and_the_report_says_why(
+        tmp_path, sites_root, make_grid, scripted_scores):
+    """Round 1 peaks on a lucky validation draw (0.90); round 3 scores 0.895, within 1% of it, and has
+    trained longer: it is exported, with the peak named. Tolerance 0 exports the peak round itself."""
+    from server.app import serve
+    from server.report import write_report
+    from server.selection import Selection
+
+    scripted_scores([0.9, 0.7, 0.895, 0.5])
+    cfg = run_config(tmp_path / "tol", sites_root, **{"num-server-rounds": 4})
+    assert RunConfig.from_flower(cfg).select_tolerance == 0.01  # the default
+    model_dir = serve(make_grid(cfg, n=2), cfg)
+    assert _same(_weights(model_dir), read_round(tmp_path / "tol", 3).weights)
+    prov = json.dumps(json.loads((model_dir / "configs" / "metadata.json").read_text()))
+    assert "the last round within select-tolerance 0.01 of the highest pooled validation auc (0.9, round 1)" in prov
+    rows = [json.loads(x) for x in (tmp_path / "tol" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["selection"]["best_round"] for r in rows] == [1, 1, 3, 3]
+    assert [r["selection"]["peak_round"] for r in rows] == [1, 1, 1, 1]
+    summary = {"spec": {"task": "grading", "strategy": "fedavg", "partition": "dirichlet", "seed": 0,
+                        "network": "small_cnn", "size": 16, "local_epochs": 1},
+               "run_config": {"export": "best"}, "site_names": ["a", "b"], "class_table": [],
+               "rounds": [{**r, "pooled": {"auc": 0.8, "num_examples": 8.0}, "replied": 2, "sampled": 2,
+                           "seconds": 1.0, "bytes_sent": 1, "bytes_received": 1} for r in rows],
+               "baselines": {}, "fl_seconds": 1.0, "total_seconds": 2.0}
+    page = write_report(tmp_path, summary).read_text()
+    assert "Exported model: <b>round 3</b>, the last round within 0.01 (relative) of the best" in page
+
+    scripted_scores([0.9, 0.7, 0.895, 0.5])
+    cfg = run_config(tmp_path / "peak", sites_root, **{"num-server-rounds": 4, "select-tolerance": 0.0})
+    assert _same(_weights(serve(make_grid(cfg, n=2), cfg)), read_round(tmp_path / "peak", 1).weights)
+
+    # a new peak always wins, a score outside the tolerance never does; a loss-based selection
+    # (lower is better) gets the same rule mirrored
+    sel = Selection("auc", True, tolerance=0.01)
+    assert [sel.update(r, {"auc": v}) for r, v in enumerate([0.9, 0.95, 0.9405, 0.94, 0.96], 1)] == [
+        True, True, True, False, True]
+    assert (sel.best_round, sel.peak_round) == (5, 5)
+    err = Selection("param_mae", False, tolerance=0.1)
+    assert [err.update(r, {"param_mae": v}) for r, v in enumerate([1.0, 1.05, 1.2], 1)] == [True, True, False]
+    assert (err.best_round, err.peak_round, err.best_value) == (2, 1, 1.05)
+
+
 def test_export_and_patience_options_are_checked():
     with pytest.raises(ValueError, match="export='latest' is not one of best, final"):
         RunConfig.from_flower({"export": "latest"})
+    with pytest.raises(ValueError, match=r"select-tolerance=1.0 must be in \[0, 1\)"):
+        RunConfig.from_flower({"select-tolerance": 1.0})
     with pytest.raises(ValueError, match="early-stop-patience=-1 must be >= 0"):
         RunConfig.from_flower({"early-stop-patience": -1})
 
