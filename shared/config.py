@@ -43,8 +43,8 @@ class RunConfig:
     trimmed_beta: float = 0.2  # FedTrimmedAvg
     num_malicious: int = 0  # Krum / MultiKrum / Bulyan
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # local lr over the server rounds: constant | cosine (round r trains
-    #                                at lr * (1 + cos(pi (r - 1) / num-server-rounds)) / 2)
+    lr_schedule: str = "cosine"  # local lr over the server rounds: cosine (round r trains at
+    #                              lr * (1 + cos(pi (r - 1) / num-server-rounds)) / 2) | constant
     batch_size: int = 8
     balance: str = ""  # site loss under class imbalance: "" = the learning core's (weighted_loss) |
     #                    weighted_loss | sampler | none | logit_adjust (for label-skewed sites)
