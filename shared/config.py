@@ -43,8 +43,9 @@ class RunConfig:
     trimmed_beta: float = 0.2  # FedTrimmedAvg
     num_malicious: int = 0  # Krum / MultiKrum / Bulyan
     lr: float = 1e-3
-    lr_schedule: str = "cosine"  # local lr over the server rounds: cosine (round r trains at
-    #                              lr * (1 + cos(pi (r - 1) / num-server-rounds)) / 2) | constant
+    lr_schedule: str = ""  # local lr over the server rounds: "" = the task's (TaskSpec.fed_lr_schedule:
+    #                        cosine, constant for typing) | cosine (round r trains at
+    #                        lr * (1 + cos(pi (r - 1) / num-server-rounds)) / 2) | constant
     batch_size: int = 8
     balance: str = ""  # site loss under class imbalance: "" = the learning core's (weighted_loss) |
     #                    weighted_loss | sampler | none | logit_adjust (for label-skewed sites)
@@ -105,9 +106,17 @@ class RunConfig:
 
     def round_lr(self, server_round: int) -> float:
         """The local learning rate of ``server_round`` (1-based; 0 = outside a round: ``lr``)."""
-        if self.lr_schedule == "cosine" and server_round >= 1:
+        if self.resolved_lr_schedule() == "cosine" and server_round >= 1:
             return self.lr * (1 + math.cos(math.pi * (server_round - 1) / self.num_server_rounds)) / 2
         return self.lr
+
+    def resolved_lr_schedule(self) -> str:
+        """``lr-schedule``, or the task's own when it is "" (the default)."""
+        if self.lr_schedule:
+            return self.lr_schedule
+        from shared.tasks import get_task
+
+        return get_task(self.task).fed_lr_schedule
 
     def effective_server_lr(self) -> float:
         """``server-lr``, or the strategy's swept default when it is 0 (1.0 for plain averaging)."""
@@ -151,7 +160,7 @@ def _check_options(cfg: RunConfig) -> None:
             f"run config: dp='central' cannot be combined with strategy={cfg.strategy!r} (median, "
             f"trimmed-mean and Krum-type rules are not averages, so the DP noise calibration does "
             f"not hold); use one of {', '.join(CENTRAL_DP_STRATEGIES)}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
+    if cfg.lr_schedule and cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"run config: lr-schedule={cfg.lr_schedule!r} is not {'|'.join(LR_SCHEDULES)}")
     if cfg.balance and cfg.balance not in BALANCES:
         raise ValueError(f"run config: balance={cfg.balance!r} is not one of {', '.join(BALANCES)}")

@@ -179,6 +179,8 @@ def test_sites_train_at_each_rounds_learning_rate(tmp_path: Path, monkeypatch) -
     want = [0.003 * (1 + math.cos(math.pi * r / 3)) / 2 for r in range(3)]
     assert [round(x, 9) for x in seen] == [round(x, 9) for x in want for _ in range(2)]
     assert RunConfig(lr=0.01, lr_schedule="constant").round_lr(2) == 0.01
-    assert RunConfig(lr=0.01, num_server_rounds=3).round_lr(2) == pytest.approx(0.0075)  # cosine: default
+    assert RunConfig(lr=0.01, num_server_rounds=3).round_lr(2) == pytest.approx(0.0075)  # grading: cosine
+    assert RunConfig(task="typing", lr=0.01, num_server_rounds=3).round_lr(2) == 0.01  # typing: constant
+    assert RunConfig(task="typing", lr=0.01, num_server_rounds=3, lr_schedule="cosine").round_lr(2) < 0.01
     with pytest.raises(ValueError, match="lr-schedule"):
         RunConfig(lr_schedule="step")
