@@ -71,7 +71,7 @@ class Selection:
     best_loss: float | None = None  # pooled validation cross-entropy of the best round (tie-break)
     last_round: int = 0
     tolerance: float = 0.0  # relative: a later round within tolerance x |peak| of the peak is chosen
-    peak_round: int | None = None  # the round with the best score so far (best_round when tolerance = 0)
+    peak_round: int | None = None  # the first round that reached the best score so far
     peak_value: float | None = None
 
     @classmethod
