@@ -412,6 +412,70 @@ def test_fit_breaks_a_saturated_validation_metric_by_the_validation_loss(site: P
     assert [round(h["val_loss"], 3) for h in hist] == [0.6, 0.5, 0.2, 0.4]
 
 
+def test_weight_average_moves_towards_each_step_with_warm_up_and_copies_counters() -> None:
+    from shared.training.loop import _WeightAverage
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    avg = _WeightAverage(0.5)
+    with pytest.raises(RuntimeError, match="no training step"):
+        avg.model()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.0)
+    avg(net)  # the first step: a copy
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(1.0)
+    net[1].num_batches_tracked.fill_(7)
+    avg(net)  # d = min(0.5, 2 / 11): the average moves 9/11 of the way
+    got = avg.model()
+    assert got is not net
+    assert torch.allclose(got[0].weight, torch.full_like(got[0].weight, 9 / 11))
+    assert int(got[1].num_batches_tracked) == 7
+    assert not any(p.requires_grad for p in got.parameters())
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(task="grading", ema_decay=1.0).resolved()
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+def test_fit_validates_and_returns_the_weight_average_when_asked(site: Path, tmp_path: Path,
+                                                                 monkeypatch, decay: float) -> None:
+    """ema_decay > 0: every epoch's validation scores the moving average, not the trained network,
+    and the model fit returns carries the best-scoring epoch's average."""
+    import copy
+
+    from shared.training import fit, loop
+
+    trained, scored = [], []
+    real_train, real_eval = loop.train_epochs, loop.evaluate_model
+
+    def spy_train(model, *a, **kw):
+        trained.append(id(model))
+        return real_train(model, *a, **kw)
+
+    def spy_eval(model, *a, **kw):
+        ev = real_eval(model, *a, **kw)
+        scored.append((id(model), copy.deepcopy(model.state_dict()), ev.metrics["auc"],
+                       ev.metrics["cross_entropy"]))
+        return ev
+
+    monkeypatch.setattr(loop, "train_epochs", spy_train)
+    monkeypatch.setattr(loop, "evaluate_model", spy_eval)
+    spec = TASKS["grading"]
+    cohort = read_cohort(site)
+    tr, _ = select_samples(spec, cohort, "train")
+    va, _ = select_samples(spec, cohort, "val")
+    cfg = TrainConfig(task="grading", network="small_cnn", input_size=(16, 16, 16), epochs=3,
+                      lr=0.01, cache_dir=str(tmp_path / "c"), augment=False, patience=10,
+                      ema_decay=decay)
+    model, _ = fit(spec, cfg, tr, va, progress=False, log=lambda m: None)
+    assert len(set(trained)) == 1 and len(scored) == 3
+    assert all((sid == trained[0]) == (decay == 0) for sid, *_ in scored)
+    best = max(scored, key=lambda r: (-np.inf if np.isnan(r[2]) else r[2], -r[3]))[1]  # fit's rule
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, best[k]), k
+
+
 def test_logit_adjustment_trains_the_class_balanced_bias(site: Path, tmp_path: Path) -> None:
     """balance=logit_adjust trains on logits + log(prior): on a label-skewed site the network's own
     output bias stays near the balanced one, where plain cross-entropy learns log(majority/minority)

@@ -59,6 +59,8 @@ class TrainConfig:
     subtraction: bool | None = None  # add the follow-up minus baseline image; None -> the task's default
     seg_weight: float = 0.5  # unet_encoder: weight of the joint segmentation loss
     lr_schedule: str = "constant"  # fit(): constant | cosine (lr decays to 0 over ``epochs``)
+    ema_decay: float = 0.0  # fit(): > 0 validates and keeps an exponential moving average of the
+    #   weights (and BatchNorm statistics), updated every step with this decay; 0 = the raw weights
     stem_stride: int = 2
     clinical: tuple[str, ...] = ()  # numeric cohort columns fused with the image features (rano)
 
@@ -67,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"balance {self.balance!r}: choose one of {', '.join(BALANCES)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: choose constant or cosine")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay {self.ema_decay}: choose 0 (off) or a decay in (0, 1)")
         spec = get_task(self.task)
         sub = spec.subtraction if self.subtraction is None else self.subtraction
         return replace(self, network=self.network or spec.default_network,
@@ -357,6 +361,8 @@ def fit(
 
     One AdamW runs through all epochs (its moments are not reset each epoch); ``cfg.lr_schedule =
     "cosine"`` lowers its learning rate each epoch from ``cfg.lr`` towards 0 at ``cfg.epochs``.
+    ``cfg.ema_decay > 0``: what is validated, kept and returned is the exponential moving average of
+    the weights (updated after every step), not the last step's weights.
     ``deadline`` (a ``time.time()`` value): no epoch is started that the previous epoch's duration
     says would end after it (the best model so far is returned).
     """
@@ -366,6 +372,7 @@ def fit(
            if kind_adapter(spec) is None else None)  # other kinds keep their own optimiser
     metric = spec.headline_metric
     best, best_state, history, bad = (-np.inf, -np.inf), copy.deepcopy(model.state_dict()), [], 0
+    ema = _WeightAverage(cfg.ema_decay) if cfg.ema_decay > 0 and opt is not None else None
     for epoch in range(1, cfg.epochs + 1):
         started = time.time()
         if deadline is not None and history and started + history[-1]["epoch_seconds"] > deadline:
@@ -375,10 +382,11 @@ def fit(
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
         tr = train_epochs(model, train, spec, replace(cfg, seed=cfg.seed + epoch), epochs=1,
-                          progress=progress, optimizer=opt)
+                          progress=progress, optimizer=opt, after_step=ema)
+        scored = model if ema is None else ema.model()
         row = {"epoch": epoch, "train_loss": tr.loss, "seconds": tr.seconds}
         if val:
-            ev = evaluate_model(model, val, spec, cfg)
+            ev = evaluate_model(scored, val, spec, cfg)
             row.update({f"val_{k}": v for k, v in ev.metrics.items()})
             score = ev.metrics.get(metric, np.nan)
             nll = float(ev.metrics.get("cross_entropy", np.nan))  # none for regression kinds
@@ -394,7 +402,7 @@ def fit(
             + (f", val {metric} {row.get('val_' + metric, float('nan')):.4f}, val loss "
                f"{row.get('val_loss', float('nan')):.4f}" if val else ""))
         if score > best:
-            best, best_state, bad = score, copy.deepcopy(model.state_dict()), 0
+            best, best_state, bad = score, copy.deepcopy(scored.state_dict()), 0
         else:
             bad += 1
             if bad >= cfg.patience:
@@ -402,6 +410,43 @@ def fit(
                 break
     model.load_state_dict(best_state)
     return model, history
+
+
+class _WeightAverage:
+    """Exponential moving average of a model's weights and buffers, as an ``after_step`` hook.
+
+    The average starts as a copy of the model after its first step (on the model's device); after
+    step n it moves ``1 - d`` of the way to the model's weights, ``d = min(decay, (1 + n) / (10 + n))``
+    (the usual warm-up, so the first, untrained steps fade quickly); integer buffers (BatchNorm's step
+    counters) are copied. :meth:`model` is the averaged network, in evaluation-ready form."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.steps = 0
+        self.avg: nn.Module | None = None
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> None:
+        if self.avg is None:
+            self.avg = copy.deepcopy(model)
+            for p in self.avg.parameters():
+                p.requires_grad_(False)
+            return
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for a, m in zip(self.avg.state_dict().values(), model.state_dict().values(), strict=True):
+            if a.is_floating_point():
+                a.lerp_(m, 1.0 - d)
+            else:
+                a.copy_(m)
+
+    def model(self) -> nn.Module:
+        if self.avg is None:
+            raise RuntimeError("no training step has run: nothing to average")
+        core = getattr(self.avg, "_module", self.avg)
+        if hasattr(core, "return_seg"):
+            core.return_seg = False
+        return self.avg
 
 
 def write_history(history: list[dict], path: Path) -> None:
