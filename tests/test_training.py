@@ -230,9 +230,10 @@ def test_cli_train_predict_evaluate_explain(site: Path, tmp_path: Path) -> None:
     model = tmp_path / "m"
     res = r.invoke(app, ["train", "--task", "grading", "--cohort", str(site), "--out", str(model),
                          "--network", "small_cnn", "--epochs", "1", "--size", "16",
-                         "--cache-dir", str(tmp_path / "c")])
+                         "--ema-decay", "0.9", "--cache-dir", str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
     assert (model / "configs" / "metadata.json").is_file()
+    assert '"ema_decay": 0.9' in (model / "configs" / "metadata.json").read_text()
     assert (model / "eval" / "roc.png").is_file()
     preds = tmp_path / "p.csv"
     res = r.invoke(app, ["predict", "--model", str(model), "--cohort", str(site), "--out", str(preds)])
@@ -257,6 +258,9 @@ def test_cli_train_predict_evaluate_explain(site: Path, tmp_path: Path) -> None:
     assert res.exit_code != 0 and "occlusion" in res.output
     res = r.invoke(app, ["train", "--task", "nope", "--cohort", str(site), "--out", str(model)])
     assert res.exit_code == 2 and "unknown task 'nope'" in res.output
+    res = r.invoke(app, ["train", "--task", "grading", "--cohort", str(site), "--out", str(model),
+                         "--ema-decay", "1.5"])
+    assert res.exit_code == 2 and "ema_decay 1.5" in res.output
 
 
 def test_rano_with_subtraction_and_clinical_inputs(site: Path, tmp_path: Path) -> None:

@@ -74,6 +74,9 @@ def train(
     lr: float = 1e-3,
     lr_schedule: Annotated[str, typer.Option(
         help="constant (the default) or cosine (the rate decays to 0 at the last epoch).")] = "",
+    ema_decay: Annotated[float, typer.Option(
+        help="> 0: validate and export an exponential moving average of the weights, updated every "
+             "step with this decay (e.g. 0.99); 0: the trained weights.")] = 0.0,
     seed: int = 0,
     device: str = "auto",
     patience: int = 5,
@@ -107,7 +110,7 @@ def train(
     cfg = TrainConfig(task=task, network=network or None, input_size=(size,) * 3 if size else None,
                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                       patience=patience, cache_dir=cache_dir or None, subtraction=subtraction,
-                      clinical=tuple(c for c in clinical.split(",") if c),
+                      clinical=tuple(c for c in clinical.split(",") if c), ema_decay=ema_decay,
                       **({"lr_schedule": lr_schedule} if lr_schedule else {}))
     try:
         cfg = cfg.resolved()
