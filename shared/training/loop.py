@@ -373,6 +373,8 @@ def fit(
     metric = spec.headline_metric
     best, best_state, history, bad = (-np.inf, -np.inf), copy.deepcopy(model.state_dict()), [], 0
     ema = _WeightAverage(cfg.ema_decay) if cfg.ema_decay > 0 and opt is not None else None
+    if cfg.ema_decay > 0 and ema is None:
+        log(f"ema_decay {cfg.ema_decay} ignored: task {spec.name!r} ({spec.kind}) trains with its own loop")
     for epoch in range(1, cfg.epochs + 1):
         started = time.time()
         if deadline is not None and history and started + history[-1]["epoch_seconds"] > deadline:
