@@ -20,6 +20,12 @@ BALANCES = ("weighted_loss", "sampler", "none", "logit_adjust")  # TrainConfig.b
 LR_SCHEDULES = ("constant", "cosine")  # RunConfig.lr_schedule (over rounds), TrainConfig's (over epochs)
 
 
+def cosine_lr(lr: float, step: int, total: int) -> float:
+    """The cosine schedule's rate at 1-based ``step`` of ``total`` (server rounds or epochs):
+    ``lr x (1 + cos(pi (step - 1) / total)) / 2``, ``lr`` at step 1."""
+    return lr * (1 + math.cos(math.pi * (step - 1) / total)) / 2
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One federated run (same for every site). Field ``foo_bar`` is run-config key ``foo-bar``."""
@@ -107,7 +113,7 @@ class RunConfig:
     def round_lr(self, server_round: int) -> float:
         """The local learning rate of ``server_round`` (1-based; 0 = outside a round: ``lr``)."""
         if self.resolved_lr_schedule() == "cosine" and server_round >= 1:
-            return self.lr * (1 + math.cos(math.pi * (server_round - 1) / self.num_server_rounds)) / 2
+            return cosine_lr(self.lr, server_round, self.num_server_rounds)
         return self.lr
 
     def resolved_lr_schedule(self) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from shared.config import BALANCES, LR_SCHEDULES
+from shared.config import BALANCES, LR_SCHEDULES, cosine_lr
 from shared.data import (
     ResidentBatches,
     SessionCache,
@@ -382,7 +381,7 @@ def fit(
             break
         if opt is not None and cfg.lr_schedule == "cosine":
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
+                group["lr"] = cosine_lr(cfg.lr, epoch, cfg.epochs)
         tr = train_epochs(model, train, spec, replace(cfg, seed=cfg.seed + epoch), epochs=1,
                           progress=progress, optimizer=opt, after_step=ema)
         scored = model if ema is None else ema.model()
