@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--lr-schedule", default="constant", help="constant | cosine")
     ap.add_argument("--ema-decay", type=float, default=0.0,
                     help="> 0: validate and keep an exponential moving average of the weights")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="fold the validation split's class-balanced calibration into the model")
     ap.add_argument("--network", default="", help="override every task's network")
     ap.add_argument("--seg-weight", type=float, default=0.5, help="unet_encoder auxiliary seg loss")
     ap.add_argument("--balance", default="weighted_loss", help="weighted_loss | sampler | none | logit_adjust")
@@ -136,7 +138,7 @@ def main() -> None:
                           lr=a.lr, lr_schedule=a.lr_schedule, seed=a.seed, device=a.device, cache_dir=str(work / "cache"),
                           seg_weight=a.seg_weight, balance=a.balance, subtraction=a.subtraction,
                           flip_axes=tuple(int(v) for v in a.flip_axes.split(",")),
-                          augment_level=a.augment_level, ema_decay=a.ema_decay).resolved()
+                          augment_level=a.augment_level, ema_decay=a.ema_decay, calibrate=a.calibrate).resolved()
         t = time.perf_counter()
         model, hist = fit(spec, cfg, tr, va, progress=False, log=lambda m: print(m, flush=True),
                           deadline=_deadline(a.deadline))

@@ -230,10 +230,12 @@ def test_cli_train_predict_evaluate_explain(site: Path, tmp_path: Path) -> None:
     model = tmp_path / "m"
     res = r.invoke(app, ["train", "--task", "grading", "--cohort", str(site), "--out", str(model),
                          "--network", "small_cnn", "--epochs", "1", "--size", "16",
-                         "--ema-decay", "0.9", "--cache-dir", str(tmp_path / "c")])
+                         "--ema-decay", "0.9", "--calibrate", "--cache-dir", str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
     assert (model / "configs" / "metadata.json").is_file()
     assert '"ema_decay": 0.9' in (model / "configs" / "metadata.json").read_text()
+    assert '"calibrate": true' in (model / "configs" / "metadata.json").read_text()
+    assert "calibrate skipped: the validation split has 1 cases of 1 class" in res.output  # too few
     assert (model / "eval" / "roc.png").is_file()
     preds = tmp_path / "p.csv"
     res = r.invoke(app, ["predict", "--model", str(model), "--cohort", str(site), "--out", str(preds)])

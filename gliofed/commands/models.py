@@ -77,6 +77,9 @@ def train(
     ema_decay: Annotated[float, typer.Option(
         help="> 0: validate and export an exponential moving average of the weights, updated every "
              "step with this decay (e.g. 0.99); 0: the trained weights.")] = 0.0,
+    calibrate: Annotated[bool, typer.Option(
+        help="Fold a temperature and per-class offsets, fitted on the validation split so that every "
+             "class weighs the same, into the output layer (classifiers).")] = False,
     seed: int = 0,
     device: str = "auto",
     patience: int = 5,
@@ -110,7 +113,7 @@ def train(
     cfg = TrainConfig(task=task, network=network or None, input_size=(size,) * 3 if size else None,
                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                       patience=patience, cache_dir=cache_dir or None, subtraction=subtraction,
-                      clinical=tuple(c for c in clinical.split(",") if c), ema_decay=ema_decay,
+                      clinical=tuple(c for c in clinical.split(",") if c), ema_decay=ema_decay, calibrate=calibrate,
                       **({"lr_schedule": lr_schedule} if lr_schedule else {}))
     try:
         cfg = cfg.resolved()

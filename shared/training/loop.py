@@ -60,6 +60,8 @@ class TrainConfig:
     lr_schedule: str = "constant"  # fit(): constant | cosine (lr decays to 0 over ``epochs``)
     ema_decay: float = 0.0  # fit(): > 0 validates and keeps an exponential moving average of the
     #   weights (and BatchNorm statistics), updated every step with this decay; 0 = the raw weights
+    calibrate: bool = False  # fit(): fold a class-balanced temperature + per-class offsets, fitted on
+    #   the validation split, into the output layer (shared/training/calibrate.py)
     stem_stride: int = 2
     clinical: tuple[str, ...] = ()  # numeric cohort columns fused with the image features (rano)
 
@@ -410,7 +412,31 @@ def fit(
                 log(f"early stopping after epoch {epoch} (no improvement for {cfg.patience})")
                 break
     model.load_state_dict(best_state)
+    if cfg.calibrate:
+        _calibrate(model, val, spec, cfg, log, classification=opt is not None)
     return model, history
+
+
+def _calibrate(model: nn.Module, val: Sequence[TaskSample], spec: TaskSpec, cfg: TrainConfig,
+               log: Callable[[str], None], *, classification: bool) -> None:
+    """Fold the validation split's class-balanced calibration into ``model`` (in place)."""
+    from shared.training.calibrate import fit_logit_calibration, fold_into_logits
+
+    if not classification:
+        log(f"calibrate ignored: task {spec.name!r} ({spec.kind}) is not a classifier")
+        return
+    ev = evaluate_model(model, val, spec, cfg)
+    if len(set(ev.labels.tolist())) < 2:
+        log(f"calibrate skipped: the validation split has {len(ev.labels)} cases of "
+            f"{len(set(ev.labels.tolist()))} class(es); two are needed")
+        return
+    t, b = fit_logit_calibration(ev.probs, ev.labels)
+    ds = _dataset(val[:4], spec, cfg, train=False, in_channels=_first_conv_in_channels(model))
+    dev = next(model.parameters()).device
+    example = torch.stack([ds[i]["x"] for i in range(len(ds))]).float().to(dev)
+    fold_into_logits(model, t, b, example)
+    log(f"calibrated on {len(ev.labels)} validation cases: temperature {t:.3f}, class offsets "
+        + ", ".join(f"{c} {v:+.3f}" for c, v in zip(spec.classes, b, strict=True)))
 
 
 class _WeightAverage:
