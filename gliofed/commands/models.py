@@ -113,7 +113,8 @@ def train(
     cfg = TrainConfig(task=task, network=network or None, input_size=(size,) * 3 if size else None,
                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                       patience=patience, cache_dir=cache_dir or None, subtraction=subtraction,
-                      clinical=tuple(c for c in clinical.split(",") if c), ema_decay=ema_decay, calibrate=calibrate,
+                      clinical=tuple(c for c in clinical.split(",") if c), ema_decay=ema_decay,
+                      calibrate=calibrate,
                       **({"lr_schedule": lr_schedule} if lr_schedule else {}))
     try:
         cfg = cfg.resolved()
