@@ -64,8 +64,10 @@ def test_fold_makes_the_network_output_the_calibrated_softmax(name: str, clinica
 
 def test_fold_refuses_a_network_whose_logits_are_not_linear_layers() -> None:
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 3), torch.nn.Softmax(1))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(ValueError, match="did not fold"):
         fold_into_logits(net, 2.0, np.array([1.0, 0.0, -1.0]), torch.randn(4, 8))
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # left as it was
     with pytest.raises(ValueError, match="cannot fold"):
         fold_into_logits(torch.nn.Sequential(torch.nn.Flatten()), 1.0, np.zeros(3), torch.randn(2, 8))
 

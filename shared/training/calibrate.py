@@ -76,6 +76,9 @@ def fold_into_logits(model: nn.Module, temperature: float, bias: np.ndarray, exa
     if not layers or temperature <= 0:
         raise ValueError(f"cannot fold a calibration into this network (linear output layers with "
                          f"{k} outputs: {len(layers)}, temperature {temperature})")
+    if layers[0].bias is None:
+        raise ValueError("cannot fold a calibration: the output layer has no bias")
+    saved = [(lin.weight.clone(), None if lin.bias is None else lin.bias.clone()) for lin in layers]
     was_training = model.training
     model.eval()
 
@@ -89,13 +92,15 @@ def fold_into_logits(model: nn.Module, temperature: float, bias: np.ndarray, exa
         if lin.bias is not None:
             lin.bias.div_(temperature)
         if i == 0:
-            if lin.bias is None:
-                raise ValueError("cannot fold a calibration: the output layer has no bias")
             lin.bias.add_(torch.tensor(bias, dtype=lin.bias.dtype, device=lin.bias.device))
     got = torch.softmax(logits(example), 1)
     model.train(was_training)
     err = float((got - want).abs().max())
     if err > atol:
+        for lin, (w, c) in zip(layers, saved, strict=True):  # leave the network as it was
+            lin.weight.copy_(w)
+            if c is not None:
+                lin.bias.copy_(c)
         raise ValueError(f"calibration did not fold into this network's logits (max probability "
                          f"error {err:.2e}); its output is not a sum of linear layers")
     return model
