@@ -47,7 +47,7 @@ def main() -> None:
     from shared.tasks import get_task, select_samples
     from shared.training import evaluate_model
     from shared.training.bundle import load_bundle, train_config_from_meta
-    from shared.training.calibrate import fit_logit_calibration
+    from shared.training.calibrate import apply_logit_calibration, fit_logit_calibration
 
     model, meta = load_bundle(a.model)
     spec = get_task(meta["task"])
@@ -65,11 +65,9 @@ def main() -> None:
            "bias": {c: round(float(v), 4) for c, v in zip(spec.classes, b, strict=True)}, "sets": {}}
     print(f"fitted on {len(val.labels)} validation cases: T = {t:.3f}, b = {out['bias']}")
     for name, ev in evals.items():
-        z = np.log(np.clip(ev.probs, 1e-12, None)) / t + b
-        cal = np.exp(z - z.max(1, keepdims=True))
-        cal /= cal.sum(1, keepdims=True)
         row = {"before": summary(ev.labels, ev.probs, spec.classes, key, a.boot),
-               "after": summary(ev.labels, cal, spec.classes, key, a.boot)}
+               "after": summary(ev.labels, apply_logit_calibration(ev.probs, t, b), spec.classes, key,
+                                a.boot)}
         out["sets"][name] = row
         for when in ("before", "after"):
             r = row[when]

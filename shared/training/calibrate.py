@@ -58,6 +58,14 @@ def fit_logit_calibration(probs: np.ndarray, labels: np.ndarray, *, l2: float = 
     return float(log_t.detach().exp()), bias
 
 
+def apply_logit_calibration(probs: np.ndarray, temperature: float, bias: np.ndarray) -> np.ndarray:
+    """``softmax(log probs / T + b)``: the fitted map on probabilities already computed (what the
+    folded network outputs, without running it again)."""
+    z = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None)) / temperature + bias
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
 def _logit_layers(model: nn.Module, num_classes: int) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
 

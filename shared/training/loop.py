@@ -426,9 +426,10 @@ def _calibrate(model: nn.Module, val: Sequence[TaskSample], spec: TaskSpec, cfg:
         log(f"calibrate ignored: task {spec.name!r} ({spec.kind}) is not a classifier")
         return
     ev = evaluate_model(model, val, spec, cfg)
-    if len(set(ev.labels.tolist())) < 2:
+    classes = len(np.unique(ev.labels))
+    if classes < 2:
         log(f"calibrate skipped: the validation split has {len(ev.labels)} cases of "
-            f"{len(set(ev.labels.tolist()))} class(es); two are needed")
+            f"{classes} class(es); two are needed")
         return
     t, b = fit_logit_calibration(ev.probs, ev.labels)
     ds = _dataset(val[:4], spec, cfg, train=False, in_channels=_first_conv_in_channels(model))
