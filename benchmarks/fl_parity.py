@@ -5,6 +5,8 @@
     # feature skew only (sites differ by scanner), and a real federation's site sizes:
     ... --partition scanner
     ... --partition sizes:PATH/partitioning_1.csv --cases 300
+    # a larger pooled test set (280 more generated cases, test split only; training cases unchanged):
+    ... --task typing --held-out-test 280
 
 Per seed: one synthetic cohort and partition; every strategy trains on it from the same initial
 weights; the baselines (centralised with the federation's epochs x examples, FLamby's rule; local-only
@@ -39,6 +41,7 @@ def one_run(args: argparse.Namespace, seed: int, strategy: str, baselines: bool,
     spec = SimulationSpec(task=args.task, sites=args.sites, partition=args.partition, rounds=args.rounds,
                           local_epochs=args.local_epochs, cases=args.cases, size=args.size,
                           network=args.network, lr=args.lr, strategy=strategy, out=out, seed=seed,
+                          held_out_test=args.held_out_test,
                           baselines=baselines, cross_site=False, progress=False, cohort=cohort,
                           extra=extra, engine=args.engine)
     simulate(spec, echo=lambda *a: None)
@@ -67,6 +70,8 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--held-out-test", type=int, default=0,
+                    help="more generated sessions in the test split only (a larger pooled test set)")
     ap.add_argument("--network", default="small_cnn")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", default="0,1,2")
@@ -88,7 +93,8 @@ def main() -> None:
             if i == 0:
                 central = {k: row[k] for k in ("centralised_auc", "local_auc", "local_train") if k in row}
                 gen = args.out / f"seed{seed}" / item
-                cohort = next((gen / c for c in ("cohort", "cohort-scanner") if (gen / c).is_dir()), None)
+                cohort = next((c for c in sorted(gen.glob("cohort*")) if (c / "cohort.csv").is_file()),
+                              None)
             row.update(central)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -43,6 +43,7 @@ class SimulationSpec:
     local_epochs: int = RunConfig.local_epochs
     size: int = 32  # RunConfig input-size: 0 = the task's default
     cases: int = 240
+    held_out_test: int = 0  # more generated sessions in the test split only (a larger pooled test set)
     seed: int = RunConfig.seed
     network: str = "resnet10"  # RunConfig: "" = the task's default
     lr: float = RunConfig.lr
@@ -94,13 +95,15 @@ def prepare_sites(spec: SimulationSpec, echo: Any = print) -> tuple[Path, Any, A
 
         # scanner: one class mix at every site, so the sites differ by scanner profile only
         scanner = spec.partition == "scanner"
-        cohort_dir = spec.out / ("cohort-scanner" if scanner else "cohort")
+        held = f"-ht{spec.held_out_test}" if spec.held_out_test > 0 else ""
+        cohort_dir = spec.out / (("cohort-scanner" if scanner else "cohort") + held)
         if not (cohort_dir / "cohort.csv").is_file():
             echo(f"generating a synthetic cohort: {spec.cases} cases, {spec.size}^3, in {cohort_dir}"
-                 + (" (same class mix at every site)" if scanner else ""))
+                 + (" (same class mix at every site)" if scanner else "")
+                 + (f", and {spec.held_out_test} held-out test cases" if held else ""))
             generate_cohort(cohort_dir, cases=spec.cases, sites=max(spec.sites, 2), shape=spec.size,
                             tasks=[spec.task], seed=spec.seed, progress=spec.progress,
-                            label_skew=not scanner)
+                            label_skew=not scanner, held_out_test=spec.held_out_test)
     cohort = read_cohort(cohort_dir, seed=spec.seed)
     if cohort.errors:
         raise ValueError(f"{cohort_dir}/cohort.csv: {cohort.errors[0]}")

@@ -23,6 +23,23 @@ def test_prepare_only_writes_site_folders_and_prints_the_flwr_run_command(tmp_pa
         assert (tmp_path / "run" / "sites" / f"site-{i}" / "cohort.csv").is_file()
 
 
+def test_held_out_test_cases_enlarge_only_the_pooled_test_set(tmp_path):
+    """--held-out-test N: the generated cohort gets N more sessions, every one in a site's test split."""
+    from shared.cohort import read_cohort
+
+    args = ["simulate", "--task", "typing", "--cases", "21", "--size", "16", "--sites", "2",
+            "--partition", "iid", "--prepare-only"]
+    res = CliRunner().invoke(app, [*args, "--held-out-test", "14", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "cohort-ht14" / "cohort.csv").is_file()
+    sites = [read_cohort(tmp_path / "run" / "sites" / f"site-{i}") for i in range(2)]
+    cases = [c for s in sites for c in s.cases]
+    held = [c for c in cases if c.case_id.startswith("HT")]
+    assert len(cases) == 35 and len(held) == 14
+    assert {c.split for c in held} == {"test"}
+    assert sum(c.split == "test" for c in cases) >= 14 + 2
+
+
 def test_bad_partition_is_a_one_line_error(tmp_path):
     cohort = write_tiny_cohort(tmp_path / "cohort", n_cases=8, splits=False)
     res = CliRunner().invoke(app, ["simulate", "--cohort", str(cohort), "--partition", "zipf:2",

@@ -54,6 +54,27 @@ def test_same_seed_same_bytes_for_any_worker_count(tmp_path: Path) -> None:
     assert sum(a[k] == c.get(k) for k in a) <= 1
 
 
+def test_held_out_test_cases_leave_the_cohort_as_it_was(tmp_path: Path) -> None:
+    """``held_out_test``: more cases, all in the test split, every class; the SYN cases' images and
+    derived splits are byte for byte those of the cohort without them (same training data)."""
+    kw = {"cases": 14, "sites": 3, "shape": 16, "tasks": ("typing",), "seed": 5, "workers": 1,
+          "progress": False}
+    plain = generate_cohort(tmp_path / "plain", **kw)
+    more = generate_cohort(tmp_path / "more", held_out_test=14, **kw)
+    a, b = read_cohort(plain, seed=5), read_cohort(more, seed=5)
+    assert not b.errors, [str(p) for p in b.errors]
+    held = [c for c in b.cases if c.case_id.startswith("HT")]
+    assert len(held) == 14 and {c.split for c in held} == {"test"}
+    samples, _ = select_samples("typing", b)
+    assert len({s.label for s in samples if s.case_id.startswith("HT")}) == 7  # every class, twice
+    assert {c.case_id: c.split for c in a.cases} == {c.case_id: c.split for c in b.cases
+                                                      if not c.case_id.startswith("HT")}
+    da, db = _digest(plain), _digest(more)
+    assert all(db[k] == v for k, v in da.items() if k != "cohort.csv")
+    images = {v for k, v in da.items() if not k.endswith(("seg.nii.gz", ".csv"))}  # (a healthy seg:
+    assert not images & {v for k, v in db.items() if "/HT" in k}  # all zero) new images, not copies
+
+
 def test_cohort_contract_and_every_task_served(cohort) -> None:
     assert not cohort.errors, [str(p) for p in cohort.errors]
     assert {c.site for c in cohort.cases} == {"site-1", "site-2", "site-3"}

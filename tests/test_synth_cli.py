@@ -30,4 +30,7 @@ def test_synth_cli_rejects_bad_input(tmp_path: Path) -> None:
     res = runner.invoke(app, ["synth", "--out", str(tmp_path / "b"), "--shape", "32", "--spacing", "2"])
     assert res.exit_code == 2
     assert "not both" in res.output
+    res = runner.invoke(app, ["synth", "--out", str(tmp_path / "c"), "--held-out-test", "-1"])
+    assert res.exit_code == 2
+    assert "--held-out-test -1 is negative" in res.output
     assert not (tmp_path / "a").exists()

@@ -30,6 +30,9 @@ def synth(
     lesion_scale: Annotated[
         float, typer.Option(help="Multiply lesion sizes (e.g. 1.3 for a test cohort of larger lesions).")
     ] = 1.0,
+    held_out_test: Annotated[int, typer.Option(
+        help="More sessions (HT... patients, other random draws, every site's class mix the same) "
+             "marked split=test: a larger test set; the other cases stay as without it.")] = 0,
     gallery: Annotated[Path | None, typer.Option(help="Also write a class gallery PNG.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
@@ -45,6 +48,8 @@ def synth(
         raise typer.BadParameter("give --shape or --spacing, not both")
     if not 0.0 <= near_threshold <= 1.0:
         raise typer.BadParameter(f"--near-threshold {near_threshold} is outside 0-1")
+    if held_out_test < 0:
+        raise typer.BadParameter(f"--held-out-test {held_out_test} is negative")
     if not 0.0 <= recurrence_ratio <= 1.0:
         raise typer.BadParameter(f"--recurrence-ratio {recurrence_ratio} is outside 0-1")
     task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
@@ -53,7 +58,7 @@ def synth(
         generate_cohort(
             out, cases=cases, sites=sites, shape=shape, spacing=spacing, tasks=task_list, seed=seed,
             workers=workers, progress=not quiet, near_threshold=near_threshold,
-            recurrence_ratio=recurrence_ratio, lesion_scale=lesion_scale,
+            recurrence_ratio=recurrence_ratio, lesion_scale=lesion_scale, held_out_test=held_out_test,
         )
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")

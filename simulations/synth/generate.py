@@ -126,6 +126,21 @@ def plan_cohort(cases: int, sites: int, tasks: Sequence[str], seed: int,
     ]
 
 
+HELD_OUT_INDEX = 1_000_000  # plan indices from here are held-out test patients (own random streams)
+
+
+def held_out_plans(cases: int, sites: int, tasks: Sequence[str], seed: int,
+                   recurrence_ratio: float = 0.82) -> list[PatientPlan]:
+    """``cases`` more sessions for the test split only: patients ``HT0000``..., planned from another
+    seed with the same class mix at every site; indices from :data:`HELD_OUT_INDEX`, so their images
+    come from random streams no ``SYN`` patient uses (site scanners are the cohort's own)."""
+    extra = plan_cohort(cases, sites, tasks, seed + 7919, recurrence_ratio=recurrence_ratio,
+                        label_skew=False)
+    width = max(4, len(str(len(extra))))
+    return [replace(p, index=HELD_OUT_INDEX + i, patient_id=f"HT{i:0{width}d}")
+            for i, p in enumerate(extra)]
+
+
 @dataclass(frozen=True)
 class GridSpec:
     shape: int | None
@@ -278,6 +293,7 @@ def generate_cohort(
     recurrence_ratio: float = 0.82,
     lesion_scale: float = 1.0,
     label_skew: bool = True,
+    held_out_test: int = 0,
 ) -> Path:
     """Write a synthetic multi-site cohort to ``out_dir`` (cohort.csv + NIfTI) and return ``out_dir``.
 
@@ -287,6 +303,9 @@ def generate_cohort(
     cores; the files do not depend on it. Files are identical for the same arguments on any machine.
     ``lesion_scale`` (default 1) multiplies lesion sizes: test cohorts with sizes training never saw.
     ``label_skew=False`` gives every site the same class mix (sites differ by scanner only).
+    ``held_out_test`` adds that many more sessions (``HT...`` patients, other random draws, every site's
+    class mix the same, the same scanners) whose ``split`` is ``test``: a larger pooled test set that
+    leaves the ``SYN...`` cases (their images and their derived splits) exactly as without it.
     """
     from shared.cohort import write_cohort
     from simulations.synth.anatomy import load_template, make_grid
@@ -300,6 +319,8 @@ def generate_cohort(
         raise ValueError(f"{out}: exists and is not a folder")
     plans = plan_cohort(cases, sites, tasks, seed, recurrence_ratio=recurrence_ratio,
                         label_skew=label_skew)
+    if held_out_test > 0:
+        plans += held_out_plans(held_out_test, sites, tasks, seed, recurrence_ratio)
     anat = load_template()  # loaded once here; forked workers inherit it
     make_grid(anat, shape, spacing)  # validates the grid before any work
     out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +358,8 @@ def generate_cohort(
                     bar.advance(len(results[futs[fut]]))
     finally:
         bar.close()
-    rows = [r for i in sorted(results) for r in results[i]]
+    rows = [{**r, "split": "test"} if i >= HELD_OUT_INDEX else r
+            for i in sorted(results) for r in results[i]]
     write_cohort(out, rows)
     return out
 
