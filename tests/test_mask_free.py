@@ -202,6 +202,26 @@ def test_saliency_methods_stay_inside_the_brain():
         saliency(model, x, 1, method="lrp")
 
 
+def test_integrated_gradients_add_up_to_the_logit_change():
+    """Completeness (Sundararajan 2017): the attributions sum to logit(x) - logit(0), which a plain
+    input x gradient of a saturating network does not."""
+    from torch import nn
+
+    from shared.training.explain import _input_grad, integrated_gradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool3d(1),
+                          nn.Flatten(), nn.Linear(4, 2)).eval()
+    x = 3 * torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        change = float(model(x)[0, 1] - model(torch.zeros_like(x))[0, 1])
+    ig = integrated_gradients(model, x, 1, steps=64)
+    assert ig.shape == x.shape
+    assert float(ig.sum()) == pytest.approx(change, rel=0.02, abs=1e-3)
+    plain = float((_input_grad(model, x, 1) * x).sum())
+    assert abs(plain - change) > 0.05 * abs(change)  # the test can tell the two apart
+
+
 def test_occlusion_map_puts_its_mass_where_the_decision_is_read():
     """A toy net whose class-1 logit reads one cube only: occlusion finds that cube, not the rest."""
     from torch import nn

@@ -243,7 +243,8 @@ def explain(
     method: Annotated[str, typer.Option(
         "--method", help="saliency: occlusion (one forward pass per 8-voxel cube, no gradients; "
                          "the most mass on the lesion in benchmarks/explain_lesion.py), "
-                         "input_x_gradient, gradient or smoothgrad")] = "occlusion",
+                         "integrated_gradients (16 gradients), input_x_gradient, gradient or "
+                         "smoothgrad")] = "occlusion",
 ) -> None:
     """Grad-CAM and a saliency map of the predicted class (the mask only drawn as a contour), one PNG per case."""
     from shared.training.explain import SALIENCY_METHODS, explain_cases
