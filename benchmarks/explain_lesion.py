@@ -6,7 +6,9 @@ cohort (the expert mask is read only for this measurement) is explained with Gra
 2 voxels is averaged with a bootstrap 95% CI. `chance` is the share a uniform map would get (the dilated
 lesion's share of the brain's non-zero voxels), the baseline to beat. Target: saliency >= 0.5.
 Whether the model looks at the lesion at all is measured without any explanation method too: the drop of
-the predicted class's probability when the lesion is blanked, against blanking a same-sized cube elsewhere.
+the predicted class's probability when the lesion is blanked, against blanking a same-sized cube elsewhere,
+and per class how many right calls survive the lesion being replaced (by the brain's mean, the median of
+the tissue around it, or the mirrored other hemisphere): ``right`` and ``kept_<fill>`` in ``per_class``.
 
 python benchmarks/explain_lesion.py --model /work/acc/models/typing --cohort /work/acc/typing-other-... --cases 40
 """
@@ -41,10 +43,16 @@ def chance_share(ds, i: int) -> float:
     return mass_inside(brain, seg.numpy()) if seg is not None else float("nan")
 
 
-def occlusion(model, ds, i: int, rng: np.random.Generator) -> tuple[float, float]:
+FILLS = ("mean", "shell", "mirror")
+
+
+def occlusion(model, ds, i: int, rng: np.random.Generator, label: int | None = None) -> dict:
     """Does the model look at the lesion? Drop of the predicted class's probability when the dilated
     lesion is set to 0 (the z-scored brain's mean), and when a same-sized cube elsewhere in the brain
-    is (the control). A model that reads the lesion loses far more in the first case."""
+    is (the control). A model that reads the lesion loses far more in the first case. With ``label``
+    (the true class), also whether a right call survives the lesion being replaced by each of
+    :data:`FILLS`: the brain's mean, the median of a 3-voxel shell of tissue around it, or the mirrored
+    other hemisphere (``kept_<fill>``: 1 kept, 0 lost, NaN when the call was wrong to begin with)."""
     import torch
     from scipy.ndimage import binary_dilation
 
@@ -52,8 +60,9 @@ def occlusion(model, ds, i: int, rng: np.random.Generator) -> tuple[float, float
     x = x.float()[None]
     m = binary_dilation(seg.numpy() > 0, iterations=2)
     brain = (x[0].abs().sum(0) > 0).numpy()
+    nan = float("nan")
     if not m.any():
-        return float("nan"), float("nan")
+        return {"lesion": nan, "elsewhere": nan, **{f"kept_{f}": nan for f in FILLS}}
     side = max(1, round(float(m.sum()) ** (1 / 3)))
     ctrl = np.zeros_like(m)
     for _ in range(50):  # a cube of the lesion's volume, inside the brain, away from the lesion
@@ -62,18 +71,34 @@ def occlusion(model, ds, i: int, rng: np.random.Generator) -> tuple[float, float
         if brain[box].mean() > 0.9 and not binary_dilation(m, iterations=2)[box].any():
             ctrl[box] = True
             break
+    shell = torch.from_numpy(binary_dilation(m, iterations=3) & ~m & brain)
+    mt = torch.from_numpy(m)
     with torch.no_grad():
         p = torch.softmax(model(x), 1)[0]
         k = int(p.argmax())
-        out = []
-        for mask in (m, ctrl):
+        out: dict = {}
+        for name, mask in (("lesion", m), ("elsewhere", ctrl)):
             if not mask.any():
-                out.append(float("nan"))
+                out[name] = nan
                 continue
             xo = x.clone()
             xo[..., torch.from_numpy(mask)] = 0.0
-            out.append(float(p[k] - torch.softmax(model(xo), 1)[0, k]))
-    return out[0], out[1]
+            out[name] = float(p[k] - torch.softmax(model(xo), 1)[0, k])
+        for fill in FILLS:
+            if label is None or k != label:
+                out[f"kept_{fill}"] = nan
+                continue
+            xo = x.clone()
+            if fill == "mean":
+                xo[..., mt] = 0.0
+            elif fill == "mirror":
+                xo[..., mt] = torch.flip(x, dims=(2,))[..., mt]
+            else:
+                fillv = x[0][:, shell].median(dim=1).values if shell.any() else torch.zeros(x.shape[1])
+                for ch in range(x.shape[1]):
+                    xo[0, ch][mt] = fillv[ch]
+            out[f"kept_{fill}"] = float(int(torch.softmax(model(xo), 1)[0].argmax()) == k)
+    return out
 
 
 def main() -> None:
@@ -114,7 +139,10 @@ def main() -> None:
                       with_seg=True)
         chance = [chance_share(ds, i) for i in range(len(samples))]
         rng = np.random.default_rng(0)
-        occ = [occlusion(model.eval(), ds, i, rng) for i in range(len(samples))]
+        occ = [occlusion(model.eval(), ds, i, rng, spec.classes.index(s.label))
+               for i, s in enumerate(samples)]
+        for r, o in zip(rows, occ, strict=True):
+            r.update({"drop_lesion": o["lesion"], **{f"kept_{f}": o[f"kept_{f}"] for f in FILLS}})
         rows = [r for r, c in zip(rows, chance, strict=True) if not np.isnan(c)]
         chance = [c for c in chance if not np.isnan(c)]
         cam = mean_ci([r["cam_inside"] for r in rows])
@@ -128,14 +156,17 @@ def main() -> None:
             per_class[label] = {"n": len(sel),
                                 **{m: round(float(np.nanmean([r[f"saliency_inside_{m}"] for r in sel])), 3)
                                    for m in methods},
-                                "cam": round(float(np.nanmean([r["cam_inside"] for r in sel])), 3)}
+                                "cam": round(float(np.nanmean([r["cam_inside"] for r in sel])), 3),
+                                "drop_lesion": round(float(np.nanmean([r["drop_lesion"] for r in sel])), 3),
+                                "right": int(sum(r["predicted"] == label for r in sel)),
+                                **{f"kept_{f}": int(np.nansum([r[f"kept_{f}"] for r in sel])) for f in FILLS}}
         res = {"task": spec.name, "network": meta["network"]["name"], "model": str(model_dir),
                "cohort": str(site), "occlusion_window": a.occlusion_window or "default", "n": len(rows),
                "saliency_inside": [round(x, 3) for x in sal], "saliency_by_method": by_method,
                "cam_inside": [round(x, 3) for x in cam],
                "chance": [round(x, 3) for x in ch], "target_saliency": TARGET_SALIENCY,
-               "occlusion_drop_lesion": [round(x, 3) for x in mean_ci([o[0] for o in occ])],
-               "occlusion_drop_elsewhere": [round(x, 3) for x in mean_ci([o[1] for o in occ])],
+               "occlusion_drop_lesion": [round(x, 3) for x in mean_ci([o["lesion"] for o in occ])],
+               "occlusion_drop_elsewhere": [round(x, 3) for x in mean_ci([o["elsewhere"] for o in occ])],
                "met": bool(sal[0] >= TARGET_SALIENCY), "per_class": per_class}
         results.append(res)
         print(json.dumps(res), flush=True)
