@@ -41,7 +41,7 @@ def one_run(args: argparse.Namespace, seed: int, strategy: str, baselines: bool,
     spec = SimulationSpec(task=args.task, sites=args.sites, partition=args.partition, rounds=args.rounds,
                           local_epochs=args.local_epochs, cases=args.cases, size=args.size,
                           network=args.network, lr=args.lr, strategy=strategy, out=out, seed=seed,
-                          held_out_test=args.held_out_test,
+                          held_out_test=args.held_out_test if cohort is None else 0,
                           baselines=baselines, cross_site=False, progress=False, cohort=cohort,
                           extra=extra, engine=args.engine)
     simulate(spec, echo=lambda *a: None)

@@ -80,6 +80,11 @@ def prepare_sites(spec: SimulationSpec, echo: Any = print) -> tuple[Path, Any, A
     from shared.tasks import get_task
     from simulations.partition import partition_cohort, write_partition
 
+    if spec.held_out_test < 0:
+        raise ValueError(f"--held-out-test {spec.held_out_test} is negative")
+    if spec.held_out_test and (spec.cohort is not None or spec.task == "qtm"):
+        raise ValueError("--held-out-test adds generated cases to a generated cohort: not with --cohort "
+                         "or for qtm")
     spec.out.mkdir(parents=True, exist_ok=True)
     cohort_dir = spec.cohort
     if cohort_dir is None and spec.task == "qtm":

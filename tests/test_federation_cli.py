@@ -38,6 +38,9 @@ def test_held_out_test_cases_enlarge_only_the_pooled_test_set(tmp_path):
     assert len(cases) == 35 and len(held) == 14
     assert {c.split for c in held} == {"test"}
     assert sum(c.split == "test" for c in cases) >= 14 + 2
+    res = CliRunner().invoke(app, [*args, "--held-out-test", "14", "--cohort", str(tmp_path / "run" / "cohort-ht14"),
+                                   "--out", str(tmp_path / "again")])
+    assert res.exit_code == 2 and "adds generated cases to a generated cohort" in res.output
 
 
 def test_bad_partition_is_a_one_line_error(tmp_path):

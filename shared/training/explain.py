@@ -132,9 +132,9 @@ def saliency(model: nn.Module, x: torch.Tensor, target: int, method: str = "grad
     the input with Gaussian noise of ``sigma`` (in z-score units; Smilkov 2017), which averages away
     the gradient's checkerboard noise. ``input_x_gradient``: |input * gradient| (attribution rather
     than sensitivity). ``integrated_gradients``: |(x - x0) * mean gradient| along the straight path from
-    x0 = 0 (the z-scored brain's mean) to x, ``samples`` midpoints (Sundararajan 2017): the gradient at
-    the input alone is small where the class is saturated by evidence the whole lesion repeats; the
-    path integral is not. ``occlusion``: :func:`occlusion_map` (no gradients; the probability the class
+    x0 = 0 (the z-scored brain's mean) to x, at 2 x ``samples`` midpoints (Sundararajan 2017): unlike the
+    gradient at the input, it is not small where evidence the whole lesion repeats saturates the class
+    (measured on typing: no more mass on the lesion than occlusion). ``occlusion``: :func:`occlusion_map` (no gradients; the probability the class
     loses when each region is blanked). ``brain_only`` zeroes the map outside the images' non-zero support: the zero
     background carries no anatomy, so sensitivity there says nothing about the prediction's cause.
     """

@@ -319,6 +319,8 @@ def generate_cohort(
         raise ValueError(f"{out}: exists and is not a folder")
     plans = plan_cohort(cases, sites, tasks, seed, recurrence_ratio=recurrence_ratio,
                         label_skew=label_skew)
+    if held_out_test < 0:
+        raise ValueError(f"held_out_test {held_out_test} is negative")
     if held_out_test > 0:
         plans += held_out_plans(held_out_test, sites, tasks, seed, recurrence_ratio)
     anat = load_template()  # loaded once here; forked workers inherit it
