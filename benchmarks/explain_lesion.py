@@ -46,6 +46,21 @@ def chance_share(ds, i: int) -> float:
 FILLS = ("mean", "shell", "mirror")
 
 
+def _replaced(x, mask, shell, fill: str):
+    """``x`` with the voxels of ``mask`` replaced by ``fill`` (one of :data:`FILLS`)."""
+    import torch
+
+    xo = x.clone()
+    if fill == "mean":
+        xo[..., mask] = 0.0
+    elif fill == "mirror":
+        xo[..., mask] = torch.flip(x, dims=(2,))[..., mask]
+    else:  # shell: each channel's median over the tissue around the lesion
+        v = x[0][:, shell].median(dim=1).values if shell.any() else torch.zeros(x.shape[1])
+        xo[0][:, mask] = v[:, None]
+    return xo
+
+
 def occlusion(model, ds, i: int, rng: np.random.Generator, label: int | None = None) -> dict:
     """Does the model look at the lesion? Drop of the predicted class's probability when the dilated
     lesion is set to 0 (the z-scored brain's mean), and when a same-sized cube elsewhere in the brain
@@ -65,39 +80,29 @@ def occlusion(model, ds, i: int, rng: np.random.Generator, label: int | None = N
         return {"lesion": nan, "elsewhere": nan, **{f"kept_{f}": nan for f in FILLS}}
     side = max(1, round(float(m.sum()) ** (1 / 3)))
     ctrl = np.zeros_like(m)
+    near = binary_dilation(m, iterations=2)
     for _ in range(50):  # a cube of the lesion's volume, inside the brain, away from the lesion
         c = [int(rng.integers(0, n - side + 1)) for n in m.shape]
         box = tuple(slice(v, v + side) for v in c)
-        if brain[box].mean() > 0.9 and not binary_dilation(m, iterations=2)[box].any():
+        if brain[box].mean() > 0.9 and not near[box].any():
             ctrl[box] = True
             break
     shell = torch.from_numpy(binary_dilation(m, iterations=3) & ~m & brain)
     mt = torch.from_numpy(m)
+
+    def probs(xi):
+        return torch.softmax(model(xi), 1)[0]
+
     with torch.no_grad():
-        p = torch.softmax(model(x), 1)[0]
+        p = probs(x)
         k = int(p.argmax())
-        out: dict = {}
-        for name, mask in (("lesion", m), ("elsewhere", ctrl)):
-            if not mask.any():
-                out[name] = nan
-                continue
-            xo = x.clone()
-            xo[..., torch.from_numpy(mask)] = 0.0
-            out[name] = float(p[k] - torch.softmax(model(xo), 1)[0, k])
+        right = label is not None and k == label
+        q = {f: probs(_replaced(x, mt, shell, f)) for f in FILLS if right or f == "mean"}
+        out: dict = {"lesion": float(p[k] - q["mean"][k]), "elsewhere": nan}
+        if ctrl.any():
+            out["elsewhere"] = float(p[k] - probs(_replaced(x, torch.from_numpy(ctrl), shell, "mean"))[k])
         for fill in FILLS:
-            if label is None or k != label:
-                out[f"kept_{fill}"] = nan
-                continue
-            xo = x.clone()
-            if fill == "mean":
-                xo[..., mt] = 0.0
-            elif fill == "mirror":
-                xo[..., mt] = torch.flip(x, dims=(2,))[..., mt]
-            else:
-                fillv = x[0][:, shell].median(dim=1).values if shell.any() else torch.zeros(x.shape[1])
-                for ch in range(x.shape[1]):
-                    xo[0, ch][mt] = fillv[ch]
-            out[f"kept_{fill}"] = float(int(torch.softmax(model(xo), 1)[0].argmax()) == k)
+            out[f"kept_{fill}"] = float(int(q[fill].argmax()) == k) if right else nan
     return out
 
 
