@@ -90,6 +90,9 @@ def federation_provenance(run: RunConfig, sites: list[str],
             "epsilon": _epsilon(run, rows),
         },
         "seed": run.seed,
+        "global_ema": run.global_ema,
+        **({"global_ema_note": f"the exported weights are a moving average of the global models over "
+                               f"rounds (decay {run.global_ema:g} per round)"} if run.global_ema > 0 else {}),
         "fedbn": run.fedbn,
         **({"fedbn_note": "normalisation layers stayed at the sites (FedBN): this model carries the "
                           "initial ones; a site uses its own"} if run.fedbn else {}),

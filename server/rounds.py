@@ -52,13 +52,14 @@ from shared.contract import (
     site_of,
     state_dict,
 )
+from shared.round_average import STATE_KEY, RoundAverage
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class FederationResult:
-    arrays: ArrayRecord  # the final global model
+    arrays: ArrayRecord  # the final global model (with global-ema: the final moving average)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     sites: list[str] = field(default_factory=list)
     selection: Selection | None = None  # the best round by pooled validation score
@@ -154,7 +155,9 @@ def run_rounds(
     strategy = build_strategy(run)  # sends the evaluate messages; trains too in a plain run
     step = train_step_for(run, strategy)
     arrays, history, first = start_state(run, run_dir, strategy)
-    selection, best_arrays = best_so_far(run, run_dir, history, arrays)
+    smooth = round_average(run, run_dir, history)
+    scored = arrays if smooth is None or not history else ArrayRecord(state_dict(smooth.state()))
+    selection, best_arrays = best_so_far(run, run_dir, history, scored)
     stopped_early = False
     runlog = RunLog(run_dir, first_round=first)
     central = central_evaluator(run)
@@ -184,12 +187,14 @@ def run_rounds(
                           "model. Lower server-lr or choose another strategy.", rnd, run.strategy,
                           run.effective_server_lr(), selection.best_round)
             t_train = time.perf_counter() - t0
-            v_out, v_replies, val = validate_round(grid, run, rnd, arrays, validators)
+            # what is scored, selected and exported: the aggregate, or its moving average (global-ema)
+            scored = arrays if smooth is None else ArrayRecord(state_dict(smooth.update(weights)))
+            v_out, v_replies, val = validate_round(grid, run, rnd, scored, validators)
             improved = selection.update(rnd, val.get("pooled", {}))
             if improved:
-                best_arrays = arrays
+                best_arrays = scored
             last = rnd == run.num_server_rounds or selection.should_stop(run.early_stop_patience)
-            e_out, e_replies, fed = evaluate_round(grid, run, rnd, strategy, arrays, testers,
+            e_out, e_replies, fed = evaluate_round(grid, run, rnd, strategy, scored, testers,
                                                    evaluate_config(run, rnd, last))
             sites_seen.update(train.trained)
             row: dict[str, Any] = {
@@ -215,10 +220,13 @@ def run_rounds(
                              "delta": run.target_delta,
                              "mechanism": "site-level, client-side fixed clipping"}
             if central is not None:
-                row["central"] = central(arrays)
+                row["central"] = central(scored)
             history.append(row)
-            save_checkpoint(run_dir, Checkpoint(rnd, weights, strategy_state(strategy),
-                                                rng_state(), history), keep_last=run.keep_checkpoints)
+            state = strategy_state(strategy)
+            if smooth is not None:
+                state[STATE_KEY] = smooth.state()
+            save_checkpoint(run_dir, Checkpoint(rnd, weights, state, rng_state(), history),
+                            keep_last=run.keep_checkpoints)
             if improved:
                 mark_best_round(run_dir, selection, int(val["pooled"].get("num_examples", 0)))
             runlog.write(row)
@@ -228,14 +236,27 @@ def run_rounds(
                 on_round_end(rnd, row)
     finally:
         runlog.close()
-    return FederationResult(arrays=arrays, rounds=history, sites=sorted(sites_seen),
+    return FederationResult(arrays=scored, rounds=history, sites=sorted(sites_seen),
                             selection=selection, best_arrays=best_arrays, stopped_early=stopped_early)
+
+
+def round_average(run: RunConfig, run_dir: Path, history: list[dict[str, Any]]) -> RoundAverage | None:
+    """``global-ema``'s moving average (None when off), on resume the last checkpoint's."""
+    if run.global_ema <= 0:
+        return None
+    state = read_round(run_dir, history[-1]["round"]).strategy_state.get(STATE_KEY) if history else None
+    if history and not state:
+        raise RuntimeError(f"resume with global-ema = {run.global_ema}: the checkpoint of round "
+                           f"{history[-1]['round']} holds no moving average (the run was started "
+                           "without global-ema); resume with the run's own settings")
+    return RoundAverage(run.global_ema, state)
 
 
 def best_so_far(run: RunConfig, run_dir: Path, history: list[dict[str, Any]],
                 arrays: ArrayRecord) -> tuple[Selection, ArrayRecord | None]:
     """The selection state at the start of a run: empty (a stale ``best.json`` is removed), or on
-    resume replayed from the run log, with the best round's weights read from its checkpoint."""
+    resume replayed from the run log, with the best round's scored weights read from its checkpoint
+    (``arrays``: the last round's scored weights)."""
     selection = Selection.for_run(run, history)
     if not history:
         clear_best(run_dir)
@@ -244,4 +265,6 @@ def best_so_far(run: RunConfig, run_dir: Path, history: list[dict[str, Any]],
         return selection, None
     if selection.best_round == history[-1]["round"]:
         return selection, arrays
-    return selection, ArrayRecord(state_dict(read_round(run_dir, selection.best_round).weights))
+    best = read_round(run_dir, selection.best_round)
+    weights = best.strategy_state.get(STATE_KEY) if run.global_ema > 0 else best.weights
+    return selection, ArrayRecord(state_dict(weights))

@@ -80,6 +80,9 @@ class RunConfig:
     export: str = "best"  # best (highest pooled validation score of the new global model) | final
     select_tolerance: float = 0.01  # export = best: a later round within this share of the peak pooled
     #                                 validation score is chosen over it (0 = the peak round itself)
+    global_ema: float = 0.0  # > 0: what is scored, selected and exported after each round is an
+    #                           exponential moving average of the global models (decay per round;
+    #                           shared/round_average.py); the sites train on from the plain aggregate
     early_stop_patience: int = 0  # stop after this many rounds without a better validation score; 0 = off
     fedbn: bool = False  # FedBN: normalisation layers stay at each site, never sent or averaged
     personalise: str = "none"  # none | finetune (after the last round) | ditto (a personal model
@@ -175,6 +178,9 @@ def _check_options(cfg: RunConfig) -> None:
     if not 0 <= cfg.select_tolerance < 1:
         raise ValueError(f"run config: select-tolerance={cfg.select_tolerance} must be in [0, 1) (a share "
                          "of the peak validation score; 0 = export the peak round)")
+    if not 0 <= cfg.global_ema < 1:
+        raise ValueError(f"run config: global-ema={cfg.global_ema} must be in [0, 1) (the decay per round "
+                         "of the scored moving average; 0 = off)")
     if cfg.early_stop_patience < 0:
         raise ValueError(f"run config: early-stop-patience={cfg.early_stop_patience} must be >= 0 "
                          "(rounds without a better validation score; 0 = off)")

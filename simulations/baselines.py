@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
+from shared.contract import numpy_weights, state_dict
 from shared.learning import learning_core, train_config_for
+from shared.round_average import RoundAverage
 
 
 def site_samples(site_dirs: Sequence[Path], task: str, seed: int) -> dict[str, dict[str, list]]:
@@ -82,7 +84,8 @@ def train_and_track(run: RunConfig, train: list, test: list, rounds: int, val: l
 
     With a ``val`` set the round with the best validation score is kept (``final`` is that round's
     model, ``last`` the last round's), as the federation exports its best round; ``model`` is the kept
-    model (for the cross-site matrix; not serialised).
+    model (for the cross-site matrix; not serialised). With ``global-ema`` what is scored and kept
+    after each round is the moving average of the rounds' weights, the federation's rule.
     """
     from dataclasses import replace
 
@@ -92,6 +95,8 @@ def train_and_track(run: RunConfig, train: list, test: list, rounds: int, val: l
     core = learning_core()
     cfg = train_config_for(run)
     model = _fresh_model(run, spec, cfg)
+    smooth = RoundAverage(run.global_ema) if run.global_ema > 0 else None
+    scored = copy.deepcopy(model) if smooth is not None else model
     curve: list[dict[str, Any]] = []
     best = (-math.inf, 0, None)
     t0 = time.perf_counter()
@@ -100,20 +105,22 @@ def train_and_track(run: RunConfig, train: list, test: list, rounds: int, val: l
         # sites' learning rate of that round (lr-schedule)
         core.train(model, train, spec, replace(cfg, seed=run.seed + rnd, lr=run.round_lr(rnd)),
                    epochs=run.local_epochs, progress=False)
+        if smooth is not None:
+            scored.load_state_dict(state_dict(smooth.update(numpy_weights(model.state_dict()))))
         if val:
-            score = _score(core.evaluate(model, val, spec, cfg), spec)
+            score = _score(core.evaluate(scored, val, spec, cfg), spec)
             if score > best[0]:
-                best = (score, rnd, copy.deepcopy(model.state_dict()))
+                best = (score, rnd, copy.deepcopy(scored.state_dict()))
         if track or rnd == rounds:
-            curve.append({"round": rnd, **scalars(core.evaluate(model, test, spec, cfg), spec)})
+            curve.append({"round": rnd, **scalars(core.evaluate(scored, test, spec, cfg), spec)})
     last = curve[-1] if curve else {}
     final, kept = last, rounds
     if best[2] is not None and best[1] != rounds:
-        model.load_state_dict(best[2])
-        final, kept = {"round": best[1], **scalars(core.evaluate(model, test, spec, cfg), spec)}, best[1]
+        scored.load_state_dict(best[2])
+        final, kept = {"round": best[1], **scalars(core.evaluate(scored, test, spec, cfg), spec)}, best[1]
     return {"curve": curve, "final": final, "last": last, "kept_round": kept,
             "num_train": len(train), "num_val": len(val or []),
-            "seconds": time.perf_counter() - t0, "model": model}
+            "seconds": time.perf_counter() - t0, "model": scored}
 
 
 def run_baselines(run: RunConfig, site_dirs: Sequence[Path], progress: Any = None,
