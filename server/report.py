@@ -244,8 +244,12 @@ def _selection_note(summary: dict[str, Any]) -> str:
                    f"(this round {sel.get('best_value'):.3f}; rounds 1-{rounds[-1]['round']})")
     else:
         why = "the final round (export = final, or no round had a validation score)"
+    ema = float((summary.get("run_config") or {}).get("global-ema") or 0)
+    smooth = (f" Each global model here is the moving average of the aggregates up to its round "
+              f"(global-ema, decay {ema:g} per round); the baselines average their rounds the same "
+              "way." if ema > 0 else "")
     return (f"<p>Exported model: <b>round {rnd}</b>, {html.escape(why)}. The federated result below "
-            "is that round's model on the pooled test set.</p>")
+            f"is that round's model on the pooled test set.{html.escape(smooth)}</p>")
 
 
 def _with_ci(value: Any, ci: list[float] | None) -> str:

@@ -3,6 +3,8 @@ in the federation (checkpointed, resumed bit-exactly) and in the baselines it is
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,13 @@ def test_the_federation_scores_and_exports_the_average_and_resumes_it_bit_exactl
     best = result.selection.best_round
     assert all(np.array_equal(read_round(tmp_path / "run", best).strategy_state[STATE_KEY][k],
                               result.best_arrays.to_torch_state_dict()[k].numpy()) for k in final)
+
+    from server.report import write_run_report
+
+    if not (tmp_path / "run" / "run_config.json").is_file():
+        (tmp_path / "run" / "run_config.json").write_text(json.dumps(cfg))
+    assert "moving average of the aggregates up to its round (global-ema, decay 0.6" in \
+        write_run_report(tmp_path / "run").read_text()
 
     # interrupted after round 2, resumed: the same average, to the bit, and the same scores
     cut = run_config(tmp_path / "cut", sites_root, **{**over, "num-server-rounds": 2})
