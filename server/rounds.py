@@ -67,22 +67,25 @@ class FederationResult:
     stopped_early: bool = False  # early-stop-patience ended the run before num-server-rounds
 
 
-def start_state(run: RunConfig, run_dir: Path, strategy: Any = None) -> tuple[ArrayRecord, list, int]:
+def start_state(run: RunConfig, run_dir: Path, strategy: Any = None
+                ) -> tuple[ArrayRecord, list, int, dict | None]:
     """Seeded initial weights, or the checkpoint's (weights, history, RNG, strategy state) on resume.
 
-    Returns (global weights, round rows so far, first round to run).
+    Returns (global weights, round rows so far, first round to run, the checkpoint's ``global-ema``
+    average or None).
     """
     random.seed(run.seed)
     np.random.seed(run.seed)
     arrays = initial_arrays(run)
     ckpt = load_checkpoint(run_dir) if run.resume else None
     if ckpt is None:
-        return arrays, [], 1
+        return arrays, [], 1, None
     if strategy is not None:
         restore_strategy_state(strategy, ckpt.strategy_state)
     restore_rng(ckpt.rng_state)
     log.info("resuming after round %d from %s", ckpt.round, run_dir / "checkpoints")
-    return ArrayRecord(state_dict(ckpt.weights)), list(ckpt.history), ckpt.round + 1
+    return (ArrayRecord(state_dict(ckpt.weights)), list(ckpt.history), ckpt.round + 1,
+            ckpt.strategy_state.get(STATE_KEY))
 
 
 def holders(nodes: list[int], eligible: dict[int, dict[str, int]], split: str) -> list[int]:
@@ -154,9 +157,9 @@ def run_rounds(
     run_dir = Path(run.run_dir)
     strategy = build_strategy(run)  # sends the evaluate messages; trains too in a plain run
     step = train_step_for(run, strategy)
-    arrays, history, first = start_state(run, run_dir, strategy)
-    smooth = round_average(run, run_dir, history)
-    scored = arrays if smooth is None or not history else ArrayRecord(state_dict(smooth.state()))
+    arrays, history, first, saved_average = start_state(run, run_dir, strategy)
+    smooth = round_average(run, history, saved_average)
+    scored = arrays if smooth is None or not history else ArrayRecord(state_dict(smooth.avg))
     selection, best_arrays = best_so_far(run, run_dir, history, scored)
     stopped_early = False
     runlog = RunLog(run_dir, first_round=first)
@@ -188,7 +191,8 @@ def run_rounds(
                           run.effective_server_lr(), selection.best_round)
             t_train = time.perf_counter() - t0
             # what is scored, selected and exported: the aggregate, or its moving average (global-ema)
-            scored = arrays if smooth is None else ArrayRecord(state_dict(smooth.update(weights)))
+            average = None if smooth is None else smooth.update(weights)
+            scored = arrays if average is None else ArrayRecord(state_dict(average))
             v_out, v_replies, val = validate_round(grid, run, rnd, scored, validators)
             improved = selection.update(rnd, val.get("pooled", {}))
             if improved:
@@ -223,8 +227,8 @@ def run_rounds(
                 row["central"] = central(scored)
             history.append(row)
             state = strategy_state(strategy)
-            if smooth is not None:
-                state[STATE_KEY] = smooth.state()
+            if average is not None:
+                state[STATE_KEY] = average
             save_checkpoint(run_dir, Checkpoint(rnd, weights, state, rng_state(), history),
                             keep_last=run.keep_checkpoints)
             if improved:
@@ -240,11 +244,11 @@ def run_rounds(
                             selection=selection, best_arrays=best_arrays, stopped_early=stopped_early)
 
 
-def round_average(run: RunConfig, run_dir: Path, history: list[dict[str, Any]]) -> RoundAverage | None:
-    """``global-ema``'s moving average (None when off), on resume the last checkpoint's."""
+def round_average(run: RunConfig, history: list[dict[str, Any]],
+                  state: dict | None) -> RoundAverage | None:
+    """``global-ema``'s moving average (None when off); on resume, ``state`` is the last checkpoint's."""
     if run.global_ema <= 0:
         return None
-    state = read_round(run_dir, history[-1]["round"]).strategy_state.get(STATE_KEY) if history else None
     if history and not state:
         raise RuntimeError(f"resume with global-ema = {run.global_ema}: the checkpoint of round "
                            f"{history[-1]['round']} holds no moving average (the run was started "

@@ -27,10 +27,11 @@ class RoundAverage:
             {k: np.array(v, copy=True) for k, v in state.items()} if state else None)
 
     def update(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Fold the newest round's weights in; returns the average (a new dict of new arrays)."""
+        """Fold the newest round's weights in; returns the average. Each update builds new arrays and
+        never changes earlier ones, so the returned dict may be kept (read it, do not write to it)."""
         if self.avg is None:
             self.avg = {k: np.array(v, copy=True) for k, v in weights.items()}
-            return self.state()
+            return self.avg
         new: dict[str, np.ndarray] = {}
         for key, value in weights.items():
             old = self.avg.get(key)
@@ -40,9 +41,9 @@ class RoundAverage:
                 new[key] = np.array(value, copy=True)
             else:
                 d = value.dtype.type(self.decay)
-                new[key] = (old * d + value * (value.dtype.type(1) - d)).astype(value.dtype)
+                new[key] = old * d + value * (value.dtype.type(1) - d)  # stays in value's dtype
         self.avg = new
-        return self.state()
+        return self.avg
 
     def state(self) -> dict[str, np.ndarray]:
         """A copy of the average (empty before the first update)."""
