@@ -25,6 +25,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from simulations.cohort_mix import RECURRENCE_RATIO
+
 
 def _auc(m: dict[str, Any]) -> float:
     v = m.get("auc")
@@ -42,6 +44,7 @@ def one_run(args: argparse.Namespace, seed: int, strategy: str, baselines: bool,
                           local_epochs=args.local_epochs, cases=args.cases, size=args.size,
                           network=args.network, lr=args.lr, strategy=strategy, out=out, seed=seed,
                           held_out_test=args.held_out_test if cohort is None else 0,
+                          recurrence_ratio=args.recurrence_ratio,
                           baselines=baselines, cross_site=False, progress=False, cohort=cohort,
                           extra=extra, engine=args.engine)
     simulate(spec, echo=lambda *a: None)
@@ -72,6 +75,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--held-out-test", type=int, default=0,
                     help="more generated sessions in the test split only (a larger pooled test set)")
+    ap.add_argument("--recurrence-ratio", type=float, default=RECURRENCE_RATIO,
+                    help="recurrence share of a generated recurrence cohort (0.5: balanced)")
     ap.add_argument("--network", default="small_cnn")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", default="0,1,2")

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from simulations.cohort_mix import RECURRENCE_RATIO
+
 TARGETS = {"grading": ("auc", 0.95), "typing": ("accuracy", 0.90),
            "rano": ("balanced_accuracy", 0.60), "recurrence": ("auc", 0.85)}
 MIN_RECALL = {"typing": 0.80}
@@ -98,9 +100,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-seed", type=int, default=1000)
     ap.add_argument("--test-lesion-scale", type=float, default=1.25)
-    ap.add_argument("--recurrence-ratio", type=float, default=0.82,
+    ap.add_argument("--recurrence-ratio", type=float, default=RECURRENCE_RATIO,
                     help="recurrence share of the training cohort's recurrence sessions (the "
-                         "independent cohort keeps the clinical 0.82)")
+                         f"independent cohort keeps the clinical {RECURRENCE_RATIO})")
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", type=Path, default=None, help="reuse cohorts and cache here")
@@ -118,9 +120,9 @@ def main() -> None:
     for task in a.tasks.split(","):
         spec = get_task(task)
 
-        def cohort(name, cases, seed, scale, ratio=0.82, task=task):
+        def cohort(name, cases, seed, scale, ratio=RECURRENCE_RATIO, task=task):
             d = work / (f"{task}-{name}-{cases}-{a.shape}-s{seed}-x{scale}"
-                        + (f"-r{ratio}" if ratio != 0.82 else ""))
+                        + (f"-r{ratio}" if ratio != RECURRENCE_RATIO else ""))
             if not (d / "cohort.csv").is_file():
                 generate_cohort(d, cases=cases, sites=a.sites, shape=a.shape, seed=seed,
                                 progress=False, tasks=(task,), lesion_scale=scale,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
+from simulations.cohort_mix import RECURRENCE_RATIO
 
 
 @dataclass
@@ -44,6 +45,7 @@ class SimulationSpec:
     size: int = 32  # RunConfig input-size: 0 = the task's default
     cases: int = 240
     held_out_test: int = 0  # more generated sessions in the test split only (a larger pooled test set)
+    recurrence_ratio: float = RECURRENCE_RATIO  # recurrence share of a generated recurrence cohort
     seed: int = RunConfig.seed
     network: str = "resnet10"  # RunConfig: "" = the task's default
     lr: float = RunConfig.lr
@@ -85,6 +87,13 @@ def prepare_sites(spec: SimulationSpec, echo: Any = print) -> tuple[Path, Any, A
     if spec.held_out_test and (spec.cohort is not None or spec.task == "qtm"):
         raise ValueError("--held-out-test adds generated cases to a generated cohort: not with --cohort "
                          "or for qtm")
+    if not 0.0 < spec.recurrence_ratio < 1.0:
+        raise ValueError(f"--recurrence-ratio {spec.recurrence_ratio} must lie strictly between 0 and 1 "
+                         "(both classes are needed)")
+    mixed = spec.recurrence_ratio != RECURRENCE_RATIO
+    if mixed and (spec.cohort is not None or spec.task != "recurrence"):
+        raise ValueError("--recurrence-ratio sets the class mix of a generated recurrence cohort: only "
+                         "with --task recurrence and without --cohort")
     spec.out.mkdir(parents=True, exist_ok=True)
     cohort_dir = spec.cohort
     if cohort_dir is None and spec.task == "qtm":
@@ -101,14 +110,17 @@ def prepare_sites(spec: SimulationSpec, echo: Any = print) -> tuple[Path, Any, A
         # scanner: one class mix at every site, so the sites differ by scanner profile only
         scanner = spec.partition == "scanner"
         held = f"-ht{spec.held_out_test}" if spec.held_out_test > 0 else ""
-        cohort_dir = spec.out / (("cohort-scanner" if scanner else "cohort") + held)
+        mix = f"-r{spec.recurrence_ratio:g}" if mixed else ""
+        cohort_dir = spec.out / (("cohort-scanner" if scanner else "cohort") + mix + held)
         if not (cohort_dir / "cohort.csv").is_file():
             echo(f"generating a synthetic cohort: {spec.cases} cases, {spec.size}^3, in {cohort_dir}"
                  + (" (same class mix at every site)" if scanner else "")
-                 + (f", and {spec.held_out_test} held-out test cases" if held else ""))
+                 + (f", and {spec.held_out_test} held-out test cases" if held else "")
+                 + (f", recurrence share {spec.recurrence_ratio:g}" if mixed else ""))
             generate_cohort(cohort_dir, cases=spec.cases, sites=max(spec.sites, 2), shape=spec.size,
                             tasks=[spec.task], seed=spec.seed, progress=spec.progress,
-                            label_skew=not scanner, held_out_test=spec.held_out_test)
+                            label_skew=not scanner, held_out_test=spec.held_out_test,
+                            recurrence_ratio=spec.recurrence_ratio)
     cohort = read_cohort(cohort_dir, seed=spec.seed)
     if cohort.errors:
         raise ValueError(f"{cohort_dir}/cohort.csv: {cohort.errors[0]}")

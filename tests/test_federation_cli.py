@@ -43,6 +43,26 @@ def test_held_out_test_cases_enlarge_only_the_pooled_test_set(tmp_path):
     assert res.exit_code == 2 and "adds generated cases to a generated cohort" in res.output
 
 
+def test_recurrence_ratio_sets_the_class_mix_of_the_generated_cohort(tmp_path):
+    """--recurrence-ratio 0.5: a balanced generated recurrence cohort in its own folder; refused where
+    there is no generated recurrence cohort to mix, or where one class would be missing."""
+    from shared.cohort import read_cohort
+
+    args = ["simulate", "--task", "recurrence", "--cases", "40", "--size", "16", "--sites", "2",
+            "--partition", "iid", "--prepare-only"]
+    res = CliRunner().invoke(app, [*args, "--recurrence-ratio", "0.5", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    cohort = read_cohort(tmp_path / "run" / "cohort-r0.5")
+    kinds = [c.labels.get("recurrence") for c in cohort.cases]
+    assert kinds.count("necrosis") == kinds.count("recurrence") == 20
+    sites = [read_cohort(tmp_path / "run" / "sites" / f"site-{i}") for i in range(2)]
+    assert sum(len(s.cases) for s in sites) == 40
+    for bad, why in ((["--recurrence-ratio", "1.0"], "strictly between 0 and 1"),
+                     (["--recurrence-ratio", "0.5", "--task", "grading"], "only with --task recurrence")):
+        res = CliRunner().invoke(app, [*args, *bad, "--out", str(tmp_path / "bad")])
+        assert res.exit_code == 2 and why in res.output, res.output
+
+
 def test_bad_partition_is_a_one_line_error(tmp_path):
     cohort = write_tiny_cohort(tmp_path / "cohort", n_cases=8, splits=False)
     res = CliRunner().invoke(app, ["simulate", "--cohort", str(cohort), "--partition", "zipf:2",

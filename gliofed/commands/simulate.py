@@ -30,6 +30,9 @@ def simulate(
     held_out_test: Annotated[int, typer.Option(
         help="More synthetic sessions in the test split only (without --cohort): a larger pooled test "
              "set, training cases unchanged.")] = D.held_out_test,
+    recurrence_ratio: Annotated[float, typer.Option(
+        help="Recurrence share of a generated recurrence cohort (default: the clinical mix; 0.5 "
+             "gives a balanced one).")] = D.recurrence_ratio,
     network: Annotated[str, typer.Option(help="Network ('' = the task's default).")] = D.network,
     lr: Annotated[float, typer.Option(help="Local learning rate.")] = D.lr,
     batch_size: Annotated[int, typer.Option(help="Local batch size.")] = D.batch_size,
@@ -86,7 +89,7 @@ def simulate(
     spec = SimulationSpec(
         task=task, cohort=cohort, sites=sites, partition=partition, rounds=rounds, out=out,
         strategy=strategy, local_epochs=local_epochs, size=size, cases=cases, seed=seed,
-        held_out_test=held_out_test,
+        held_out_test=held_out_test, recurrence_ratio=recurrence_ratio,
         network=network, lr=lr, batch_size=batch_size, cpus_per_client=cpus_per_client,
         gpus_per_client=gpus_per_client, baselines=not no_baselines, extra=extra,
         ray_address=ray_address, engine=engine, min_report_cases=min_report_cases, cross_site=cross_site,

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from simulations.cohort_mix import RECURRENCE_RATIO
+
 
 def synth(
     out: Annotated[Path, typer.Option("--out", help="Folder to write (cohort.csv + images/).")],
@@ -26,7 +28,7 @@ def synth(
     ] = 0.0,
     recurrence_ratio: Annotated[
         float, typer.Option(help="Fraction of recurrence (vs radiation necrosis) cases.")
-    ] = 0.82,
+    ] = RECURRENCE_RATIO,
     lesion_scale: Annotated[
         float, typer.Option(help="Multiply lesion sizes (e.g. 1.3 for a test cohort of larger lesions).")
     ] = 1.0,

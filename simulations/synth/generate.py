@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simulations.cohort_mix import RECURRENCE_RATIO
 from simulations.synth.lesions import CLASSES, build_class
 from simulations.synth.rano import RANO_MIX, call_rano, target_ratio
 from simulations.synth.recurrence import (
@@ -56,7 +57,7 @@ def _counts(total: int, weights: dict[str, float]) -> dict[str, int]:
 
 
 def plan_cohort(cases: int, sites: int, tasks: Sequence[str], seed: int,
-                recurrence_ratio: float = 0.82, hgg_fraction: float = 0.6,
+                recurrence_ratio: float = RECURRENCE_RATIO, hgg_fraction: float = 0.6,
                 label_skew: bool = True) -> list[PatientPlan]:
     """Patients of the cohort (see the module docstring for how ``cases`` is shared out).
 
@@ -130,7 +131,7 @@ HELD_OUT_INDEX = 1_000_000  # plan indices from here are held-out test patients 
 
 
 def held_out_plans(cases: int, sites: int, tasks: Sequence[str], seed: int,
-                   recurrence_ratio: float = 0.82) -> list[PatientPlan]:
+                   recurrence_ratio: float = RECURRENCE_RATIO) -> list[PatientPlan]:
     """``cases`` more sessions for the test split only: patients ``HT0000``..., planned from another
     seed with the same class mix at every site; indices from :data:`HELD_OUT_INDEX`, so their images
     come from random streams no ``SYN`` patient uses (site scanners are the cohort's own)."""
@@ -290,7 +291,7 @@ def generate_cohort(
     workers: int | None = None,
     progress: bool = True,
     near_threshold: float = 0.0,
-    recurrence_ratio: float = 0.82,
+    recurrence_ratio: float = RECURRENCE_RATIO,
     lesion_scale: float = 1.0,
     label_skew: bool = True,
     held_out_test: int = 0,
